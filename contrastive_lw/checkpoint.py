@@ -1,0 +1,102 @@
+"""Atomic checkpoint files with a format version, and loading a pretrained backbone from them."""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+FORMAT_VERSION = 1
+BACKBONE = "contrastive-lw/backbone"
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
+    """Write ``payload`` (tensors, numbers, strings, lists, dicts) atomically: temp file, fsync,
+    rename. A crash leaves either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format_version": FORMAT_VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path, kind: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint of ``kind`` safely (``weights_only=True``).
+
+    Raises:
+        CheckpointError: the file is missing, truncated, not a contrastive-lw checkpoint, of
+            another kind, or written by a newer format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many kinds for truncated or foreign files
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}): it is "
+                              "truncated or another kind of file; delete it to retrain that layer, "
+                              "or point to the right file") from None
+    if not isinstance(payload, dict) or "format_version" not in payload:
+        raise CheckpointError(f"{path} is not a contrastive-lw checkpoint")
+    if payload["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format {payload['format_version']}, newer than this "
+                              f"contrastive-lw reads ({FORMAT_VERSION}): upgrade contrastive-lw")
+    if payload.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {payload.get('kind')!r} checkpoint, not a {kind!r} one")
+    return payload
+
+
+def layer_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """The finished-layer checkpoints ``layerK.pt`` of a run directory, by K."""
+    found = {}
+    for path in Path(run_dir).glob("layer*.pt"):
+        match = re.fullmatch(r"layer(\d+)\.pt", path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def load_backbone(source: str | Path, map_location: str | torch.device = "cpu"):
+    """The pretrained :class:`~contrastive_lw.model.LayerwiseNet` in a checkpoint file or in a run
+    directory (its deepest finished layer), holding the trained blocks only.
+
+    Example:
+        >>> net = load_backbone("runs/demo")          # doctest: +SKIP
+        >>> net.receptive_field(3)                    # doctest: +SKIP
+        25
+    """
+    from .config import from_dict
+    from .model import ArchConfig, LayerwiseNet
+
+    source = Path(source)
+    if source.is_dir():
+        layers = layer_checkpoints(source)
+        if not layers:
+            raise CheckpointError(f"{source} holds no finished layer (layerK.pt): pretrain first")
+        source = layers[max(layers)]
+    payload = load_checkpoint(source, BACKBONE, map_location)
+    arch = from_dict(ArchConfig, payload["arch"], "checkpoint arch")
+    net = LayerwiseNet(arch)
+    try:
+        net.load_state_dict(payload["backbone"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{source}: weights do not match its architecture ({str(err).splitlines()[0]})") from None
+    return net.prefix(payload["trained_blocks"])

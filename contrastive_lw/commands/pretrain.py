@@ -1,0 +1,84 @@
+"""``contrastive-lw pretrain``: greedy layer-wise (or end-to-end) contrastive pretraining."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .common import add_data_arguments, add_run_arguments, data_settings, parse_int_list, parse_str_list
+
+HELP = "pretrain conv blocks without labels, one layer at a time (or end-to-end)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_data_arguments(parser)
+    add_run_arguments(parser, "run directory; re-running into it resumes after its last finished layer")
+    group = parser.add_argument_group("training (flags override --config)")
+    group.add_argument("--layers", type=int, help="number of blocks to pretrain (default: all of --widths)")
+    group.add_argument("--widths", type=parse_int_list, help="filters per block, e.g. 64,128,256")
+    group.add_argument("--mode", choices=("greedy", "end2end"), help="layer by layer (default) or all at once")
+    group.add_argument("--epochs-per-layer", type=float)
+    group.add_argument("--steps-per-layer", type=int, help="overrides --epochs-per-layer")
+    group.add_argument("--batch-size", type=int)
+    group.add_argument("--lr", type=float)
+    group.add_argument("--loss", choices=("triplet", "infonce"))
+    group.add_argument("--margin", type=float)
+    group.add_argument("--mining", choices=("none", "hardest", "semihard"))
+    group.add_argument("--distance", choices=("cosine", "sqeuclidean"))
+    group.add_argument("--positive", type=parse_str_list,
+                       help="per layer, last repeats: adjacent, shift or exemplar (default adjacent,exemplar)")
+    group.add_argument("--patch-size", type=parse_int_list, help="per layer (default: the receptive field)")
+    group.add_argument("--no-pool1", action="store_true", help="block 1 without max-pool (the paper's ablation)")
+    group.add_argument("--no-augment", action="store_true")
+    group.add_argument("--seed", type=int)
+
+
+def pretrain_settings(args: argparse.Namespace, saved: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``pretrain`` config section: the config file's values with the given flags on top."""
+    from ..config import to_dict
+    from ..errors import ConfigError
+    from ..model import ArchConfig
+
+    values = dict(saved or {})
+    arch = {**to_dict(ArchConfig()), **values.get("arch", {})}
+    loss, augment = dict(values.get("loss", {})), dict(values.get("augment", {}))
+    flags = {"mode": args.mode, "epochs_per_layer": args.epochs_per_layer, "steps_per_layer": args.steps_per_layer,
+             "batch_size": args.batch_size, "lr": args.lr, "positives": args.positive,
+             "patch_sizes": args.patch_size, "seed": args.seed}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    loss.update({k: v for k, v in {"name": args.loss, "margin": args.margin, "mining": args.mining,
+                                   "distance": args.distance}.items() if v is not None})
+    if args.widths:
+        arch["widths"] = args.widths
+    if args.layers is not None:
+        if not 1 <= args.layers <= len(arch["widths"]):
+            raise ConfigError(f"--layers must be between 1 and {len(arch['widths'])} (the number of "
+                              "--widths); pass more --widths for a deeper network")
+        arch["widths"] = list(arch["widths"])[: args.layers]
+    if args.no_pool1:
+        pools = list(arch["pools"])
+        arch["pools"] = [1, *(pools[1:] or pools)]
+    if args.no_augment:
+        augment["enabled"] = False
+    return {**values, "arch": arch, "loss": loss, "augment": augment}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import load_yaml, to_dict
+    from ..data import load_dataset
+    from ..errors import ConfigError
+    from ..pretrain import LayerwisePretrainer, PretrainConfig
+    from ..runs import prepare_run_dir
+
+    file_config = load_yaml(args.config) if args.config else {}
+    unknown = sorted(set(file_config) - {"data", "pretrain"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown} in {args.config}; valid: ['data', 'pretrain']")
+    data = data_settings(args, file_config.get("data"))
+    config = PretrainConfig.from_dict(pretrain_settings(args, file_config.get("pretrain")))
+    out = prepare_run_dir(args.out, {"data": data, "pretrain": to_dict(config)}, args.force)
+    images = load_dataset(data["dataset"], "train", data["data_root"], data["classes"], data["limit"],
+                          data["download"]).images
+    trainer = LayerwisePretrainer(config, out, args.device, progress=False if args.no_progress else None)
+    net = trainer.fit(images)
+    print(f"pretrained {net.num_blocks} block(s) on {len(images)} images -> {out}")
+    return 0

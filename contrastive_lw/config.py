@@ -1,0 +1,101 @@
+"""Typed configuration: dataclasses read from plain dicts / YAML with unknown keys rejected."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], values: dict[str, Any] | None, where: str = "config") -> T:
+    """Build dataclass ``cls`` from ``values``; nested dataclasses are built recursively.
+
+    Raises:
+        ConfigError: naming any unknown key (and the valid ones) or a value of the wrong kind.
+    """
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{name} must be a mapping, got {value!r}")
+            value = from_dict(kind, value, f"{where}.{name}")
+        else:
+            value = _check_scalar(value, kind, f"{where}.{name}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _check_scalar(value: Any, kind: Any, where: str) -> Any:
+    """Coerce ints to floats where a float is expected, lists to tuples; reject the wrong kind."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        kind = next(o for o in options if o is not type(None))
+        origin = typing.get_origin(kind)
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        inner = typing.get_args(kind)[0]
+        return tuple(_check_scalar(v, inner, where) for v in items)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, str, bool) and not (
+        isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{where} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-dict form of a dataclass config (tuples become lists, for YAML)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(config))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing or malformed file is a ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"malformed YAML in {path}: {err}".splitlines()[0]) from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values")
+    return values
+
+
+def save_yaml(values: dict[str, Any], path: str | Path) -> None:
+    """Write a mapping as YAML (block style, keys in insertion order)."""
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def per_layer(values: tuple[T, ...], k: int) -> T:
+    """Value for layer ``k`` (1-based) of a per-layer tuple; the last entry repeats."""
+    return values[min(k, len(values)) - 1]

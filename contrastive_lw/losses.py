@@ -1,0 +1,119 @@
+"""Contrastive losses on (anchor, positive, negative) embeddings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+DISTANCES = ("cosine", "sqeuclidean")
+MINING = ("none", "hardest", "semihard")
+LOSSES = ("triplet", "infonce")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """``name``: ``triplet`` (margin loss on a distance, optional in-batch negative mining) or
+    ``infonce`` (in-batch softmax over patches: each anchor's positive is its class, every other
+    patch of the batch a negative; lightly's ``NTXentLoss``)."""
+
+    name: str = "triplet"
+    margin: float = 0.5
+    distance: str = "cosine"
+    mining: str = "none"
+    temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        for field, value, options in (("name", self.name, LOSSES), ("distance", self.distance, DISTANCES),
+                                      ("mining", self.mining, MINING)):
+            if value not in options:
+                raise ConfigError(f"loss.{field} must be one of {list(options)}, got {value!r}")
+        if self.margin < 0 or self.temperature <= 0:
+            raise ConfigError("loss.margin must be >= 0 and loss.temperature > 0")
+
+
+def pairwise_distance(x: torch.Tensor, y: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
+    """Distance matrix B x M between rows of ``x`` and ``y``: 1 - cos, or squared Euclidean."""
+    if distance == "cosine":
+        return 1 - F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
+    return torch.cdist(x, y).pow(2)
+
+
+def paired_distance(x: torch.Tensor, y: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
+    """Row-wise distance between ``x[i]`` and ``y[i]``."""
+    if distance == "cosine":
+        return 1 - F.cosine_similarity(x, y, dim=1)
+    return (x - y).pow(2).sum(dim=1)
+
+
+class TripletLoss(nn.Module):
+    """Triplet margin loss ``mean(relu(d(a, p) - d(a, n) + margin))``.
+
+    Args:
+        margin: required gap between the negative and the positive distance.
+        distance: ``cosine`` (1 - cosine similarity, the default) or ``sqeuclidean``.
+        mining: ``none`` uses the given negative of each triplet; ``hardest`` / ``semihard`` pick
+            each anchor's negative among all negatives and the other anchors' positives of the batch
+            (semi-hard: the closest one farther than the positive, else the farthest).
+
+    Example:
+        >>> loss = TripletLoss(margin=0.5)
+        >>> a = torch.tensor([[1.0, 0.0]]); p = a.clone(); n = torch.tensor([[0.0, 1.0]])
+        >>> float(loss(a, p, n))
+        0.0
+    """
+
+    uses_negatives = True
+
+    def __init__(self, margin: float = 0.5, distance: str = "cosine", mining: str = "none") -> None:
+        super().__init__()
+        self.margin, self.distance, self.mining = margin, distance, mining
+
+    def forward(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+        d_pos = paired_distance(anchor, positive, self.distance)
+        if self.mining == "none":
+            d_neg = paired_distance(anchor, negative, self.distance)
+        else:
+            d_neg = self._mine(anchor, positive, negative, d_pos)
+        return F.relu(d_pos - d_neg + self.margin).mean()
+
+    def _mine(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+              d_pos: torch.Tensor) -> torch.Tensor:
+        candidates = torch.cat([negative, positive])
+        d_all = pairwise_distance(anchor, candidates, self.distance)
+        batch = anchor.shape[0]
+        own_positive = torch.arange(batch, device=anchor.device) + batch
+        d_all[torch.arange(batch, device=anchor.device), own_positive] = float("inf")
+        if self.mining == "hardest":
+            return d_all.min(dim=1).values
+        farther = d_all > d_pos.detach().unsqueeze(1)
+        semihard = torch.where(farther, d_all, torch.full_like(d_all, float("inf"))).min(dim=1).values
+        easiest = torch.where(torch.isinf(d_all), torch.full_like(d_all, -float("inf")), d_all).max(dim=1).values
+        return torch.where(torch.isinf(semihard), easiest, semihard)
+
+
+class InfoNCELoss(nn.Module):
+    """In-batch softmax over (anchor, positive) pairs: the surrogate-class view of the paper
+    (perturbed copies of one patch form a class). Wraps lightly's ``NTXentLoss``; the explicit
+    negatives are not needed, every other patch of the batch is one."""
+
+    uses_negatives = False
+
+    def __init__(self, temperature: float = 0.1, gather_distributed: bool = False) -> None:
+        super().__init__()
+        from lightly.loss import NTXentLoss
+
+        self.loss = NTXentLoss(temperature=temperature, gather_distributed=gather_distributed)
+
+    def forward(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor | None = None) -> torch.Tensor:
+        return self.loss(anchor, positive)
+
+
+def build_loss(config: LossConfig, gather_distributed: bool = False) -> nn.Module:
+    """The loss module a :class:`LossConfig` describes."""
+    if config.name == "infonce":
+        return InfoNCELoss(config.temperature, gather_distributed)
+    return TripletLoss(config.margin, config.distance, config.mining)

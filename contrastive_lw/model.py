@@ -1,0 +1,169 @@
+"""Convolutional blocks, the layer-wise network with its receptive-field math, projection heads."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import per_layer
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """Shape of a :class:`LayerwiseNet`. ``widths`` sets the number of blocks; the other
+    per-block tuples repeat their last entry for deeper blocks.
+
+    The default is the seed network: block 1 = conv 6x6 -> ReLU -> max-pool 2x2 (7x7 receptive
+    field), blocks 2-3 = conv 3x3 -> BatchNorm -> ReLU -> max-pool 2x2 (13x13 and 25x25).
+    ``pools`` entry 1 means no pooling (the paper's pooling ablation is ``pools: [1, 2]``).
+    """
+
+    in_channels: int = 3
+    widths: tuple[int, ...] = (64, 128, 256)
+    kernel_sizes: tuple[int, ...] = (6, 3)
+    pools: tuple[int, ...] = (2,)
+    batch_norm: tuple[bool, ...] = (False, True)
+
+    def __post_init__(self) -> None:
+        for name in ("widths", "kernel_sizes", "pools", "batch_norm"):
+            if len(getattr(self, name)) == 0:
+                raise ConfigError(f"arch.{name} must hold at least one value")
+        for name in ("in_channels", *self.widths, *self.kernel_sizes, *self.pools):
+            value = self.in_channels if name == "in_channels" else name
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"arch sizes must be positive integers, got {value!r}")
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.widths)
+
+    def block(self, k: int) -> tuple[int, int, int, int, bool]:
+        """(in_channels, out_channels, kernel, pool, batch_norm) of block ``k`` (1-based)."""
+        in_ch = self.in_channels if k == 1 else self.widths[k - 2]
+        return (in_ch, self.widths[k - 1], per_layer(self.kernel_sizes, k),
+                per_layer(self.pools, k), per_layer(self.batch_norm, k))
+
+    def truncated(self, k: int) -> ArchConfig:
+        """The same architecture with only its first ``k`` blocks."""
+        return dataclasses.replace(self, widths=self.widths[:k])
+
+
+class ConvBlock(nn.Sequential):
+    """conv (stride 1, no padding) -> [BatchNorm] -> ReLU -> [max-pool]."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
+                 pool: int = 2, batch_norm: bool = False) -> None:
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, kernel_size, bias=not batch_norm)]
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(out_channels))
+        layers.append(nn.ReLU(inplace=True))
+        if pool > 1:
+            layers.append(nn.MaxPool2d(pool))
+        super().__init__(*layers)
+        self.kernel_size, self.pool = kernel_size, pool
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        return self[0]
+
+
+class LayerwiseNet(nn.Module):
+    """A stack of :class:`ConvBlock` s trained one block at a time.
+
+    Inputs are images in [0, 1] (float) or uint8; the network normalises them with its own
+    per-channel ``mean``/``std`` buffers, so a loaded backbone needs no outside preprocessing.
+
+    Example:
+        >>> net = LayerwiseNet(ArchConfig())
+        >>> [net.receptive_field(k) for k in (1, 2, 3)]
+        [7, 13, 25]
+        >>> net(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 256, 1, 1])
+    """
+
+    def __init__(self, arch: ArchConfig | None = None) -> None:
+        super().__init__()
+        self.arch = arch or ArchConfig()
+        self.blocks = nn.Sequential(*(ConvBlock(*self.arch.block(k))
+                                      for k in range(1, self.arch.num_blocks + 1)))
+        self.register_buffer("mean", torch.full((self.arch.in_channels,), 0.5))
+        self.register_buffer("std", torch.full((self.arch.in_channels,), 0.25))
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def set_normalization(self, images: torch.Tensor) -> None:
+        """Set the per-channel mean/std from uint8 images N x C x H x W (a sample is enough)."""
+        x = images[: 4096].float().div_(255)
+        self.mean.copy_(x.mean(dim=(0, 2, 3)))
+        self.std.copy_(x.std(dim=(0, 2, 3)).clamp_min(1e-3))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+    def forward(self, x: torch.Tensor, num_blocks: int | None = None) -> torch.Tensor:
+        """Features after the first ``num_blocks`` blocks (all by default)."""
+        return self.blocks[: self.num_blocks if num_blocks is None else num_blocks](self.normalize(x))
+
+    def receptive_field(self, k: int | None = None) -> int:
+        """Side of the input patch that one output unit of block ``k`` sees."""
+        size, jump = 1, 1
+        for block in self.blocks[: self._check_k(k)]:
+            size += (block.kernel_size - 1) * jump
+            size += (block.pool - 1) * jump
+            jump *= block.pool
+        return size
+
+    def output_size(self, input_size: int, k: int | None = None) -> int:
+        """Spatial side of block ``k``'s output for a square input of side ``input_size``."""
+        size = input_size
+        for block in self.blocks[: self._check_k(k)]:
+            size = (size - block.kernel_size + 1) // block.pool
+        return size
+
+    def out_channels(self, k: int | None = None) -> int:
+        return self.arch.widths[self._check_k(k) - 1]
+
+    def prefix(self, k: int) -> LayerwiseNet:
+        """A network made of (shared, not copied) blocks 1..k and the same normalisation."""
+        net = LayerwiseNet.__new__(LayerwiseNet)
+        nn.Module.__init__(net)
+        net.arch = self.arch.truncated(self._check_k(k))
+        net.blocks = self.blocks[:k]
+        net.register_buffer("mean", self.mean)
+        net.register_buffer("std", self.std)
+        return net
+
+    def _check_k(self, k: int | None) -> int:
+        k = self.num_blocks if k is None else k
+        if not 1 <= k <= self.num_blocks:
+            raise ConfigError(f"block index {k} out of range: the network has {self.num_blocks} blocks")
+        return k
+
+
+class ProjectionHead(nn.Sequential):
+    """Fully-connected projection of a block's (flattened) output map to an embedding.
+
+    ``hidden=0`` gives a linear head, otherwise Linear -> BatchNorm -> ReLU -> Linear.
+    """
+
+    def __init__(self, in_features: int, out_dim: int = 128, hidden: int = 0) -> None:
+        layers: list[nn.Module] = [nn.Flatten()]
+        if hidden:
+            layers += [nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+            in_features = hidden
+        layers.append(nn.Linear(in_features, out_dim))
+        super().__init__(*layers)
+
+
+def set_trainable(module: nn.Module, trainable: bool) -> None:
+    """Switch gradients of every parameter of ``module`` on or off (and train/eval mode)."""
+    module.train(trainable)
+    for p in module.parameters():
+        p.requires_grad_(trainable)

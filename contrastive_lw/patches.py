@@ -1,0 +1,141 @@
+"""Patch geometry and sampling: anchor, positive and negative patches, vectorised on the device."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .errors import ConfigError, DataError
+
+POSITIVES = ("adjacent", "shift", "exemplar")
+
+
+class PatchIndex(NamedTuple):
+    """Where each patch of a batch is cut: image index, top row and left column (each B long)."""
+
+    image: torch.Tensor
+    top: torch.Tensor
+    left: torch.Tensor
+
+
+class Triplets(NamedTuple):
+    """uint8 patches B x C x P x P."""
+
+    anchor: torch.Tensor
+    positive: torch.Tensor
+    negative: torch.Tensor
+
+
+def crop(images: torch.Tensor, where: PatchIndex, size: int) -> torch.Tensor:
+    """Cut one ``size`` x ``size`` patch per entry of ``where`` from ``images`` (N x C x H x W)."""
+    offsets = torch.arange(size, device=images.device)
+    rows = (where.top[:, None] + offsets)[:, :, None]
+    cols = (where.left[:, None] + offsets)[:, None, :]
+    return images[where.image[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+class PatchSampler:
+    """Samples triplets of ``patch_size`` patches from a stack of images.
+
+    Positives (``positive``):
+        * ``adjacent``: the touching neighbour patch (left, right, above or below) of the same image;
+        * ``shift``: a patch of the same image shifted by 1..``max_shift`` pixels (overlapping);
+        * ``exemplar``: the same patch (the two views differ only by augmentation).
+    The negative is a patch at a random place of a different, random image.
+    For video clips (N x T x C x H x W, :meth:`sample_video`) the positive is the same place in the
+    clip's last frame. All index arithmetic is batched on the images' device; a seeded sampler
+    gives the same patches again.
+
+    Example:
+        >>> sampler = PatchSampler(7, seed=0)
+        >>> a, p, n = sampler(torch.zeros(10, 3, 32, 32, dtype=torch.uint8), batch_size=4)
+        >>> a.shape
+        torch.Size([4, 3, 7, 7])
+    """
+
+    def __init__(self, patch_size: int, positive: str = "adjacent", max_shift: int = 2,
+                 seed: int | None = None, device: torch.device | str = "cpu") -> None:
+        if positive not in POSITIVES:
+            raise ConfigError(f"positive must be one of {list(POSITIVES)}, got {positive!r}")
+        if patch_size < 1 or max_shift < 1:
+            raise ConfigError("patch_size and max_shift must be positive")
+        self.patch_size, self.positive, self.max_shift = patch_size, positive, max_shift
+        self.generator = torch.Generator(device=device)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def __call__(self, images: torch.Tensor, batch_size: int) -> Triplets:
+        anchor, positive, negative = self.sample_indices(images.shape, batch_size, images.device)
+        return Triplets(*(crop(images, where, self.patch_size) for where in (anchor, positive, negative)))
+
+    def sample_indices(self, shape: torch.Size | tuple[int, ...], batch_size: int,
+                       device: torch.device | str = "cpu", positive: str | None = None,
+                       ) -> tuple[PatchIndex, PatchIndex, PatchIndex]:
+        """Anchor, positive and negative positions for images of ``shape`` (N x C x H x W);
+        ``positive`` overrides the sampler's positive kind."""
+        n, _, height, width = shape
+        positive = positive or self.positive
+        self._check_fits(n, height, width, positive)
+        dy, dx = self._positive_offsets(batch_size, device, positive)
+        image = self._randint(0, n - 1, batch_size, device)
+        top = self._uniform(dy.neg().clamp_min(0), height - self.patch_size - dy.clamp_min(0))
+        left = self._uniform(dx.neg().clamp_min(0), width - self.patch_size - dx.clamp_min(0))
+        negative = PatchIndex(
+            (image + self._randint(1, n - 1, batch_size, device)) % n,
+            self._randint(0, height - self.patch_size, batch_size, device),
+            self._randint(0, width - self.patch_size, batch_size, device),
+        )
+        return PatchIndex(image, top, left), PatchIndex(image, top + dy, left + dx), negative
+
+    def sample_video(self, clips: torch.Tensor, batch_size: int) -> Triplets:
+        """Triplets from clips N x T x C x H x W: anchor in the first frame, positive at the same
+        place in the last frame, negative anywhere in another clip."""
+        if clips.dim() != 5:
+            raise DataError(f"video clips must be N x T x C x H x W, got shape {tuple(clips.shape)}")
+        n, frames, channels, height, width = clips.shape
+        anchor, _, negative = self.sample_indices((n, channels, height, width), batch_size,
+                                                  clips.device, positive="exemplar")
+        flat = clips.reshape(n * frames, channels, height, width)
+        last = PatchIndex(anchor.image * frames + frames - 1, anchor.top, anchor.left)
+        first = PatchIndex(anchor.image * frames, anchor.top, anchor.left)
+        frame = self._randint(0, frames - 1, batch_size, clips.device)
+        other = PatchIndex(negative.image * frames + frame, negative.top, negative.left)
+        return Triplets(*(crop(flat, where, self.patch_size) for where in (first, last, other)))
+
+    def _check_fits(self, n: int, height: int, width: int, positive: str) -> None:
+        size = self.patch_size
+        if n < 2:
+            raise DataError("patch sampling needs at least 2 images (negatives come from another image)")
+        if size > min(height, width):
+            raise ConfigError(f"patch size {size} is larger than the {height}x{width} images: "
+                              "use fewer layers, smaller kernels or a smaller --patch-size")
+        if positive == "adjacent" and 2 * size > min(height, width):
+            raise ConfigError(f"adjacent {size}x{size} patches do not fit side by side in {height}x{width} "
+                              "images: use positive 'shift' or 'exemplar' for this layer")
+        if positive == "shift" and self.max_shift > min(height, width) - size:
+            raise ConfigError(f"max_shift {self.max_shift} leaves no room for {size}x{size} patches "
+                              f"in {height}x{width} images: lower max_shift")
+
+    def _positive_offsets(self, batch_size: int, device: torch.device | str,
+                          positive: str) -> tuple[torch.Tensor, torch.Tensor]:
+        zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
+        if positive == "exemplar":
+            return zeros, zeros.clone()
+        if positive == "adjacent":
+            # 0: right, 1: left, 2: below, 3: above
+            steps = torch.tensor([[0, 1], [0, -1], [1, 0], [-1, 0]], device=device) * self.patch_size
+            direction = self._randint(0, 3, batch_size, device)
+            return steps[direction, 0], steps[direction, 1]
+        side = 2 * self.max_shift + 1
+        cell = self._randint(0, side * side - 2, batch_size, device)
+        cell = cell + (cell >= side * side // 2).long()  # skip the zero shift in the middle
+        return cell // side - self.max_shift, cell % side - self.max_shift
+
+    def _randint(self, low: int, high: int, size: int, device: torch.device | str) -> torch.Tensor:
+        """Uniform integers in [low, high] (inclusive)."""
+        return torch.randint(low, high + 1, (size,), generator=self.generator, device=device)
+
+    def _uniform(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """One uniform integer in [low[i], high[i]] per entry."""
+        u = torch.rand(low.shape, generator=self.generator, device=low.device)
+        return low + (u * (high - low + 1)).long().minimum(high - low)

@@ -1,0 +1,229 @@
+"""Greedy layer-wise (and end-to-end) contrastive pretraining of a :class:`LayerwiseNet`."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .augment import AugmentConfig, build_augmentation, to_float
+from .checkpoint import BACKBONE, layer_checkpoints, load_checkpoint, save_checkpoint
+from .config import from_dict, per_layer, to_dict
+from .device import autocast, resolve_device
+from .errors import CheckpointError, ConfigError, TrainingDiverged
+from .losses import LossConfig, build_loss
+from .model import ArchConfig, LayerwiseNet, ProjectionHead, set_trainable
+from .patches import POSITIVES, PatchSampler
+from .runs import RunLogger
+
+MODES = ("greedy", "end2end")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything that shapes a pretraining run. Per-layer tuples repeat their last entry.
+
+    ``positives`` per layer: adjacent / shift / exemplar (see :class:`PatchSampler`).
+    ``patch_sizes`` per layer; empty means the receptive field of blocks 1..k.
+    A layer trains ``steps_per_layer`` steps, or if that is 0,
+    ``epochs_per_layer * images * patches_per_image / batch_size`` steps.
+    """
+
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mode: str = "greedy"
+    positives: tuple[str, ...] = ("adjacent", "exemplar")
+    max_shift: int = 2
+    patch_sizes: tuple[int, ...] = ()
+    embed_dim: int = 128
+    head_hidden: int = 0
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.05
+    epochs_per_layer: float = 1.0
+    patches_per_image: int = 16
+    steps_per_layer: int = 0
+    log_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        bad = [p for p in self.positives if p not in POSITIVES]
+        if bad or not self.positives:
+            raise ConfigError(f"positives must be among {list(POSITIVES)}, got {list(self.positives)}")
+        for name in ("batch_size", "embed_dim", "patches_per_image", "log_every", "max_shift"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("lr", "epochs_per_layer"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.steps_per_layer < 0 or self.weight_decay < 0 or not 0 <= self.warmup_fraction < 1:
+            raise ConfigError("steps_per_layer and weight_decay must be >= 0, warmup_fraction in [0, 1)")
+        if any(p < 1 for p in self.patch_sizes):
+            raise ConfigError(f"patch_sizes must be positive, got {list(self.patch_sizes)}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PretrainConfig:
+        return from_dict(cls, values, "pretrain config")
+
+    def steps(self, num_images: int) -> int:
+        if self.steps_per_layer:
+            return self.steps_per_layer
+        return max(1, math.ceil(self.epochs_per_layer * num_images * self.patches_per_image / self.batch_size))
+
+
+def warmup_cosine(steps: int, warmup_fraction: float):
+    """LambdaLR factor: linear warm-up, then cosine decay to 0."""
+    warmup = max(1, int(steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    return factor
+
+
+class LayerwisePretrainer:
+    """Trains blocks 1..K of a :class:`LayerwiseNet` without labels and checkpoints each one.
+
+    Greedy mode: for k = 1..K, blocks < k are frozen (eval mode, no gradients), block k and a new
+    projection head k train on patches of block k's receptive field, then ``layerK.pt`` is saved.
+    End-to-end mode: the same loop once, all K blocks trainable on the full receptive field.
+    A run directory that already holds finished layers continues after the last one.
+
+    Example:
+        >>> trainer = LayerwisePretrainer(PretrainConfig(steps_per_layer=10), "runs/demo")  # doctest: +SKIP
+        >>> net = trainer.fit(images)                                                      # doctest: +SKIP
+    """
+
+    def __init__(self, config: PretrainConfig, out_dir: str | Path, device: str = "auto",
+                 progress: bool | None = None, tensorboard: bool = True) -> None:
+        self.config, self.out_dir = config, Path(out_dir)
+        self.device = resolve_device(device)
+        self.progress, self.tensorboard = progress, tensorboard
+        self.loss_fn = build_loss(config.loss).to(self.device)
+
+    def fit(self, images: torch.Tensor) -> LayerwiseNet:
+        """Pretrain on uint8 images N x C x H x W; returns the network with its trained blocks."""
+        cfg = self.config
+        if images.dim() != 4 or images.dtype != torch.uint8:
+            raise ConfigError(f"images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
+        if images.shape[1] != cfg.arch.in_channels:
+            raise ConfigError(f"images have {images.shape[1]} channels but arch.in_channels is "
+                              f"{cfg.arch.in_channels}: set arch.in_channels to match")
+        net = LayerwiseNet(cfg.arch)
+        net.set_normalization(images)
+        done = self._resume(net)
+        net = net.to(self.device, memory_format=torch.channels_last)
+        images = images.to(self.device)
+        stages = range(done + 1, cfg.arch.num_blocks + 1) if cfg.mode == "greedy" else (
+            [cfg.arch.num_blocks] if done < cfg.arch.num_blocks else [])
+        with RunLogger(self.out_dir, self.tensorboard) as logger:
+            for k in stages:
+                self._train_layer(net, k, images, logger)
+        return net.cpu()
+
+    def _resume(self, net: LayerwiseNet) -> int:
+        """Load the deepest finished layer of the run directory; returns how many blocks it holds."""
+        finished = layer_checkpoints(self.out_dir)
+        if not finished:
+            return 0
+        path = finished[max(finished)]
+        payload = load_checkpoint(path, BACKBONE)
+        if payload["arch"] != to_dict(self.config.arch):
+            raise CheckpointError(f"{path} was written for another architecture: use a new --out")
+        net.load_state_dict(payload["backbone"])
+        return payload["trained_blocks"]
+
+    def _train_layer(self, net: LayerwiseNet, k: int, images: torch.Tensor, logger: RunLogger) -> None:
+        cfg, device = self.config, self.device
+        patch = per_layer(cfg.patch_sizes, k) if cfg.patch_sizes else net.receptive_field(k)
+        side = net.output_size(patch, k)
+        if side < 1:
+            raise ConfigError(f"{patch}x{patch} patches are smaller than block {k}'s receptive field "
+                              f"{net.receptive_field(k)}: raise patch_sizes")
+        head = ProjectionHead(net.out_channels(k) * side * side, cfg.embed_dim, cfg.head_hidden).to(device)
+        greedy = cfg.mode == "greedy"
+        frozen = net.blocks[: k - 1] if greedy else net.blocks[:0]
+        trainable = net.blocks[k - 1: k] if greedy else net.blocks[:k]
+        set_trainable(frozen, False)
+        set_trainable(trainable, True)
+        params = [*trainable.parameters(), *head.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps = cfg.steps(len(images))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup_fraction))
+        sampler = PatchSampler(patch, per_layer(cfg.positives, k), cfg.max_shift,
+                               seed=cfg.seed * 1000 + k, device=device)
+        augment = build_augmentation(cfg.augment, patch, cfg.arch.in_channels).to(device)
+        torch.manual_seed(cfg.seed * 1000 + k)
+        views = 3 if self.loss_fn.uses_negatives else 2
+        bar = tqdm(range(steps), desc=f"layer {k}", disable=None if self.progress is None else not self.progress)
+        start = time.perf_counter()
+        for step in bar:
+            triplets = sampler(images, cfg.batch_size)
+            with torch.no_grad():
+                x = augment(to_float(torch.cat(triplets[:views]))).contiguous(memory_format=torch.channels_last)
+                if greedy and k > 1:
+                    x = net(x, k - 1)
+            with autocast(device):
+                features = trainable(x if greedy and k > 1 else net.normalize(x))
+                embeddings = head(features).float().chunk(views)
+                loss = self.loss_fn(*embeddings)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+                self._log(logger, k, step, loss, embeddings, scheduler.get_last_lr()[0], start, bar)
+        self._save_layer(net, head, k, steps, time.perf_counter() - start, float(loss))
+        if k == 1:
+            self._save_filters(net, logger)
+
+    def _log(self, logger: RunLogger, k: int, step: int, loss: torch.Tensor,
+             embeddings: tuple[torch.Tensor, ...], lr: float, start: float, bar: tqdm) -> None:
+        from lightly.utils.debug import std_of_l2_normalized
+
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"layer {k}: loss became {value} at step {step + 1}; finished layers are "
+                                   f"kept in {self.out_dir}: lower --lr and run the same command again")
+        anchor, positive = embeddings[0].detach(), embeddings[1].detach()
+        row = {
+            "layer": k, "layer_step": step + 1, "loss": value,
+            "lr": lr,
+            "pos_cos": float(F.cosine_similarity(anchor, positive).mean()),
+            "embedding_std": float(std_of_l2_normalized(anchor)),
+            "patches_per_s": (step + 1) * self.config.batch_size / (time.perf_counter() - start),
+        }
+        if len(embeddings) == 3:
+            row["neg_cos"] = float(F.cosine_similarity(anchor, embeddings[2].detach()).mean())
+        logger.log(self._global_step(k, step), row, prefix=f"layer{k}/")
+        bar.set_postfix(loss=f"{value:.4f}")
+
+    def _global_step(self, k: int, step: int) -> int:
+        return (k - 1) * 1_000_000 + step + 1
+
+    def _save_layer(self, net: LayerwiseNet, head: torch.nn.Module, k: int, steps: int,
+                    seconds: float, loss: float) -> None:
+        save_checkpoint({
+            "kind": BACKBONE, "arch": to_dict(self.config.arch), "trained_blocks": k,
+            "mode": self.config.mode, "config": to_dict(self.config),
+            "backbone": {n: t.cpu() for n, t in net.state_dict().items()},
+            "head": {n: t.cpu() for n, t in head.state_dict().items()},
+            "metrics": {"steps": steps, "seconds": seconds, "final_loss": loss},
+        }, self.out_dir / f"layer{k}.pt")
+
+    def _save_filters(self, net: LayerwiseNet, logger: RunLogger) -> None:
+        from .visualize import filter_grid, save_filter_grid
+
+        weight = net.blocks[0].conv.weight
+        logger.image("filters/layer1", filter_grid(weight))
+        save_filter_grid(weight, self.out_dir / "filters_layer1.png", "block-1 filters (layer-wise, unsupervised)")
+

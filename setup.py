@@ -1,0 +1,27 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="contrastive-lw",
+    version="0.1.0",
+    description="Layer-wise contrastive pretraining of convolutional networks, and transfer studies",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["contrastive_lw", "contrastive_lw.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "lightly>=1.5",
+        "kornia>=0.7",
+        "numpy",
+        "pillow",
+        "tensorboard",
+        "tqdm",
+        "pyyaml",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["contrastive-lw=contrastive_lw.cli:main"]},
+)

@@ -1,0 +1,20 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Tests never write to the user's dataset cache."""
+    monkeypatch.setenv("CONTRASTIVE_LW_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """64 random-but-structured uint8 images 3 x 32 x 32 (smooth blobs, so patches differ)."""
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(64, 3, 8, 8, generator=g)
+    return (torch.nn.functional.interpolate(low, size=32, mode="bilinear") * 255).to(torch.uint8)

@@ -1,0 +1,55 @@
+import math
+
+import pytest
+import torch
+
+from contrastive_lw.errors import ConfigError
+from contrastive_lw.losses import InfoNCELoss, LossConfig, TripletLoss, build_loss
+
+
+def test_cosine_triplet_values_on_hand_made_vectors():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    p = torch.tensor([[2.0, 0.0], [0.0, 1.0]])   # distances 0 and 1
+    n = torch.tensor([[0.0, 3.0], [1.0, 0.0]])   # distances 1 and 0
+    # relu(0 - 1 + 0.5) = 0 ; relu(1 - 0 + 0.5) = 1.5  -> mean 0.75
+    assert TripletLoss(margin=0.5)(a, p, n).item() == pytest.approx(0.75)
+
+
+def test_squared_euclidean_triplet():
+    a, p, n = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0, 0.0]])
+    # d(a,p) = 2, d(a,n) = 4, margin 3 -> 1
+    assert TripletLoss(margin=3.0, distance="sqeuclidean")(a, p, n).item() == pytest.approx(1.0)
+
+
+def test_hardest_mining_picks_the_closest_candidate():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    n = torch.tensor([[-1.0, 0.0], [0.0, -1.0]])   # far from both anchors (distance 2 or 1)
+    # For anchor 0 the hardest candidate is the other anchor's positive [0, 1] (distance 1).
+    loss = TripletLoss(margin=1.5, mining="hardest")(a, p, n)
+    assert loss.item() == pytest.approx(0.5)      # relu(0 - 1 + 1.5)
+    assert TripletLoss(margin=1.5)(a, p, n).item() == pytest.approx(0.0)
+
+
+def test_semihard_prefers_negatives_farther_than_the_positive():
+    a = torch.tensor([[1.0, 0.0]])
+    p = torch.tensor([[math.cos(0.5), math.sin(0.5)]])          # d_ap = 1 - cos 0.5 ~ 0.122
+    n = torch.tensor([[1.0, 0.0]])                               # d = 0 < d_ap: not semi-hard
+    loss = TripletLoss(margin=0.5, mining="semihard")(a, p, n)
+    # only candidate is n (own positive excluded); no semi-hard one -> falls back to it
+    assert loss.item() == pytest.approx(1 - math.cos(0.5) + 0.5, rel=1e-5)
+
+
+def test_infonce_is_lightly_ntxent_and_ignores_negatives():
+    torch.manual_seed(0)
+    a, p = torch.randn(8, 4), torch.randn(8, 4)
+    loss = build_loss(LossConfig(name="infonce", temperature=0.1))
+    assert isinstance(loss, InfoNCELoss) and not loss.uses_negatives
+    assert loss(a, p).item() == pytest.approx(loss(a, p, torch.randn(8, 4)).item())
+    assert loss(a, a).item() < loss(a, p).item()
+
+
+@pytest.mark.parametrize("bad", [dict(name="x"), dict(distance="l1"), dict(mining="all"), dict(margin=-1)])
+def test_bad_loss_config(bad):
+    with pytest.raises(ConfigError):
+        LossConfig(**bad)

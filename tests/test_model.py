@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from contrastive_lw.errors import ConfigError
+from contrastive_lw.model import ArchConfig, LayerwiseNet, ProjectionHead
+
+
+def test_default_receptive_fields_are_the_seeds_patch_sizes():
+    net = LayerwiseNet()
+    assert [net.receptive_field(k) for k in (1, 2, 3)] == [7, 13, 25]
+    assert [net.output_size(net.receptive_field(k), k) for k in (1, 2, 3)] == [1, 1, 1]
+
+
+def test_ten_pixel_variant_and_pooling_ablation():
+    # conv 9x9 + pool 2 sees 10x10; block 1 without pooling sees only its kernel
+    assert LayerwiseNet(ArchConfig(widths=(8,), kernel_sizes=(9,))).receptive_field(1) == 10
+    no_pool = LayerwiseNet(ArchConfig(widths=(8, 8), pools=(1, 2)))
+    assert no_pool.receptive_field(1) == 6
+    assert no_pool.receptive_field(2) == 6 + 2 + 1
+
+
+def test_forward_shapes_and_prefix_shares_weights():
+    net = LayerwiseNet()
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert net(x).shape == (2, 256, 1, 1)
+    assert net(x, 1).shape == (2, 64, 13, 13)
+    prefix = net.prefix(2)
+    assert prefix.num_blocks == 2 and prefix.blocks[0] is net.blocks[0]
+    assert torch.equal(prefix(x), net(x, 2))
+
+
+def test_upper_blocks_use_batch_norm_by_default():
+    net = LayerwiseNet()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.blocks[0])
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.blocks[1])
+
+
+def test_normalization_from_images():
+    net = LayerwiseNet()
+    images = torch.full((4, 3, 8, 8), 51, dtype=torch.uint8)
+    images[:, 1] = 102
+    net.set_normalization(images)
+    assert torch.allclose(net.mean, torch.tensor([0.2, 0.4, 0.2]))
+
+
+def test_projection_head():
+    assert ProjectionHead(64, 16)(torch.rand(3, 64, 1, 1)).shape == (3, 16)
+    assert ProjectionHead(64 * 4, 16, hidden=32)(torch.rand(3, 64, 2, 2)).shape == (3, 16)
+
+
+@pytest.mark.parametrize("bad", [dict(widths=()), dict(widths=(0,)), dict(kernel_sizes=(-1,)), dict(pools=(0,))])
+def test_bad_arch_is_rejected(bad):
+    with pytest.raises(ConfigError):
+        ArchConfig(**bad)
+
+
+def test_block_index_out_of_range():
+    with pytest.raises(ConfigError, match="out of range"):
+        LayerwiseNet().receptive_field(4)

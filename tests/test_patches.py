@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from contrastive_lw.errors import ConfigError, DataError
+from contrastive_lw.patches import PatchSampler, crop, PatchIndex
+
+SHAPE = (50, 3, 32, 32)
+
+
+def _indices(positive, size=7, seed=0, batch=4096, **kw):
+    return PatchSampler(size, positive, seed=seed, **kw).sample_indices(SHAPE, batch)
+
+
+def _in_bounds(where, size):
+    return bool(((where.top >= 0) & (where.left >= 0) & (where.top + size <= 32) & (where.left + size <= 32)).all())
+
+
+def test_adjacent_positive_touches_the_anchor_and_stays_in_bounds():
+    anchor, positive, negative = _indices("adjacent")
+    assert all(_in_bounds(w, 7) for w in (anchor, positive, negative))
+    assert torch.equal(anchor.image, positive.image)
+    dy, dx = positive.top - anchor.top, positive.left - anchor.left
+    assert bool(((dy.abs() == 7) & (dx == 0) | (dx.abs() == 7) & (dy == 0)).all())
+    # all four neighbours are used
+    assert len(set(zip(dy.tolist(), dx.tolist()))) == 4
+
+
+def test_shift_positive_overlaps_within_max_shift():
+    anchor, positive, _ = _indices("shift", size=13, max_shift=3)
+    dy, dx = positive.top - anchor.top, positive.left - anchor.left
+    assert _in_bounds(positive, 13) and _in_bounds(anchor, 13)
+    assert bool((dy.abs().maximum(dx.abs()) >= 1).all()) and int(dy.abs().max()) == 3
+
+
+def test_exemplar_positive_is_the_same_patch():
+    anchor, positive, _ = _indices("exemplar", size=25)
+    assert all(torch.equal(a, p) for a, p in zip(anchor, positive))
+
+
+def test_negative_comes_from_another_image():
+    anchor, _, negative = _indices("adjacent")
+    assert bool((anchor.image != negative.image).all())
+    assert len(negative.image.unique()) == SHAPE[0]
+
+
+def test_patches_are_cut_where_the_indices_say():
+    images = torch.arange(2 * 3 * 32 * 32).reshape(2, 3, 32, 32).to(torch.int64)
+    where = PatchIndex(torch.tensor([1]), torch.tensor([4]), torch.tensor([9]))
+    assert torch.equal(crop(images, where, 5)[0], images[1, :, 4:9, 9:14])
+
+
+def test_sampler_shapes_dtype_and_determinism(images):
+    a, p, n = PatchSampler(7, seed=3)(images, 16)
+    assert a.shape == p.shape == n.shape == (16, 3, 7, 7) and a.dtype == torch.uint8
+    again = PatchSampler(7, seed=3)(images, 16)
+    assert torch.equal(a, again.anchor) and torch.equal(n, again.negative)
+    assert not torch.equal(a, PatchSampler(7, seed=4)(images, 16).anchor)
+
+
+def test_video_positive_is_the_same_place_in_the_last_frame():
+    clips = torch.randint(0, 256, (6, 4, 3, 16, 16), dtype=torch.uint8)
+    sampler = PatchSampler(5, seed=0)
+    a, p, n = sampler.sample_video(clips, 32)
+    gen = PatchSampler(5, seed=0)
+    anchor, _, _ = gen.sample_indices((6, 3, 16, 16), 32, positive="exemplar")
+    for i in range(32):
+        c, y, x = int(anchor.image[i]), int(anchor.top[i]), int(anchor.left[i])
+        assert torch.equal(a[i], clips[c, 0, :, y:y + 5, x:x + 5])
+        assert torch.equal(p[i], clips[c, -1, :, y:y + 5, x:x + 5])
+    with pytest.raises(DataError, match="N x T x C x H x W"):
+        sampler.sample_video(clips[0], 4)
+
+
+def test_patch_larger_than_images_is_a_clear_error():
+    with pytest.raises(ConfigError, match="larger than the 32x32 images"):
+        PatchSampler(33, "exemplar").sample_indices(SHAPE, 4)
+    with pytest.raises(ConfigError, match="use positive 'shift' or 'exemplar'"):
+        PatchSampler(25, "adjacent").sample_indices(SHAPE, 4)
+    with pytest.raises(DataError, match="at least 2 images"):
+        PatchSampler(7).sample_indices((1, 3, 32, 32), 4)
+    with pytest.raises(ConfigError):
+        PatchSampler(7, "neighbour")
