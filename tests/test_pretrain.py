@@ -1,0 +1,117 @@
+import json
+
+import pytest
+import torch
+
+from contrastive_lw import load_backbone
+from contrastive_lw.errors import CheckpointError, ConfigError, TrainingDiverged
+from contrastive_lw.model import ArchConfig
+from contrastive_lw.pretrain import LayerwisePretrainer, PretrainConfig
+
+
+def _config(**kw):
+    values = dict(arch=ArchConfig(widths=(4, 6, 8)), steps_per_layer=3, batch_size=16, log_every=1)
+    values.update(kw)
+    return PretrainConfig(**values)
+
+
+def _fit(out, images, **kw):
+    return LayerwisePretrainer(_config(**kw), out, device="cpu", progress=False).fit(images)
+
+
+def test_greedy_run_writes_every_layer_and_logs(tmp_path, images):
+    net = _fit(tmp_path, images)
+    assert net.num_blocks == 3
+    for k in (1, 2, 3):
+        assert (tmp_path / f"layer{k}.pt").is_file()
+        assert load_backbone(tmp_path / f"layer{k}.pt").num_blocks == k
+    assert (tmp_path / "filters_layer1.png").stat().st_size > 0
+    assert any((tmp_path / "tb").iterdir())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["layer"] for r in rows} == {1, 2, 3}
+    assert all({"loss", "lr", "pos_cos", "embedding_std", "patches_per_s"} <= set(r) for r in rows)
+
+
+def test_greedy_freezes_finished_blocks(tmp_path, images):
+    net = _fit(tmp_path, images, arch=ArchConfig(widths=(4, 6)))
+    after_layer1 = load_backbone(tmp_path / "layer1.pt")
+    assert torch.equal(net.blocks[0].conv.weight, after_layer1.blocks[0].conv.weight)
+
+
+def test_layer_one_learns(tmp_path, images):
+    from contrastive_lw.model import LayerwiseNet
+
+    torch.manual_seed(0)
+    trained = _fit(tmp_path, images, arch=ArchConfig(widths=(4,)), steps_per_layer=5)
+    assert not torch.equal(trained.blocks[0].conv.weight, LayerwiseNet(ArchConfig(widths=(4,))).blocks[0].conv.weight)
+
+
+def test_resume_skips_finished_layers(tmp_path, images):
+    _fit(tmp_path, images)
+    layer1 = (tmp_path / "layer1.pt").read_bytes()
+    for k in (2, 3):
+        (tmp_path / f"layer{k}.pt").unlink()
+    rows_before = len((tmp_path / "metrics.jsonl").read_text().splitlines())
+    _fit(tmp_path, images)
+    assert (tmp_path / "layer1.pt").read_bytes() == layer1
+    new_rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()[rows_before:]]
+    assert {r["layer"] for r in new_rows} == {2, 3}
+
+
+def test_resume_refuses_another_architecture(tmp_path, images):
+    _fit(tmp_path, images, arch=ArchConfig(widths=(4,)))
+    with pytest.raises(CheckpointError, match="another architecture"):
+        _fit(tmp_path, images, arch=ArchConfig(widths=(5,)))
+
+
+def test_end_to_end_mode_trains_all_blocks_at_once(tmp_path, images):
+    net = _fit(tmp_path, images, mode="end2end", arch=ArchConfig(widths=(4, 6)))
+    assert sorted(p.name for p in tmp_path.glob("layer*.pt")) == ["layer2.pt"]
+    assert net.num_blocks == 2
+
+
+class _NanAfter(torch.nn.Module):
+    """Triplet loss that turns NaN after ``calls`` calls."""
+
+    uses_negatives = True
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def forward(self, a, p, n):
+        self.calls -= 1
+        loss = (a - p).pow(2).mean()
+        return loss * float("nan") if self.calls < 0 else loss
+
+
+def test_nan_loss_stops_and_keeps_finished_layers(tmp_path, images):
+    trainer = LayerwisePretrainer(_config(), tmp_path, device="cpu", progress=False)
+    trainer.loss_fn = _NanAfter(calls=4)   # layer 1 takes 3 steps, layer 2 diverges
+    with pytest.raises(TrainingDiverged, match="lower --lr"):
+        trainer.fit(images)
+    assert (tmp_path / "layer1.pt").is_file() and not (tmp_path / "layer2.pt").exists()
+    load_backbone(tmp_path)
+
+
+def test_bad_images_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="uint8"):
+        _fit(tmp_path, torch.rand(4, 3, 32, 32))
+    with pytest.raises(ConfigError, match="in_channels"):
+        _fit(tmp_path, torch.zeros(4, 1, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ConfigError, match="larger than the 16x16 images"):
+        _fit(tmp_path, torch.zeros(4, 3, 16, 16, dtype=torch.uint8), positives=("exemplar",))
+
+
+@pytest.mark.parametrize("bad", [dict(batch_size=0), dict(lr=0.0), dict(mode="joint"),
+                                 dict(positives=("near",)), dict(steps_per_layer=-1)])
+def test_bad_config_values(bad):
+    with pytest.raises(ConfigError):
+        _config(**bad)
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(ConfigError, match="learning_rate"):
+        PretrainConfig.from_dict({"learning_rate": 0.1})
+    with pytest.raises(ConfigError, match=r"\['depth'\] in pretrain config.arch"):
+        PretrainConfig.from_dict({"arch": {"depth": 3}})
