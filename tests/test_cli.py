@@ -1,0 +1,86 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from contrastive_lw.cli import main
+
+
+@pytest.fixture
+def npz(tmp_path, images):
+    path = tmp_path / "images.npz"
+    np.savez(path, images=images.numpy(), labels=np.arange(len(images)) % 4)
+    return path
+
+
+def _pretrain(npz, out, *extra):
+    return main(["pretrain", "--dataset", f"npz:{npz}", "--widths", "4,4", "--steps-per-layer", "2",
+                 "--batch-size", "8", "--no-progress", "--out", str(out), *extra])
+
+
+def test_pretrain_command_writes_a_run(tmp_path, npz):
+    out = tmp_path / "run"
+    assert _pretrain(npz, out, "--layers", "2") == 0
+    assert {p.name for p in out.iterdir()} >= {"config.yaml", "layer1.pt", "layer2.pt", "metrics.jsonl",
+                                                "tb", "filters_layer1.png"}
+
+
+def test_module_entry_point_help():
+    result = subprocess.run([sys.executable, "-m", "contrastive_lw", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "pretrain" in result.stdout
+
+
+def _error(capsys, code):
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("contrastive-lw") and "Traceback" not in err and len(err.splitlines()) == 1
+    return err
+
+
+def test_unknown_dataset(tmp_path, capsys):
+    err = _error(capsys, main(["pretrain", "--dataset", "imagenet42", "--out", str(tmp_path / "r")]))
+    assert "imagenet42" in err
+
+
+def test_missing_dataset_names_the_fix(tmp_path, capsys):
+    err = _error(capsys, main(["pretrain", "--dataset", "cifar10", "--data-root", str(tmp_path / "empty"),
+                               "--out", str(tmp_path / "r")]))
+    assert "--download" in err and "--data-root" in err
+
+
+def test_layers_out_of_range(tmp_path, npz, capsys):
+    assert "--layers" in _error(capsys, _pretrain(npz, tmp_path / "r", "--layers", "0"))
+    assert "--layers" in _error(capsys, _pretrain(npz, tmp_path / "r", "--layers", "3"))
+
+
+def test_patch_larger_than_images(tmp_path, capsys):
+    small = tmp_path / "small.npz"
+    np.savez(small, images=np.zeros((4, 12, 12, 3), np.uint8))
+    err = _error(capsys, main(["pretrain", "--dataset", f"npz:{small}", "--positive", "exemplar",
+                               "--out", str(tmp_path / "r")]))
+    assert "larger than the 12x12 images" in err
+
+
+def test_out_is_a_file(tmp_path, npz, capsys):
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in _error(capsys, _pretrain(npz, tmp_path / "file"))
+
+
+def test_resume_with_another_config_needs_force(tmp_path, npz, capsys):
+    assert _pretrain(npz, tmp_path / "r", "--layers", "1") == 0
+    assert "--force" in _error(capsys, _pretrain(npz, tmp_path / "r", "--layers", "1", "--lr", "0.01"))
+
+
+def test_config_file_errors(tmp_path, npz, capsys):
+    bad_key = tmp_path / "bad.yaml"
+    bad_key.write_text("pretrain:\n  lerning_rate: 0.1\n")
+    assert "lerning_rate" in _error(capsys, _pretrain(npz, tmp_path / "r", "--config", str(bad_key)))
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text("pretrain: [unclosed\n")
+    assert "malformed YAML" in _error(capsys, _pretrain(npz, tmp_path / "r", "--config", str(malformed)))
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--lr", "-1"), ("--epochs-per-layer", "0")])
+def test_non_positive_sizes_and_rates(tmp_path, npz, capsys, flag, value):
+    assert flag.lstrip("-").replace("-", "_") in _error(capsys, _pretrain(npz, tmp_path / "r", flag, value))
