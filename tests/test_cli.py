@@ -84,3 +84,34 @@ def test_config_file_errors(tmp_path, npz, capsys):
 @pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--lr", "-1"), ("--epochs-per-layer", "0")])
 def test_non_positive_sizes_and_rates(tmp_path, npz, capsys, flag, value):
     assert flag.lstrip("-").replace("-", "_") in _error(capsys, _pretrain(npz, tmp_path / "r", flag, value))
+
+
+def test_out_of_memory_says_lower_the_batch_size(tmp_path, npz, capsys, monkeypatch):
+    import torch
+
+    from contrastive_lw.pretrain import LayerwisePretrainer
+
+    def oom(self, images):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(LayerwisePretrainer, "fit", oom)
+    assert "--batch-size" in _error(capsys, _pretrain(npz, tmp_path / "r"))
+
+
+def test_unavailable_device(tmp_path, npz, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "CUDA is not available" in _error(capsys, _pretrain(npz, tmp_path / "r", "--device", "cuda"))
+    assert "unknown device" in _error(capsys, _pretrain(npz, tmp_path / "r2", "--device", "tpu9"))
+
+
+def test_missing_config_file_limit_and_positive(tmp_path, npz, capsys):
+    assert "does not exist" in _error(capsys, _pretrain(npz, tmp_path / "r", "--config", str(tmp_path / "no.yaml")))
+    assert "--limit" in _error(capsys, _pretrain(npz, tmp_path / "r", "--limit", "0"))
+    assert "positives" in _error(capsys, _pretrain(npz, tmp_path / "r", "--positive", "near"))
+
+
+def test_a_failed_start_leaves_no_config_behind(tmp_path, npz, capsys):
+    _error(capsys, main(["pretrain", "--dataset", "cifar10", "--data-root", str(tmp_path / "none"),
+                         "--out", str(tmp_path / "r")]))
+    assert not (tmp_path / "r" / "config.yaml").exists()

@@ -75,9 +75,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown section(s) {unknown} in {args.config}; valid: ['data', 'pretrain']")
     data = data_settings(args, file_config.get("data"))
     config = PretrainConfig.from_dict(pretrain_settings(args, file_config.get("pretrain")))
-    out = prepare_run_dir(args.out, {"data": data, "pretrain": to_dict(config)}, args.force)
     images = load_dataset(data["dataset"], "train", data["data_root"], data["classes"], data["limit"],
                           data["download"]).images
+    out = prepare_run_dir(args.out, {"data": data, "pretrain": to_dict(config)}, args.force)
     trainer = LayerwisePretrainer(config, out, args.device, progress=False if args.no_progress else None)
     net = trainer.fit(images)
     print(f"pretrained {net.num_blocks} block(s) on {len(images)} images -> {out}")
