@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                   "lower --batch-size", file=sys.stderr)
             return 2
         raise
-    except KeyboardInterrupt:
-        print(f"contrastive-lw {args.command}: interrupted; finished layers are kept", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"contrastive-lw {args.command}: interrupted: {err or 'finished layers are kept'}", file=sys.stderr)
         return 130
 
 

@@ -58,6 +58,7 @@ class TripletLoss(nn.Module):
         mining: ``none`` uses the given negative of each triplet; ``hardest`` / ``semihard`` pick
             each anchor's negative among all negatives and the other anchors' positives of the batch
             (semi-hard: the closest one farther than the positive, else the farthest).
+        gather_distributed: mine among the candidates of every process of a distributed run.
 
     Example:
         >>> loss = TripletLoss(margin=0.5)
@@ -68,9 +69,11 @@ class TripletLoss(nn.Module):
 
     uses_negatives = True
 
-    def __init__(self, margin: float = 0.5, distance: str = "cosine", mining: str = "none") -> None:
+    def __init__(self, margin: float = 0.5, distance: str = "cosine", mining: str = "none",
+                 gather_distributed: bool = False) -> None:
         super().__init__()
         self.margin, self.distance, self.mining = margin, distance, mining
+        self.gather_distributed = gather_distributed
 
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         d_pos = paired_distance(anchor, positive, self.distance)
@@ -82,11 +85,16 @@ class TripletLoss(nn.Module):
 
     def _mine(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
               d_pos: torch.Tensor) -> torch.Tensor:
+        batch, offset = anchor.shape[0], 0
+        if self.gather_distributed and torch.distributed.is_initialized():
+            from lightly.utils.dist import gather, rank
+
+            negative, positive = torch.cat(gather(negative)), torch.cat(gather(positive))
+            offset = rank() * batch
         candidates = torch.cat([negative, positive])
         d_all = pairwise_distance(anchor, candidates, self.distance)
-        batch = anchor.shape[0]
-        own_positive = torch.arange(batch, device=anchor.device) + batch
-        d_all[torch.arange(batch, device=anchor.device), own_positive] = float("inf")
+        rows = torch.arange(batch, device=anchor.device)
+        d_all[rows, len(negative) + offset + rows] = float("inf")  # each anchor's own positive
         if self.mining == "hardest":
             return d_all.min(dim=1).values
         farther = d_all > d_pos.detach().unsqueeze(1)
@@ -116,4 +124,4 @@ def build_loss(config: LossConfig, gather_distributed: bool = False) -> nn.Modul
     """The loss module a :class:`LossConfig` describes."""
     if config.name == "infonce":
         return InfoNCELoss(config.temperature, gather_distributed)
-    return TripletLoss(config.margin, config.distance, config.mining)
+    return TripletLoss(config.margin, config.distance, config.mining, gather_distributed)

@@ -1,15 +1,20 @@
 """Greedy layer-wise (and end-to-end) contrastive pretraining of a :class:`LayerwiseNet`."""
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .augment import AugmentConfig, build_augmentation, to_float
 from .checkpoint import BACKBONE, layer_checkpoints, load_checkpoint, save_checkpoint
 from .config import from_dict, per_layer, to_dict
@@ -17,10 +22,11 @@ from .device import autocast, resolve_device
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .losses import LossConfig, build_loss
 from .model import ArchConfig, LayerwiseNet, ProjectionHead, set_trainable
-from .patches import POSITIVES, PatchSampler
+from .patches import POSITIVES, PatchIndex, PatchSampler, crop
 from .runs import RunLogger
 
 MODES = ("greedy", "end2end")
+TRAIN_STATE = "contrastive-lw/train-state"
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,10 @@ class PretrainConfig:
 
     ``positives`` per layer: adjacent / shift / exemplar (see :class:`PatchSampler`).
     ``patch_sizes`` per layer; empty means the receptive field of blocks 1..k.
+    The state of the layer in progress is saved to ``state.pt`` every ``save_every`` steps (0: once
+    per epoch of ``images * patches_per_image`` patches), on SIGINT / SIGTERM and at the end of a layer.
+    ``init_scale`` shrinks the conv weights' default initialisation, so that filter structure the
+    loss does not act on (init noise) stays faint and the learned filters show.
     A layer trains ``steps_per_layer`` steps, or if that is 0,
     ``epochs_per_layer * images * patches_per_image / batch_size`` steps.
     """
@@ -40,6 +50,7 @@ class PretrainConfig:
     positives: tuple[str, ...] = ("adjacent", "exemplar")
     max_shift: int = 2
     patch_sizes: tuple[int, ...] = ()
+    init_scale: float = 0.1
     embed_dim: int = 128
     head_hidden: int = 0
     batch_size: int = 512
@@ -50,6 +61,7 @@ class PretrainConfig:
     patches_per_image: int = 16
     steps_per_layer: int = 0
     log_every: int = 50
+    save_every: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -61,11 +73,11 @@ class PretrainConfig:
         for name in ("batch_size", "embed_dim", "patches_per_image", "log_every", "max_shift"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("lr", "epochs_per_layer"):
+        for name in ("lr", "epochs_per_layer", "init_scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.steps_per_layer < 0 or self.weight_decay < 0 or not 0 <= self.warmup_fraction < 1:
-            raise ConfigError("steps_per_layer and weight_decay must be >= 0, warmup_fraction in [0, 1)")
+        if self.save_every < 0 or self.steps_per_layer < 0 or self.weight_decay < 0 or not 0 <= self.warmup_fraction < 1:
+            raise ConfigError("steps_per_layer, save_every and weight_decay must be >= 0, warmup_fraction in [0, 1)")
         if any(p < 1 for p in self.patch_sizes):
             raise ConfigError(f"patch_sizes must be positive, got {list(self.patch_sizes)}")
 
@@ -73,10 +85,14 @@ class PretrainConfig:
     def from_dict(cls, values: dict) -> PretrainConfig:
         return from_dict(cls, values, "pretrain config")
 
+    def epoch_steps(self, num_images: int) -> int:
+        """Steps that sample ``patches_per_image`` anchors per image once."""
+        return max(1, math.ceil(num_images * self.patches_per_image / self.batch_size))
+
     def steps(self, num_images: int) -> int:
         if self.steps_per_layer:
             return self.steps_per_layer
-        return max(1, math.ceil(self.epochs_per_layer * num_images * self.patches_per_image / self.batch_size))
+        return max(1, math.ceil(self.epochs_per_layer * self.epoch_steps(num_images)))
 
 
 def warmup_cosine(steps: int, warmup_fraction: float):
@@ -90,13 +106,31 @@ def warmup_cosine(steps: int, warmup_fraction: float):
     return factor
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM arrived; the layer in progress was saved and the same command resumes it."""
+
+
+class _Stage(nn.Module):
+    """What one pretraining stage trains: its block(s) and projection head."""
+
+    def __init__(self, blocks: nn.Sequential, head: ProjectionHead) -> None:
+        super().__init__()
+        self.blocks, self.head = blocks, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
 class LayerwisePretrainer:
     """Trains blocks 1..K of a :class:`LayerwiseNet` without labels and checkpoints each one.
 
     Greedy mode: for k = 1..K, blocks < k are frozen (eval mode, no gradients), block k and a new
     projection head k train on patches of block k's receptive field, then ``layerK.pt`` is saved.
     End-to-end mode: the same loop once, all K blocks trainable on the full receptive field.
-    A run directory that already holds finished layers continues after the last one.
+    Running again into the same directory continues after the last finished layer, and inside the
+    layer in progress from its last saved step (``state.pt``), bit for bit as if never stopped.
+    Under ``torchrun`` the run is data-parallel (DDP): every rank draws the same global batch of
+    patch positions and embeds its own slice; only rank 0 writes files.
 
     Example:
         >>> trainer = LayerwisePretrainer(PretrainConfig(steps_per_layer=10), "runs/demo")  # doctest: +SKIP
@@ -106,9 +140,13 @@ class LayerwisePretrainer:
     def __init__(self, config: PretrainConfig, out_dir: str | Path, device: str = "auto",
                  progress: bool | None = None, tensorboard: bool = True) -> None:
         self.config, self.out_dir = config, Path(out_dir)
-        self.device = resolve_device(device)
+        self.device = distributed.init_distributed(resolve_device(device))
+        if config.batch_size % distributed.world_size():
+            raise ConfigError(f"batch_size {config.batch_size} must divide evenly over "
+                              f"{distributed.world_size()} processes")
         self.progress, self.tensorboard = progress, tensorboard
-        self.loss_fn = build_loss(config.loss).to(self.device)
+        self.loss_fn = build_loss(config.loss, gather_distributed=distributed.world_size() > 1).to(self.device)
+        self._stop_signal: int | None = None
 
     def fit(self, images: torch.Tensor) -> LayerwiseNet:
         """Pretrain on uint8 images N x C x H x W; returns the network with its trained blocks."""
@@ -118,14 +156,20 @@ class LayerwisePretrainer:
         if images.shape[1] != cfg.arch.in_channels:
             raise ConfigError(f"images have {images.shape[1]} channels but arch.in_channels is "
                               f"{cfg.arch.in_channels}: set arch.in_channels to match")
+        torch.manual_seed(cfg.seed)
         net = LayerwiseNet(cfg.arch)
         net.set_normalization(images)
+        with torch.no_grad():
+            for block in net.blocks:
+                block.conv.weight.mul_(cfg.init_scale)
         done = self._resume(net)
         net = net.to(self.device, memory_format=torch.channels_last)
         images = images.to(self.device)
         stages = range(done + 1, cfg.arch.num_blocks + 1) if cfg.mode == "greedy" else (
             [cfg.arch.num_blocks] if done < cfg.arch.num_blocks else [])
-        with RunLogger(self.out_dir, self.tensorboard) as logger:
+        logger = RunLogger(self.out_dir, self.tensorboard and distributed.is_main_process(),
+                           write=distributed.is_main_process())
+        with logger, _catch_signals(self):
             for k in stages:
                 self._train_layer(net, k, images, logger)
         return net.cpu()
@@ -149,45 +193,86 @@ class LayerwisePretrainer:
         if side < 1:
             raise ConfigError(f"{patch}x{patch} patches are smaller than block {k}'s receptive field "
                               f"{net.receptive_field(k)}: raise patch_sizes")
-        head = ProjectionHead(net.out_channels(k) * side * side, cfg.embed_dim, cfg.head_hidden).to(device)
         greedy = cfg.mode == "greedy"
-        frozen = net.blocks[: k - 1] if greedy else net.blocks[:0]
-        trainable = net.blocks[k - 1: k] if greedy else net.blocks[:k]
-        set_trainable(frozen, False)
-        set_trainable(trainable, True)
-        params = [*trainable.parameters(), *head.parameters()]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        prefix = k - 1 if greedy else 0
+        set_trainable(net.blocks[:prefix], False)
+        stage = _Stage(net.blocks[prefix:k], ProjectionHead(net.out_channels(k) * side * side, cfg.embed_dim,
+                                                             cfg.head_hidden).to(device))
+        set_trainable(stage, True)
+        optimizer = torch.optim.AdamW(stage.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = cfg.steps(len(images))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup_fraction))
         sampler = PatchSampler(patch, per_layer(cfg.positives, k), cfg.max_shift,
                                seed=cfg.seed * 1000 + k, device=device)
         augment = build_augmentation(cfg.augment, patch, cfg.arch.in_channels).to(device)
         torch.manual_seed(cfg.seed * 1000 + k)
+        first = self._load_state(k, net, stage, optimizer, scheduler, sampler)
+        model = nn.parallel.DistributedDataParallel(stage) if distributed.world_size() > 1 else stage
         views = 3 if self.loss_fn.uses_negatives else 2
-        bar = tqdm(range(steps), desc=f"layer {k}", disable=None if self.progress is None else not self.progress)
+        save_every = cfg.save_every or cfg.epoch_steps(len(images))
+        bar = tqdm(range(first, steps), desc=f"layer {k}", initial=first, total=steps,
+                   disable=not distributed.is_main_process() or (None if self.progress is None else not self.progress))
         start = time.perf_counter()
         for step in bar:
-            triplets = sampler(images, cfg.batch_size)
+            where = [PatchIndex(*map(distributed.shard, w))
+                     for w in sampler.sample_indices(images.shape, cfg.batch_size, device)[:views]]
             with torch.no_grad():
-                x = augment(to_float(torch.cat(triplets[:views]))).contiguous(memory_format=torch.channels_last)
-                if greedy and k > 1:
-                    x = net(x, k - 1)
+                x = augment(to_float(torch.cat([crop(images, w, patch) for w in where])))
+                x = net(x.contiguous(memory_format=torch.channels_last), prefix) if prefix else net.normalize(x)
             with autocast(device):
-                features = trainable(x if greedy and k > 1 else net.normalize(x))
-                embeddings = head(features).float().chunk(views)
+                embeddings = model(x).float().chunk(views)
                 loss = self.loss_fn(*embeddings)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-                self._log(logger, k, step, loss, embeddings, scheduler.get_last_lr()[0], start, bar)
-        self._save_layer(net, head, k, steps, time.perf_counter() - start, float(loss))
-        if k == 1:
+                self._log(logger, k, step, loss, embeddings, scheduler.get_last_lr()[0],
+                          (step + 1 - first) * views * cfg.batch_size / (time.perf_counter() - start), bar)
+            if self._stop_signal is not None or ((step + 1) % save_every == 0 and step + 1 < steps):
+                self._save_state(k, step + 1, net, stage, optimizer, scheduler, sampler)
+                if self._stop_signal is not None:
+                    raise Interrupted(f"stopped by signal {self._stop_signal} in layer {k} at step {step + 1}; "
+                                      "run the same command again to continue")
+        self._save_layer(net, stage.head, k, steps, time.perf_counter() - start, loss.item())
+        if k == 1 and distributed.is_main_process():
             self._save_filters(net, logger)
 
+    def _load_state(self, k: int, net: LayerwiseNet, stage: _Stage, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler) -> int:
+        """Restore the layer in progress from ``state.pt``; returns the step to continue from."""
+        path = self.out_dir / "state.pt"
+        if not path.exists():
+            return 0
+        state = load_checkpoint(path, TRAIN_STATE)
+        if state["layer"] != k or state["config"] != to_dict(self.config):
+            raise CheckpointError(f"{path} belongs to another layer or config: delete it to restart layer {k}")
+        net.load_state_dict(state["backbone"])
+        stage.head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.generator.set_state(state["sampler_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        return state["step"]
+
+    def _save_state(self, k: int, step: int, net: LayerwiseNet, stage: _Stage, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler) -> None:
+        if distributed.is_main_process():
+            state = {
+                "kind": TRAIN_STATE, "layer": k, "step": step, "config": to_dict(self.config),
+                "backbone": _cpu(net.state_dict()), "head": _cpu(stage.head.state_dict()),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "sampler_rng": sampler.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            }
+            if self.device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+            save_checkpoint(state, self.out_dir / "state.pt")
+        distributed.barrier()
+
     def _log(self, logger: RunLogger, k: int, step: int, loss: torch.Tensor,
-             embeddings: tuple[torch.Tensor, ...], lr: float, start: float, bar: tqdm) -> None:
+             embeddings: tuple[torch.Tensor, ...], lr: float, patches_per_s: float, bar: tqdm) -> None:
         from lightly.utils.debug import std_of_l2_normalized
 
         value = loss.item()
@@ -196,29 +281,27 @@ class LayerwisePretrainer:
                                    f"kept in {self.out_dir}: lower --lr and run the same command again")
         anchor, positive = embeddings[0].detach(), embeddings[1].detach()
         row = {
-            "layer": k, "layer_step": step + 1, "loss": value,
-            "lr": lr,
+            "layer": k, "layer_step": step + 1, "loss": value, "lr": lr,
             "pos_cos": float(F.cosine_similarity(anchor, positive).mean()),
             "embedding_std": float(std_of_l2_normalized(anchor)),
-            "patches_per_s": (step + 1) * self.config.batch_size / (time.perf_counter() - start),
+            "patches_per_s": patches_per_s,
         }
         if len(embeddings) == 3:
             row["neg_cos"] = float(F.cosine_similarity(anchor, embeddings[2].detach()).mean())
-        logger.log(self._global_step(k, step), row, prefix=f"layer{k}/")
+        logger.log((k - 1) * 1_000_000 + step + 1, row, prefix=f"layer{k}/")
         bar.set_postfix(loss=f"{value:.4f}")
 
-    def _global_step(self, k: int, step: int) -> int:
-        return (k - 1) * 1_000_000 + step + 1
-
-    def _save_layer(self, net: LayerwiseNet, head: torch.nn.Module, k: int, steps: int,
+    def _save_layer(self, net: LayerwiseNet, head: nn.Module, k: int, steps: int,
                     seconds: float, loss: float) -> None:
-        save_checkpoint({
-            "kind": BACKBONE, "arch": to_dict(self.config.arch), "trained_blocks": k,
-            "mode": self.config.mode, "config": to_dict(self.config),
-            "backbone": {n: t.cpu() for n, t in net.state_dict().items()},
-            "head": {n: t.cpu() for n, t in head.state_dict().items()},
-            "metrics": {"steps": steps, "seconds": seconds, "final_loss": loss},
-        }, self.out_dir / f"layer{k}.pt")
+        if distributed.is_main_process():
+            save_checkpoint({
+                "kind": BACKBONE, "arch": to_dict(self.config.arch), "trained_blocks": k,
+                "mode": self.config.mode, "config": to_dict(self.config),
+                "backbone": _cpu(net.state_dict()), "head": _cpu(head.state_dict()),
+                "metrics": {"steps": steps, "seconds": seconds, "final_loss": loss},
+            }, self.out_dir / f"layer{k}.pt")
+            (self.out_dir / "state.pt").unlink(missing_ok=True)
+        distributed.barrier()
 
     def _save_filters(self, net: LayerwiseNet, logger: RunLogger) -> None:
         from .visualize import filter_grid, save_filter_grid
@@ -227,3 +310,23 @@ class LayerwisePretrainer:
         logger.image("filters/layer1", filter_grid(weight))
         save_filter_grid(weight, self.out_dir / "filters_layer1.png", "block-1 filters (layer-wise, unsupervised)")
 
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().cpu() for name, tensor in state.items()}
+
+
+@contextlib.contextmanager
+def _catch_signals(trainer: LayerwisePretrainer):
+    """While training, SIGINT / SIGTERM ask the loop to save its state and stop after the step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum: int, frame: object) -> None:
+        trainer._stop_signal = signum
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -34,13 +34,16 @@ def prepare_run_dir(out: str | Path, config: dict[str, Any], force: bool = False
 
 
 class RunLogger:
-    """Appends metric rows to ``metrics.jsonl`` and mirrors them to TensorBoard under ``tb/``."""
+    """Appends metric rows to ``metrics.jsonl`` and mirrors them to TensorBoard under ``tb/``.
+    ``write=False`` (the non-zero ranks of a distributed run) makes every call a no-op."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, write: bool = True) -> None:
         self.run_dir = Path(run_dir)
+        self.metrics, self.writer = None, None
+        if not write:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = (self.run_dir / "metrics.jsonl").open("a")
-        self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -48,6 +51,8 @@ class RunLogger:
 
     def log(self, step: int, values: dict[str, Any], prefix: str = "") -> None:
         """One metrics row ``{step, **values}``; numeric values also go to TensorBoard."""
+        if self.metrics is None:
+            return
         row = {"step": step, **values}
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
@@ -62,7 +67,8 @@ class RunLogger:
             self.writer.add_image(tag, image, step)
 
     def close(self) -> None:
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.writer is not None:
             self.writer.close()
 
