@@ -64,6 +64,17 @@ def load_checkpoint(path: str | Path, kind: str, map_location: str | torch.devic
     return payload
 
 
+def save_backbone(path: str | Path, net, mode: str, trained_blocks: int | None = None, **extra: Any) -> None:
+    """Save a :class:`~contrastive_lw.model.LayerwiseNet` of which the first ``trained_blocks``
+    (default: all) are trained, with how (``greedy``, ``end2end``, ``supervised``) and ``extra`` entries."""
+    from .config import to_dict
+
+    save_checkpoint({"kind": BACKBONE, "arch": to_dict(net.arch),
+                     "trained_blocks": trained_blocks or net.num_blocks,
+                     "mode": mode, "backbone": {n: t.detach().cpu() for n, t in net.state_dict().items()},
+                     **extra}, path)
+
+
 def layer_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     """The finished-layer checkpoints ``layerK.pt`` of a run directory, by K."""
     found = {}

@@ -167,3 +167,41 @@ def set_trainable(module: nn.Module, trainable: bool) -> None:
     module.train(trainable)
     for p in module.parameters():
         p.requires_grad_(trainable)
+
+
+class Classifier(nn.Module):
+    """A transferred backbone (blocks 1..k) -> new conv blocks -> fc -> fc: the paper's downstream net.
+
+    New blocks are conv 3x3 (padding 1) -> BatchNorm -> ReLU -> max-pool 2x2 (no pooling once the
+    map is 1x1), so they fit above any backbone; ``hidden=0`` drops the middle fc layer.
+
+    Example:
+        >>> clf = Classifier(LayerwiseNet().prefix(1), num_classes=10, new_widths=(512,), hidden=512)
+        >>> clf(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, backbone: LayerwiseNet, num_classes: int, new_widths: tuple[int, ...] = (512,),
+                 hidden: int = 512, image_size: int = 32) -> None:
+        super().__init__()
+        self.backbone = backbone
+        side = backbone.output_size(image_size)
+        if side < 1:
+            raise ConfigError(f"{image_size}x{image_size} images are smaller than the backbone's "
+                              f"receptive field {backbone.receptive_field()}: transfer fewer layers")
+        channels, layers = backbone.out_channels(), []
+        for width in new_widths:
+            pool = 2 if side >= 2 else 1
+            layers.append(nn.Sequential(nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                        nn.ReLU(inplace=True), nn.MaxPool2d(pool)))
+            channels, side = width, side // pool
+        self.new_blocks = nn.Sequential(*layers)
+        fc: list[nn.Module] = [nn.Flatten()]
+        features = channels * side * side
+        if hidden:
+            fc += [nn.Linear(features, hidden), nn.ReLU(inplace=True)]
+            features = hidden
+        self.fc = nn.Sequential(*fc, nn.Linear(features, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.new_blocks(self.backbone(x)))

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .augment import AugmentConfig, build_augmentation, to_float
-from .checkpoint import BACKBONE, layer_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import BACKBONE, layer_checkpoints, load_checkpoint, save_backbone, save_checkpoint
 from .config import from_dict, per_layer, to_dict
 from .device import autocast, resolve_device
 from .errors import CheckpointError, ConfigError, TrainingDiverged
@@ -294,12 +294,9 @@ class LayerwisePretrainer:
     def _save_layer(self, net: LayerwiseNet, head: nn.Module, k: int, steps: int,
                     seconds: float, loss: float) -> None:
         if distributed.is_main_process():
-            save_checkpoint({
-                "kind": BACKBONE, "arch": to_dict(self.config.arch), "trained_blocks": k,
-                "mode": self.config.mode, "config": to_dict(self.config),
-                "backbone": _cpu(net.state_dict()), "head": _cpu(head.state_dict()),
-                "metrics": {"steps": steps, "seconds": seconds, "final_loss": loss},
-            }, self.out_dir / f"layer{k}.pt")
+            save_backbone(self.out_dir / f"layer{k}.pt", net, self.config.mode, trained_blocks=k,
+                          config=to_dict(self.config), head=_cpu(head.state_dict()),
+                          metrics={"steps": steps, "seconds": seconds, "final_loss": loss})
             (self.out_dir / "state.pt").unlink(missing_ok=True)
         distributed.barrier()
 

@@ -1,0 +1,202 @@
+"""Transfer the first k pretrained blocks into a classifier: frozen, fine-tuned or linearly probed."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import from_dict
+from .data import ImageData
+from .device import autocast, resolve_device
+from .errors import ConfigError
+from .evaluate import block_features
+from .model import Classifier, LayerwiseNet, set_trainable
+from .patches import PatchIndex, crop
+from .runs import RunLogger
+
+MODES = ("frozen", "finetune", "linear")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How a classifier is trained on top of ``layers`` transferred blocks.
+
+    * ``frozen``: transferred blocks fixed (eval mode), the new blocks and fc layers train;
+    * ``finetune``: everything trains; transferred blocks use ``lr * layer_lr_ratio`` and an
+      L2-SP penalty ``l2sp/2 * ||w - w_pretrained||^2``;
+    * ``linear``: a linear classifier on the transferred blocks' features average-pooled to
+      ``pool`` x ``pool`` (of every transferred block, concatenated, when ``all_blocks``), which are
+      computed once and cached.
+    Training: Adam, batches of random pad-4 crops + horizontal flips (``augment``).
+    """
+
+    mode: str = "finetune"
+    layers: int = 1
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    layer_lr_ratio: float = 1.0
+    l2sp: float = 0.0
+    new_widths: tuple[int, ...] = (512,)
+    hidden: int = 512
+    pool: int = 4
+    all_blocks: bool = True
+    augment: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"transfer mode must be one of {list(MODES)}, got {self.mode!r}")
+        for name in ("layers", "epochs", "batch_size", "pool"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"transfer.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.lr <= 0 or self.layer_lr_ratio < 0 or self.l2sp < 0 or self.weight_decay < 0:
+            raise ConfigError("transfer.lr must be > 0; layer_lr_ratio, l2sp and weight_decay >= 0")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TransferConfig:
+        return from_dict(cls, values, "transfer config")
+
+
+@dataclass
+class TransferResult:
+    """Test accuracy after the last epoch, the per-epoch test curve, its best epoch, wall time."""
+
+    test_acc: float
+    curve: list[float]
+    best_epoch: int
+    seconds: float
+
+
+def transfer_backbone(source: LayerwiseNet, layers: int) -> LayerwiseNet:
+    """A trainable copy of the first ``layers`` blocks of ``source``."""
+    if not 1 <= layers <= source.num_blocks:
+        raise ConfigError(f"cannot transfer {layers} layers: the initialisation has {source.num_blocks} "
+                          "trained block(s); pretrain more layers or transfer fewer")
+    return copy.deepcopy(source.prefix(layers))
+
+
+def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, config: TransferConfig,
+                   device: str = "auto", logger: RunLogger | None = None) -> tuple[TransferResult, nn.Module]:
+    """Train a classifier on ``train`` from the first ``config.layers`` blocks of ``source``;
+    evaluate on ``test`` after every epoch. Returns the result and the trained model."""
+    device_ = resolve_device(device)
+    torch.manual_seed(config.seed)
+    backbone = transfer_backbone(source, config.layers).to(device_)
+    num_classes = len(train.class_names)
+    if config.mode == "linear":
+        return _train_linear(backbone, train, test, num_classes, config, device_, logger)
+    model = Classifier(backbone, num_classes, config.new_widths, config.hidden, train.images.shape[-1]).to(device_)
+    anchor = [p.detach().clone() for p in backbone.parameters()]
+    if config.mode == "frozen":
+        set_trainable(backbone, False)
+        groups = [{"params": [*model.new_blocks.parameters(), *model.fc.parameters()]}]
+    else:
+        groups = [{"params": list(backbone.parameters()), "lr": config.lr * config.layer_lr_ratio},
+                  {"params": [*model.new_blocks.parameters(), *model.fc.parameters()]}]
+    optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+    def penalty() -> torch.Tensor | float:
+        if config.mode != "finetune" or not config.l2sp:
+            return 0.0
+        return config.l2sp / 2 * sum((p - p0).pow(2).sum() for p, p0 in zip(backbone.parameters(), anchor))
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.no_grad(), autocast(device_):
+            predictions = torch.cat([model(x).argmax(1) for x, _ in _batches(test, 1024, device_, shuffle=False)])
+        return float((predictions.cpu() == test.labels).float().mean())
+
+    def train_epoch(epoch: int) -> None:
+        model.train()
+        if config.mode == "frozen":
+            backbone.eval()
+        for x, y in _batches(train, config.batch_size, device_, shuffle=True, augment=config.augment):
+            with autocast(device_):
+                loss = F.cross_entropy(model(x).float(), y) + penalty()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return _fit(train_epoch, evaluate, config.epochs, logger), model
+
+
+def _train_linear(backbone: LayerwiseNet, train: ImageData, test: ImageData, num_classes: int,
+                  config: TransferConfig, device: torch.device,
+                  logger: RunLogger | None) -> tuple[TransferResult, nn.Module]:
+    """Linear classifier on cached, standardised, pooled block features."""
+    blocks = list(range(1, config.layers + 1)) if config.all_blocks else config.layers
+    train_x = block_features(backbone, train.images, blocks, config.pool).to(device)
+    test_x = block_features(backbone, test.images, blocks, config.pool).to(device)
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    train_y, test_y = train.labels.to(device), test.labels.to(device)
+    linear = nn.Linear(train_x.shape[1], num_classes).to(device)
+    optimizer = torch.optim.Adam(linear.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    def train_epoch(epoch: int) -> None:
+        for index in torch.randperm(len(train_x), device=device).split(config.batch_size):
+            loss = F.cross_entropy(linear(train_x[index]), train_y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return float((linear(test_x).argmax(1) == test_y).float().mean())
+    return _fit(train_epoch, evaluate, config.epochs, logger), linear
+
+
+def _fit(train_epoch, evaluate, epochs: int, logger: RunLogger | None) -> TransferResult:
+    start, curve = time.perf_counter(), []
+    for epoch in range(epochs):
+        train_epoch(epoch)
+        curve.append(evaluate())
+        if logger is not None:
+            logger.log(epoch + 1, {"epoch": epoch + 1, "test_acc": curve[-1]}, prefix="transfer/")
+    return TransferResult(curve[-1], curve, int(torch.tensor(curve).argmax()) + 1, time.perf_counter() - start)
+
+
+def _batches(data: ImageData, batch_size: int, device: torch.device, shuffle: bool, augment: bool = False):
+    """(images, labels) batches on ``device``; with ``augment``, random pad-4 crops and flips."""
+    images, labels = data.images.to(device), data.labels.to(device)
+    order = torch.randperm(len(images), device=device) if shuffle else torch.arange(len(images), device=device)
+    for index in order.split(batch_size):
+        x = images[index]
+        if augment:
+            x = random_crop_flip(x)
+        yield x, labels[index]
+
+
+def random_crop_flip(images: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """Per-image random crops of the zero-padded batch, back to its size, and horizontal flips."""
+    n, _, height, width = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    top = torch.randint(0, 2 * padding + 1, (n,), device=images.device)
+    left = torch.randint(0, 2 * padding + 1, (n,), device=images.device)
+    cropped = crop(padded, PatchIndex(torch.arange(n, device=images.device), top, left), height)
+    flip = torch.rand(n, device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+
+
+def load_init(init: str | Path, target_images: torch.Tensor, arch=None) -> tuple[str, LayerwiseNet]:
+    """The starting network for ``init``: ``random`` (normalised on ``target_images``) or a run
+    directory / checkpoint (layer-wise, end-to-end or supervised). Returns (name, network)."""
+    from .checkpoint import BACKBONE, layer_checkpoints, load_backbone, load_checkpoint
+
+    if str(init).startswith("random"):
+        from .model import ArchConfig
+
+        net = LayerwiseNet(arch or ArchConfig())
+        net.set_normalization(target_images)
+        return "random", net
+    path = Path(init)
+    if path.is_dir() and layer_checkpoints(path):
+        path = layer_checkpoints(path)[max(layer_checkpoints(path))]
+    mode = load_checkpoint(path, BACKBONE).get("mode", "greedy")
+    return {"greedy": "layerwise"}.get(mode, mode), load_backbone(path)

@@ -1,0 +1,103 @@
+import dataclasses
+
+import pytest
+import torch
+
+from contrastive_lw import load_backbone
+from contrastive_lw.data import ImageData
+from contrastive_lw.errors import ConfigError
+from contrastive_lw.model import ArchConfig, LayerwiseNet
+from contrastive_lw.supervised import train_supervised
+from contrastive_lw.transfer import TransferConfig, load_init, random_crop_flip, train_transfer
+
+ARCH = ArchConfig(widths=(4, 6))
+
+
+@pytest.fixture
+def split(images):
+    labels = torch.arange(len(images)) % 2
+    # make the task learnable: class 1 images are brighter
+    x = images.clone()
+    x[labels == 1] = (x[labels == 1].int() // 2 + 128).to(torch.uint8)
+    return ImageData(x[:48], labels[:48], ["a", "b"]), ImageData(x[48:], labels[48:], ["a", "b"])
+
+
+def _source():
+    torch.manual_seed(0)
+    return LayerwiseNet(ARCH)
+
+
+def _config(**kw):
+    return TransferConfig(**{**dict(layers=1, epochs=2, batch_size=16, new_widths=(8,), hidden=16), **kw})
+
+
+def _one_step(mode, split, **kw):
+    """Train one epoch (one batch unless ``batch_size`` says otherwise); return (source, result, model)."""
+    train, test = split
+    source = _source()
+    result, model = train_transfer(source, train, test, _config(**{"mode": mode, "epochs": 1, "batch_size": 64, **kw}), "cpu")
+    return source, result, model
+
+
+def test_frozen_mode_trains_only_the_new_layers(split):
+    source, result, model = _one_step("frozen", split)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.fc.parameters())
+    assert torch.equal(model.backbone.blocks[0].conv.weight, source.blocks[0].conv.weight)
+    assert 0 <= result.test_acc <= 1 and len(result.curve) == 1
+
+
+def test_finetune_mode_trains_everything_and_leaves_the_source_alone(split):
+    source, _, model = _one_step("finetune", split)
+    before = _source().blocks[0].conv.weight
+    assert not torch.equal(model.backbone.blocks[0].conv.weight, before)
+    assert torch.equal(source.blocks[0].conv.weight, before)
+
+
+def test_l2sp_and_layer_lr_keep_finetuned_weights_closer(split):
+    drift = {}
+    for name, kw in {"plain": {}, "l2sp": {"l2sp": 100.0}, "lr0": {"layer_lr_ratio": 0.0}}.items():
+        source, _, model = _one_step("finetune", split, batch_size=8, **kw)
+        drift[name] = float((model.backbone.blocks[0].conv.weight - source.blocks[0].conv.weight).abs().sum().detach())
+    assert drift["lr0"] == 0.0
+    assert drift["l2sp"] < drift["plain"]
+
+
+def test_linear_mode_computes_features_once(split, monkeypatch):
+    from contrastive_lw import transfer
+
+    calls = []
+    real = transfer.block_features
+    monkeypatch.setattr(transfer, "block_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    train, test = split
+    result, linear = train_transfer(_source(), train, test, _config(mode="linear", layers=2, epochs=5), "cpu")
+    assert len(calls) == 2 and len(result.curve) == 5        # train + test features, once each
+    assert linear.in_features == 4 * 4 * 4 + 6 * 4 * 4   # blocks 1 and 2, each pooled to 4x4
+
+
+def test_linear_probe_learns_an_easy_task(split):
+    result, _ = train_transfer(_source(), *split, _config(mode="linear", epochs=30, lr=1e-2), "cpu")
+    assert result.test_acc > 0.8
+
+
+def test_transfer_more_layers_than_pretrained(split):
+    with pytest.raises(ConfigError, match="pretrain more layers or transfer fewer"):
+        train_transfer(_source().prefix(1), *split, _config(layers=2), "cpu")
+
+
+def test_random_crop_flip_keeps_shape_and_content():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    out = random_crop_flip(x, padding=2)
+    assert out.shape == x.shape
+    torch.manual_seed(0)
+    assert torch.equal(random_crop_flip(x, padding=0).sort(dim=3).values, x.sort(dim=3).values)
+
+
+def test_supervised_baseline_saves_a_loadable_backbone(tmp_path, split):
+    result = train_supervised(*split, ARCH, _config(epochs=1), tmp_path, "cpu", tensorboard=False)
+    assert 0 <= result.test_acc <= 1
+    net = load_backbone(tmp_path)
+    assert net.num_blocks == 2
+    name, loaded = load_init(tmp_path, split[0].images)
+    assert name == "supervised" and loaded.num_blocks == 2
+    assert load_init("random", split[0].images, ARCH)[0] == "random"
