@@ -9,7 +9,7 @@ import sys
 
 from .errors import UserError
 
-COMMANDS = ("pretrain",)
+COMMANDS = ("pretrain", "supervised", "transfer", "compare", "visualize")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
-"""Figures: first-layer filter grids."""
+"""Figures: first-layer filter grids, accuracy-vs-epoch curves, the comparison bar chart."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -23,19 +24,68 @@ def filter_grid(weight: torch.Tensor, padding: int = 1) -> torch.Tensor:
 
 def save_filter_grid(weight: torch.Tensor, path: str | Path, title: str = "") -> Path:
     """Save :func:`filter_grid` of ``weight`` as a PNG (nearest-neighbour upscaled, titled)."""
+    return save_filter_grids({title: weight}, path)
+
+
+def save_filter_grids(weights: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+    """Filter grids of several networks side by side, each titled by its key."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(weights), figsize=(6 * len(weights), 6.4), squeeze=False)
+    for ax, (title, weight) in zip(axes[0], weights.items()):
+        ax.imshow(filter_grid(weight).permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def save_curves(curves: Mapping[str, Sequence[float]], path: str | Path, title: str) -> Path:
+    """Test accuracy (%) against epoch, one line per entry."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), [100 * a for a in curve], marker="o", markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def save_bar_chart(groups: Mapping[str, Mapping[str, tuple[float, float]]], path: str | Path, title: str) -> Path:
+    """Grouped bars of mean accuracy (%) with std error bars: ``groups[x_label][series] = (mean, std)``."""
+    plt = _pyplot()
+    series = sorted({name for bars in groups.values() for name in bars})
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.3 * len(groups)), 4.5))
+    for i, name in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
+        values = [groups[g].get(name, (float("nan"), 0.0)) for g in groups]
+        ax.bar(xs, [100 * m for m, _ in values], width, yerr=[100 * s for _, s in values], capsize=3, label=name)
+    ax.set_xticks(range(len(groups)), list(groups), rotation=20, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    finite = [100 * m for bars in groups.values() for m, _ in bars.values() if m == m]
+    if finite:
+        ax.set_ylim(max(0, min(finite) - 10), min(100, max(finite) + 5))
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = filter_grid(weight).permute(1, 2, 0).numpy()
-    fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[0] / grid.shape[1] + 0.4))
-    ax.imshow(grid, interpolation="nearest")
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title)
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
     return path

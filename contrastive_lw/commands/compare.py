@@ -1,0 +1,41 @@
+"""``contrastive-lw compare``: the whole transfer study from one config, with report and figures."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "run the transfer study (inits x modes x layers x seeds) and write results.json, report.md, figures/"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="study directory (re-running resumes it)")
+    parser.add_argument("--config", default=None,
+                        help="study YAML (default: the CPU-sized quick study on the bundled sample, "
+                             "experiments/configs/quick.yaml)")
+    parser.add_argument("--data-root", default=None, help="overrides data_root of the config")
+    parser.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
+    parser.add_argument("--no-pool1", action="store_true", help="block 1 without max-pool (pooling ablation)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--force", action="store_true", help="continue in --out even if its config differs")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..config import load_yaml, to_dict
+    from ..runs import prepare_run_dir
+    from ..study import Study, StudyConfig, summarize
+
+    config = StudyConfig.from_dict(load_yaml(args.config) if args.config else {})
+    if args.data_root:
+        config = dataclasses.replace(config, data_root=args.data_root)
+    if args.no_pool1:
+        arch = config.pretrain.arch
+        arch = dataclasses.replace(arch, pools=(1, *(arch.pools[1:] or arch.pools)))
+        config = dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, arch=arch))
+    out = prepare_run_dir(args.out, {"study": to_dict(config)}, args.force)
+    records = Study(config, out, args.device, False if args.no_progress else None, args.download).run()
+    for (init, mode, k), (mean, std, n) in summarize(records).items():
+        print(f"{init:>10} {mode:>8} k={k}: {100 * mean:5.1f} ± {100 * std:.1f} % ({n} seeds)")
+    print(f"report: {out / 'report.md'}")
+    return 0

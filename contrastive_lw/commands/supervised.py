@@ -1,0 +1,39 @@
+"""``contrastive-lw supervised``: the supervised baseline, trained with labels on the source data."""
+from __future__ import annotations
+
+import argparse
+
+from .common import add_data_arguments, add_run_arguments, data_settings, parse_int_list
+
+HELP = "train the same network with labels (the supervised initialisation for transfer)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_data_arguments(parser, default="cifar100")
+    add_run_arguments(parser, "run directory; its layerK.pt is a --init for transfer")
+    group = parser.add_argument_group("training")
+    group.add_argument("--widths", type=parse_int_list, help="filters per block (default 64,128,256)")
+    group.add_argument("--epochs", type=int, default=10)
+    group.add_argument("--batch-size", type=int, default=128)
+    group.add_argument("--lr", type=float, default=1e-3)
+    group.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import to_dict
+    from ..data import load_dataset
+    from ..model import ArchConfig
+    from ..runs import prepare_run_dir
+    from ..supervised import train_supervised
+    from ..transfer import TransferConfig
+
+    data = data_settings(args, None, default="cifar100")
+    arch = ArchConfig(widths=tuple(args.widths)) if args.widths else ArchConfig()
+    config = TransferConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            new_widths=(), hidden=0)
+    train, test = (load_dataset(data["dataset"], split, data["data_root"], data["classes"], data["limit"],
+                                data["download"]) for split in ("train", "test"))
+    out = prepare_run_dir(args.out, {"data": data, "arch": to_dict(arch), "supervised": to_dict(config)}, args.force)
+    result = train_supervised(train, test, arch, config, out, args.device)
+    print(f"supervised: source test accuracy {100 * result.test_acc:.2f}% -> {out}")
+    return 0

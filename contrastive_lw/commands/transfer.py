@@ -1,0 +1,61 @@
+"""``contrastive-lw transfer``: train a classifier on the first k blocks of an initialisation."""
+from __future__ import annotations
+
+import argparse
+
+from .common import add_data_arguments, add_run_arguments, data_settings
+
+HELP = "transfer the first k pretrained blocks into a classifier (frozen, finetune or linear)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--init", required=True,
+                        help="run directory or layerK.pt (layer-wise, end-to-end or supervised), or 'random'")
+    add_data_arguments(parser, default="cifar10")
+    add_run_arguments(parser, "output directory: config.yaml, metrics.jsonl, tb/, results.json")
+    group = parser.add_argument_group("transfer (flags override --config)")
+    group.add_argument("--layers", type=int, help="number of blocks transferred (k)")
+    group.add_argument("--mode", choices=("frozen", "finetune", "linear"))
+    group.add_argument("--epochs", type=int)
+    group.add_argument("--batch-size", type=int)
+    group.add_argument("--lr", type=float)
+    group.add_argument("--layer-lr-ratio", type=float, help="finetune: lr of transferred blocks = lr x this")
+    group.add_argument("--l2sp", type=float, help="finetune: L2-SP strength towards the transferred weights")
+    group.add_argument("--pool", type=int, help="linear: pool each block's map to this side")
+    group.add_argument("--seed", type=int)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from ..config import load_yaml, to_dict
+    from ..data import load_dataset
+    from ..errors import ConfigError
+    from ..runs import RunLogger, prepare_run_dir
+    from ..transfer import TransferConfig, load_init, train_transfer
+
+    file_config = load_yaml(args.config) if args.config else {}
+    unknown = sorted(set(file_config) - {"data", "transfer"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown} in {args.config}; valid: ['data', 'transfer']")
+    data = data_settings(args, file_config.get("data"), default="cifar10")
+    flags = {"layers": args.layers, "mode": args.mode, "epochs": args.epochs, "batch_size": args.batch_size,
+             "lr": args.lr, "layer_lr_ratio": args.layer_lr_ratio, "l2sp": args.l2sp, "pool": args.pool,
+             "seed": args.seed}
+    values = {**file_config.get("transfer", {}), **{k: v for k, v in flags.items() if v is not None}}
+    config = TransferConfig.from_dict(values)
+    train, test = (load_dataset(data["dataset"], split, data["data_root"], data["classes"], data["limit"],
+                                data["download"]) for split in ("train", "test"))
+    if train.labels is None or test.labels is None:
+        raise ConfigError(f"transfer needs labelled data; {data['dataset']} has no labels")
+    init, net = load_init(args.init, train.images)
+    out = prepare_run_dir(args.out, {"init": str(args.init), "data": data, "transfer": to_dict(config)}, args.force)
+    with RunLogger(out) as logger:
+        result, _ = train_transfer(net, train, test, config, args.device, logger)
+    record = {"init": init, "mode": config.mode, "layers": config.layers, "seed": config.seed,
+              **dataclasses.asdict(result)}
+    (out / "results.json").write_text(json.dumps({"records": [record]}, indent=1))
+    print(f"{init} init, {config.mode}, {config.layers} layer(s): test accuracy {100 * result.test_acc:.2f}% "
+          f"(best epoch {result.best_epoch}) in {result.seconds:.0f} s -> {out}")
+    return 0

@@ -1,0 +1,211 @@
+"""The transfer study behind ``contrastive-lw compare``: pretrain / train every initialisation on
+the source data, transfer each to the target task in every mode and depth, over several seeds,
+and write ``results.json``, ``report.md`` and ``figures/``."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import from_dict, to_dict
+from .data import ImageData, load_dataset
+from .errors import ConfigError
+from .losses import LossConfig
+from .model import ArchConfig, LayerwiseNet
+from .pretrain import LayerwisePretrainer, PretrainConfig
+from .runs import RunLogger
+from .supervised import train_supervised
+from .transfer import MODES, TransferConfig, load_init, train_transfer
+
+INITS = ("layerwise", "end2end", "supervised", "random")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """One labelled dataset: ``load_dataset(dataset, split, data_root, classes, limit)``."""
+
+    dataset: str = "sample"
+    classes: str | None = None
+    limit: int | None = None
+
+    def load(self, split: str, data_root: str | None, download: bool = False) -> ImageData:
+        return load_dataset(self.dataset, split, data_root, self.classes, self.limit, download)
+
+
+def _quick_pretrain() -> PretrainConfig:
+    return PretrainConfig(arch=ArchConfig(widths=(64, 128)), loss=LossConfig(name="infonce"), lr=0.003,
+                          steps_per_layer=400)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The grid: ``inits`` x ``modes`` x ``layers`` (blocks transferred) x ``seeds``.
+
+    The defaults are the CPU-sized quick study (``experiments/configs/quick.yaml`` spells them
+    out): the class-split protocol on the bundled sample, source = CIFAR-10 classes 0-4 standing
+    in for CIFAR-100, target = classes 5-9 for CIFAR-10."""
+
+    source: DataSpec = field(default_factory=lambda: DataSpec(classes="0-4"))
+    target: DataSpec = field(default_factory=lambda: DataSpec(classes="5-9"))
+    data_root: str | None = None
+    pretrain: PretrainConfig = field(default_factory=_quick_pretrain)
+    supervised: TransferConfig = field(default_factory=lambda: TransferConfig(epochs=10, new_widths=(), hidden=0))
+    transfer: TransferConfig = field(default_factory=lambda: TransferConfig(epochs=4, new_widths=(64,), hidden=128))
+    inits: tuple[str, ...] = ("layerwise", "supervised", "random")
+    modes: tuple[str, ...] = ("frozen", "finetune", "linear")
+    layers: tuple[int, ...] = (1, 2)
+    seeds: tuple[int, ...] = (0, 1)
+
+    def __post_init__(self) -> None:
+        bad = [i for i in self.inits if i not in INITS] + [m for m in self.modes if m not in MODES]
+        if bad or not (self.inits and self.modes and self.layers and self.seeds):
+            raise ConfigError(f"study needs inits among {list(INITS)}, modes among {list(MODES)}, "
+                              f"layers and seeds; got {bad or 'an empty list'}")
+        if max(self.layers) > self.pretrain.arch.num_blocks or min(self.layers) < 1:
+            raise ConfigError(f"layers {list(self.layers)} must lie in 1..{self.pretrain.arch.num_blocks} "
+                              "(the pretrained blocks)")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> StudyConfig:
+        return from_dict(cls, values, "study config")
+
+
+class Study:
+    """Runs (and resumes) a :class:`StudyConfig` in ``out_dir``: finished records in
+    ``results.json`` and finished pretraining runs are reused when run again."""
+
+    def __init__(self, config: StudyConfig, out_dir: str | Path, device: str = "auto",
+                 progress: bool | None = None, download: bool = False) -> None:
+        self.config, self.out_dir = config, Path(out_dir)
+        self.device, self.progress, self.download = device, progress, download
+
+    def run(self) -> list[dict]:
+        cfg = self.config
+        source = cfg.source.load("train", cfg.data_root, self.download)
+        source_test = cfg.source.load("test", cfg.data_root, self.download)
+        target = cfg.target.load("train", cfg.data_root, self.download)
+        target_test = cfg.target.load("test", cfg.data_root, self.download)
+        records = self.load_records()
+        done = {_key(r) for r in records}
+        self.setup = {"source_train": len(source), "source_test": len(source_test), "target_train": len(target),
+                      "target_test": len(target_test), "classes": target.class_names}
+        grid = [(s, i, m, k) for s in cfg.seeds for i in cfg.inits for m in cfg.modes for k in cfg.layers]
+        for seed, init, mode, k in tqdm(grid, desc="study", disable=None if self.progress is None else not self.progress):
+            if (init, mode, k, seed) in done:
+                continue
+            net = self._init(init, seed, source, source_test, target)
+            transfer = dataclasses.replace(cfg.transfer, mode=mode, layers=k, seed=seed)
+            with RunLogger(self.out_dir / f"seed{seed}" / "transfer" / f"{init}-{mode}-k{k}") as logger:
+                result, _ = train_transfer(net, target, target_test, transfer, self.device, logger)
+            records.append({"init": init, "mode": mode, "layers": k, "seed": seed, **dataclasses.asdict(result)})
+            self._write(records)
+        write_report(self.out_dir, records, self.setup_text())
+        return records
+
+    def _init(self, init: str, seed: int, source: ImageData, source_test: ImageData,
+              target: ImageData) -> LayerwiseNet:
+        """The network ``init`` starts from for ``seed``, trained once and kept on disk."""
+        cfg, run_dir = self.config, self.out_dir / f"seed{seed}" / init
+        if init == "random":
+            torch.manual_seed(seed)
+            return load_init("random", target.images, cfg.pretrain.arch)[1]
+        if not any(run_dir.glob("layer*.pt")):
+            if init == "supervised":
+                train_supervised(source, source_test, cfg.pretrain.arch, dataclasses.replace(cfg.supervised, seed=seed),
+                                 run_dir, self.device)
+            else:
+                mode = "greedy" if init == "layerwise" else "end2end"
+                pretrain = dataclasses.replace(cfg.pretrain, mode=mode, seed=seed)
+                LayerwisePretrainer(pretrain, run_dir, self.device, self.progress).fit(source.images)
+        return load_init(run_dir, target.images)[1]
+
+    def load_records(self) -> list[dict]:
+        path = self.out_dir / "results.json"
+        return json.loads(path.read_text())["records"] if path.exists() else []
+
+    def _write(self, records: list[dict]) -> None:
+        path = self.out_dir / "results.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"config": to_dict(self.config), "setup": self.setup, "records": records}, indent=1))
+        tmp.replace(path)
+
+    def setup_text(self) -> str:
+        cfg, setup = self.config, self.setup
+        widths = ", ".join(map(str, cfg.pretrain.arch.widths))
+        return (f"source (pretraining, supervised baseline): `{cfg.source.dataset}` classes {cfg.source.classes or 'all'}, "
+                f"{setup['source_train']} train images; target: `{cfg.target.dataset}` classes "
+                f"{cfg.target.classes or 'all'} ({', '.join(setup['classes'])}), {setup['target_train']} train / "
+                f"{setup['target_test']} test images. Block widths {widths}; pretraining "
+                f"{cfg.pretrain.loss.name} loss, {cfg.pretrain.steps(setup['source_train'])} steps per layer of "
+                f"batch {cfg.pretrain.batch_size}; supervised baseline {cfg.supervised.epochs} epochs; transfer "
+                f"{cfg.transfer.epochs} epochs, Adam lr {cfg.transfer.lr}, new blocks {list(cfg.transfer.new_widths)}, "
+                f"fc {cfg.transfer.hidden}; seeds {list(cfg.seeds)}.")
+
+
+def _key(record: dict) -> tuple:
+    return record["init"], record["mode"], record["layers"], record["seed"]
+
+
+def summarize(records: list[dict]) -> dict[tuple[str, str, int], tuple[float, float, int]]:
+    """(init, mode, layers) -> (mean test accuracy, std over seeds, number of seeds)."""
+    groups: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    for r in records:
+        groups[r["init"], r["mode"], r["layers"]].append(r["test_acc"])
+    return {key: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v))
+            for key, v in sorted(groups.items())}
+
+
+def write_report(out_dir: str | Path, records: list[dict], setup: str = "") -> Path:
+    """``report.md`` (table of mean ± std over seeds, setup, figures) and ``figures/`` from records."""
+    out_dir = Path(out_dir)
+    figures = write_figures(out_dir, records)
+    summary = summarize(records)
+    lines = ["# Transfer study", "", setup, "",
+             "| init | mode | layers | test accuracy (%) | seeds | minutes per run |", "|---|---|---|---|---|---|"]
+    minutes = defaultdict(list)
+    for r in records:
+        minutes[r["init"], r["mode"], r["layers"]].append(r["seconds"] / 60)
+    for (init, mode, k), (mean, std, n) in summary.items():
+        lines.append(f"| {init} | {mode} | {k} | {100 * mean:.1f} ± {100 * std:.1f} | {n} | "
+                     f"{statistics.mean(minutes[init, mode, k]):.1f} |")
+    lines += ["", *[f"![{p.stem}](figures/{p.name})" for p in figures], ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_figures(out_dir: Path, records: list[dict]) -> list[Path]:
+    """Filter grids (unsupervised vs supervised), fine-tuning curves, the bar chart of the grid."""
+    from .checkpoint import load_backbone
+    from .visualize import save_bar_chart, save_curves, save_filter_grids
+
+    figures = out_dir / "figures"
+    written = []
+    seed = min((r["seed"] for r in records), default=0)
+    grids = {f"{init} block 1": load_backbone(out_dir / f"seed{seed}" / init).blocks[0].conv.weight
+             for init in ("layerwise", "end2end", "supervised") if any((out_dir / f"seed{seed}" / init).glob("layer*.pt"))}
+    if grids:
+        written.append(save_filter_grids(grids, figures / "filters.png"))
+    finetune = [r for r in records if r["mode"] == "finetune"]
+    if finetune:
+        k = min(r["layers"] for r in finetune)
+        curves = defaultdict(list)
+        for r in finetune:
+            if r["layers"] == k:
+                curves[r["init"]].append(r["curve"])
+        mean_curves = {f"{init} init": [statistics.mean(c) for c in zip(*cs)] for init, cs in curves.items()}
+        written.append(save_curves(mean_curves, figures / "finetune_curves.png",
+                                   f"fine-tuning {k} transferred block(s): test accuracy (mean over seeds)"))
+    groups: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
+    for (init, mode, k), (mean, std, _) in summarize(records).items():
+        groups[f"{mode}, {k} layer{'s' * (k > 1)}"][init] = (mean, std)
+    if groups:
+        written.append(save_bar_chart(groups, figures / "comparison.png", "target test accuracy by init, mode, depth"))
+    return written

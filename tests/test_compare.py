@@ -1,0 +1,64 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from contrastive_lw.cli import main
+from contrastive_lw.config import load_yaml
+from contrastive_lw.errors import ConfigError
+from contrastive_lw.study import StudyConfig
+
+CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+
+TINY = """
+source: {dataset: sample, classes: "0-1", limit: 24}
+target: {dataset: sample, classes: "2-3", limit: 24}
+pretrain: {arch: {widths: [4, 6]}, steps_per_layer: 2, batch_size: 16}
+supervised: {epochs: 1, new_widths: [], hidden: 0, batch_size: 16}
+transfer: {epochs: 2, new_widths: [8], hidden: 16, batch_size: 16}
+inits: [layerwise, supervised, random]
+modes: [frozen, finetune, linear]
+layers: [1, 2]
+seeds: [0, 1]
+"""
+
+
+def test_compare_writes_results_report_and_figures(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    out = tmp_path / "study"
+    assert main(["compare", "--config", str(tmp_path / "tiny.yaml"), "--out", str(out), "--no-progress"]) == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert len(records) == 3 * 3 * 2 * 2
+    assert all({"init", "mode", "layers", "seed", "test_acc", "best_epoch", "curve", "seconds"} <= set(r) for r in records)
+    assert all(len(r["curve"]) == 2 for r in records)
+    report = (out / "report.md").read_text()
+    assert "| layerwise | finetune | 2 |" in report and "± " in report
+    for figure in ("filters.png", "finetune_curves.png", "comparison.png"):
+        assert (out / "figures" / figure).stat().st_size > 1000 and f"figures/{figure}" in report
+    assert any((out / "seed0" / "transfer" / "layerwise-frozen-k1" / "tb").iterdir())
+    # a second run resumes: nothing is retrained, the figures are redrawn from saved runs
+    assert main(["compare", "--config", str(tmp_path / "tiny.yaml"), "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "results.json").read_text())["records"] == records
+    (out / "figures" / "comparison.png").unlink()
+    assert main(["visualize", str(out)]) == 0
+    assert (out / "figures" / "comparison.png").is_file()
+
+
+def test_shipped_configs_are_valid_and_quick_is_the_default():
+    assert StudyConfig.from_dict(load_yaml(CONFIGS / "quick.yaml")) == StudyConfig()
+    for name in ("cpu-full.yaml", "paper.yaml"):
+        StudyConfig.from_dict(load_yaml(CONFIGS / name))
+
+
+def test_paper_config_follows_the_paper():
+    paper = StudyConfig.from_dict(load_yaml(CONFIGS / "paper.yaml"))
+    assert paper.pretrain.arch.widths[0] == 256 and paper.pretrain.arch.kernel_sizes[0] == 6
+    assert paper.transfer.new_widths == (512,) and paper.transfer.hidden == 512
+    assert paper.transfer.epochs == 100 and len(paper.seeds) == 3 and paper.source.dataset == "cifar100"
+
+
+def test_bad_study_configs():
+    with pytest.raises(ConfigError, match="inits"):
+        StudyConfig.from_dict({"inits": ["imagenet"]})
+    with pytest.raises(ConfigError, match="layers"):
+        StudyConfig.from_dict({"layers": [3]})
