@@ -9,7 +9,7 @@ import sys
 
 from .errors import UserError
 
-COMMANDS = ("pretrain", "supervised", "transfer", "compare", "visualize")
+COMMANDS = ("pretrain", "supervised", "transfer", "compare", "visualize", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,19 +4,25 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_image as decode_bytes
 
 from .errors import DataError
 
 DATASETS = ("cifar10", "cifar100", "sample")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "sample"
+CACHE_VERSION = 2  # part of the cache key: bump when decoding changes
 
 
 @dataclass
@@ -31,6 +37,7 @@ class ImageData:
         return len(self.images)
 
     def subset(self, index: torch.Tensor) -> ImageData:
+        """The images (and labels) at ``index``, same class names."""
         labels = None if self.labels is None else self.labels[index]
         return ImageData(self.images[index].contiguous(), labels, self.class_names)
 
@@ -46,11 +53,12 @@ def load_dataset(name: str, split: str = "train", data_root: str | Path | None =
     """Load ``name``: ``cifar10``, ``cifar100``, ``sample`` (bundled), ``folder:PATH`` or ``npz:PATH``.
 
     Args:
-        split: ``train`` or ``test`` (ignored by a class-folder tree without train/test and by npz).
-        data_root: where CIFAR is looked for; a ``ROOT/cifar10/{train,test}/<class>/*.jpg`` tree is
-            read directly, else torchvision's own layout.
-        classes: keep these classes (``"0-4"``, ``"cat,dog"``, or a list), relabelled 0..n-1.
-        limit: keep the first ``limit`` images, class-balanced (round-robin over classes).
+        split: ``train`` or ``test``; ignored by a ``folder:`` tree without train/test sub-folders
+            (``PATH/<class>/*``) and by ``npz:``.
+        data_root: where CIFAR is looked for (default :func:`default_data_root`): a
+            ``ROOT/cifar10/{train,test}/<class>/*.jpg`` tree is read directly, else torchvision's files.
+        classes: keep these classes (``"0-4"``, ``"cat,dog"``, or a list), relabelled 0..n-1 in that order.
+        limit: keep the first ``limit`` images, class-balanced (round-robin over classes), after ``classes``.
         download: let torchvision download CIFAR into ``data_root``.
 
     Raises:
@@ -68,15 +76,15 @@ def load_dataset(name: str, split: str = "train", data_root: str | Path | None =
         data = _load_cifar(name, split, root, download)
     elif name == "sample":
         if not SAMPLE_DIR.is_dir():
-            raise DataError(f"the bundled sample ({SAMPLE_DIR}) ships with the source checkout: "
+            raise DataError(f"the bundled sample ({SAMPLE_DIR}) ships with the source checkout only: "
                             "install with `pip install -e .` from a clone, or use --dataset cifar10")
         data = load_folder(SAMPLE_DIR, split)
-    elif name.startswith("folder:"):
-        data = load_folder(Path(name[len("folder:"):]), split)
-    elif name.startswith("npz:"):
-        data = load_npz(Path(name[len("npz:"):]))
+    elif name.startswith("folder:") and name != "folder:":
+        data = load_folder(Path(name[len("folder:"):]).expanduser(), split)
+    elif name.startswith("npz:") and name != "npz:":
+        data = load_npz(Path(name[len("npz:"):]).expanduser())
     else:
-        raise DataError(f"unknown dataset {name!r}: use one of {list(DATASETS)}, folder:PATH or npz:PATH")
+        raise DataError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}, folder:PATH or npz:PATH")
     if classes is not None:
         data = select_classes(data, parse_classes(classes, data.class_names))
     if limit is not None:
@@ -87,20 +95,25 @@ def load_dataset(name: str, split: str = "train", data_root: str | Path | None =
 def parse_classes(spec: str | Sequence[int | str], class_names: Sequence[str]) -> list[int]:
     """Class indices from ``"0-4"``, ``"0,2,5"``, ``"cat,dog"`` or a list of names / indices."""
     items = [s.strip() for s in spec.split(",") if s.strip()] if isinstance(spec, str) else list(spec)
+    names = list(class_names)
     indices: list[int] = []
     for item in items:
         if isinstance(item, int) or str(item).isdigit():
             indices.append(int(item))
         elif isinstance(item, str) and re.fullmatch(r"\d+-\d+", item):
             low, high = map(int, item.split("-"))
+            if low > high:
+                raise DataError(f"class range {item!r} is empty: write it low-high, e.g. 0-4")
             indices.extend(range(low, high + 1))
-        elif item in class_names:
-            indices.append(list(class_names).index(item))
+        elif item in names:
+            indices.append(names.index(item))
         else:
-            raise DataError(f"unknown class {item!r}; classes are {list(class_names)} (or indices like 0-4)")
-    bad = [i for i in indices if not 0 <= i < len(class_names)]
+            raise DataError(f"unknown class {item!r}; classes are {names} (or indices like 0-4)")
+    bad = [i for i in indices if not 0 <= i < len(names)]
     if bad or not indices:
-        raise DataError(f"class indices {bad or spec} out of range 0..{len(class_names) - 1}")
+        raise DataError(f"class indices {bad or spec!r} out of range 0..{len(names) - 1}")
+    if len(set(indices)) < len(indices):
+        raise DataError(f"classes {spec!r} name a class twice")
     return indices
 
 
@@ -132,55 +145,57 @@ def balanced_limit(data: ImageData, limit: int) -> ImageData:
 
 
 def _load_cifar(name: str, split: str, root: Path, download: bool) -> ImageData:
-    folder = root / name / split
-    if folder.is_dir():
+    if (root / name / split).is_dir():
         return load_folder(root / name, split)
     from torchvision import datasets
 
     dataset_class = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    holding = f"--data-root DIR for a folder holding it ({name}/{split}/<class>/*.jpg or torchvision's files)"
     try:
         dataset = dataset_class(str(root), train=split == "train", download=download)
-    except RuntimeError:
-        raise DataError(f"{name} not found in {root}: pass --download to fetch it with torchvision, or "
-                        f"--data-root DIR for a folder holding it ({name}/train/<class>/*.jpg or "
-                        "torchvision's files)") from None
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+        raise DataError(f"{name} ({split}) not found in {root.resolve()}: pass --download to fetch it "
+                        f"with torchvision, or {holding}") from None
+    except OSError as error:  # no network, unwritable root, ...
+        raise DataError(f"downloading {name} into {root.resolve()} failed ({error}): fix that, or pass "
+                        f"{holding}") from None
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
     return ImageData(images, torch.tensor(dataset.targets, dtype=torch.long), list(dataset.classes))
 
 
 def load_folder(path: Path, split: str = "train") -> ImageData:
-    """An image-folder tree: ``path/{train,test}/<class>/*`` or just ``path/<class>/*``.
+    """An image-folder tree: ``path/{train,test}/<class>/*`` or just ``path/<class>/*`` (split ignored).
 
-    Decoded images are cached (see :func:`cache_dir`) keyed by the folder, its class folders'
-    modification times and file counts, so a second load skips decoding.
+    Images are converted to RGB and must share one size. Decoded images are cached (see
+    :func:`cache_dir`) keyed by the folder, its class folders' modification times and file counts,
+    so a second load skips decoding.
     """
     root = path / split if (path / split).is_dir() else path
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist: check --dataset folder:PATH / --data-root")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     files = [sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) for d in class_dirs]
-    if not class_dirs or not any(files):
-        raise DataError(f"{root} holds no images: expected one sub-folder of images per class")
-    key = hashlib.sha1(repr([str(root.resolve())] + [(d.name, d.stat().st_mtime_ns, len(f))
-                                                     for d, f in zip(class_dirs, files)]).encode()).hexdigest()
-    cached = cache_dir() / f"folder-{key[:16]}.pt"
+    if not any(files):
+        raise DataError(f"{root} holds no images: expected one sub-folder of images "
+                        f"({', '.join(sorted(IMAGE_SUFFIXES))}) per class")
     names = [d.name for d in class_dirs]
+    key = repr([CACHE_VERSION, str(root.resolve())] + [(d.name, d.stat().st_mtime_ns, len(f))
+                                                        for d, f in zip(class_dirs, files)])
+    cached = cache_dir() / f"folder-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
     if cached.is_file():
         try:
             saved = torch.load(cached, weights_only=True)
             return ImageData(saved["images"], saved["labels"], names)
-        except Exception:
-            cached.unlink(missing_ok=True)  # corrupt cache: decode again
+        except Exception:  # corrupt or foreign cache file: decode again and overwrite it
+            pass
     paths = [f for fs in files for f in fs]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         decoded = list(pool.map(decode_image, paths))
-    shapes = {}
-    for p, img in zip(paths, decoded):
-        shapes.setdefault(img.shape, p)
-    if len(shapes) > 1:
-        (first, _), (odd_shape, odd) = list(shapes.items())[:2]
-        raise DataError(f"images differ in size: {odd} is {tuple(odd_shape)} (C x H x W), others "
-                        f"{tuple(first)}; resize them to one size first")
+    sizes = [tuple(img.shape[1:]) for img in decoded]
+    odd = next((i for i, size in enumerate(sizes) if size != sizes[0]), None)
+    if odd is not None:
+        raise DataError(f"images differ in size: {paths[odd]} is {sizes[odd][0]}x{sizes[odd][1]} (H x W) but "
+                        f"{paths[0]} is {sizes[0][0]}x{sizes[0][1]}; resize them to one size first")
     images = torch.stack(decoded)
     labels = torch.tensor([i for i, fs in enumerate(files) for _ in fs], dtype=torch.long)
     _save_atomic({"images": images, "labels": labels}, cached)
@@ -188,38 +203,50 @@ def load_folder(path: Path, split: str = "train") -> ImageData:
 
 
 def decode_image(path: Path) -> torch.Tensor:
-    """One image file as uint8 RGB C x H x W."""
-    from PIL import Image
-
+    """One image file as uint8 RGB C x H x W (torchvision's decoders; PIL for other formats)."""
+    raw = path.read_bytes()
     try:
-        with Image.open(path) as img:
+        image = decode_bytes(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        if image.dtype == torch.uint8:
+            return image
+    except (RuntimeError, ValueError):
+        pass  # BMP, TIFF, 16-bit PNG, ...: let PIL try
+    try:
+        with Image.open(BytesIO(raw)) as img:
             return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
     except OSError:
         raise DataError(f"cannot decode image {path}: remove or replace the file") from None
 
 
 def load_npz(path: Path) -> ImageData:
-    """An .npz with ``images`` (N x H x W x C or N x C x H x W uint8), optional ``labels``, ``class_names``."""
+    """An .npz with ``images`` (N x H x W x C or N x C x H x W uint8, C = 1 or 3), optional ``labels``
+    (N integers) and ``class_names``."""
     if not path.is_file():
         raise DataError(f"npz file {path} does not exist")
     try:
-        arrays = np.load(path, allow_pickle=False)
-        images = arrays["images"]
-    except (OSError, ValueError, KeyError):
-        raise DataError(f"{path} is not an .npz file with an 'images' array") from None
+        with np.load(path, allow_pickle=False) as arrays:
+            images = arrays["images"]
+            labels = arrays["labels"] if "labels" in arrays else None
+            names = [str(n) for n in arrays["class_names"]] if "class_names" in arrays else None
+    except (OSError, ValueError, KeyError, EOFError):
+        raise DataError(f"{path} is not an .npz file with an 'images' array (and no pickled objects)") from None
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise DataError(f"{path}: images must be uint8 with 4 dims (N x H x W x C), got "
-                        f"{images.dtype} {images.shape}")
-    if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        raise DataError(f"{path}: images must be uint8 N x H x W x C or N x C x H x W, got "
+                        f"{images.dtype} of shape {images.shape}")
+    if images.shape[1] not in (1, 3):
+        if images.shape[3] not in (1, 3):
+            raise DataError(f"{path}: images of shape {images.shape} have no channel axis of 1 or 3")
         images = images.transpose(0, 3, 1, 2)
-    labels = torch.from_numpy(arrays["labels"].astype(np.int64)) if "labels" in arrays else None
-    if labels is not None and len(labels) != len(images):
-        raise DataError(f"{path}: {len(labels)} labels for {len(images)} images")
-    if "class_names" in arrays:
-        names = [str(n) for n in arrays["class_names"]]
-    else:
-        names = [str(i) for i in range(int(labels.max()) + 1)] if labels is not None else []
-    return ImageData(torch.from_numpy(np.ascontiguousarray(images)), labels, names)
+    if labels is not None:
+        if labels.shape != (len(images),) or labels.dtype.kind not in "iu" or (labels < 0).any():
+            raise DataError(f"{path}: labels must be {len(images)} non-negative integers, got "
+                            f"{labels.dtype} of shape {labels.shape}")
+        labels = torch.from_numpy(labels.astype(np.int64))
+        if names is None:
+            names = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
+        elif len(labels) and int(labels.max()) >= len(names):
+            raise DataError(f"{path}: label {int(labels.max())} but only {len(names)} class_names")
+    return ImageData(torch.from_numpy(np.ascontiguousarray(images)), labels, names or [])
 
 
 def cache_dir() -> Path:
@@ -228,7 +255,13 @@ def cache_dir() -> Path:
 
 
 def _save_atomic(payload: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the cache file via a temporary file; a cache that cannot be written only warns."""
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"could not write the dataset cache {path} ({error}); set CONTRASTIVE_LW_CACHE "
+                      "to a writable folder to skip decoding next time", stacklevel=3)

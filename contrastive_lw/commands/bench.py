@@ -1,0 +1,35 @@
+"""``contrastive-lw bench``: measure speed and the layer-wise speed claim on this machine."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "benchmark: matmul ceiling, per-layer throughput, data pipeline, layer-wise vs end-to-end, SimCLR peer"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="bench.json", help="JSON file for the figures")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (about a minute on 2 CPU cores)")
+    parser.add_argument("--dataset", default="sample", help="source of images (default: the bundled sample)")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--device", default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from ..bench import BenchConfig, format_table, run_bench
+    from ..data import load_dataset
+
+    config = BenchConfig.quick() if args.quick else BenchConfig()
+    limit = config.probe_images
+    source = load_dataset(args.dataset, "train", args.data_root, "0-4").images
+    target = load_dataset(args.dataset, "train", args.data_root, "5-9", limit)
+    target_test = load_dataset(args.dataset, "test", args.data_root, "5-9", limit // 2)
+    result = run_bench(source, target, target_test, config, args.device)
+    result["setup"] = {"dataset": args.dataset, "source_images": len(source), "probe_train": len(target),
+                       "probe_test": len(target_test), "quick": args.quick}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(format_table(result))
+    print(f"-> {args.out}")
+    return 0

@@ -1,0 +1,22 @@
+import json
+import math
+
+from contrastive_lw.cli import main
+
+
+def test_quick_bench_writes_every_figure(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    assert result["matmul_gflops"] > 0 and isinstance(result["device"], str)
+    assert [row["k"] for row in result["layers"]] == [1, 2]
+    for row in result["layers"]:
+        assert row["patch"] in (7, 13) and row["batch"] > 0
+        assert row["patches_per_s"] > 0 and 0 < row["gflops"] and 0 < row["fraction_of_matmul"] < 5
+    assert result["pipeline"]["patches_per_s"] > 0 and result["pipeline"]["ratio_to_model"] > 0
+    race = result["layerwise_vs_end2end"]
+    assert set(race) >= {"metric", "target", "layerwise_s", "end2end_s", "ratio", "layerwise_acc", "end2end_acc"}
+    assert race["layerwise_s"] > 0 and race["end2end_s"] > 0 and math.isclose(race["ratio"], race["layerwise_s"] / race["end2end_s"])
+    peer = result["peer_simclr"]
+    assert peer["budget_s"] == race["layerwise_s"] and 0 <= peer["simclr_acc"] <= 1 and 0 <= peer["ours_acc"] <= 1
+    assert "patches/s" in capsys.readouterr().out
