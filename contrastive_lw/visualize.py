@@ -45,6 +45,7 @@ def save_curves(curves: Mapping[str, Sequence[float]], path: str | Path, title: 
     for label, curve in curves.items():
         ax.plot(range(1, len(curve) + 1), [100 * a for a in curve], marker="o", markersize=3, label=label)
     ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
