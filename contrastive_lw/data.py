@@ -86,7 +86,7 @@ def load_dataset(name: str, split: str = "train", data_root: str | Path | None =
     else:
         raise DataError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}, folder:PATH or npz:PATH")
     if classes is not None:
-        data = select_classes(data, parse_classes(classes, data.class_names))
+        data = select_classes(data, classes)
     if limit is not None:
         data = balanced_limit(data, limit)
     return data
@@ -117,10 +117,11 @@ def parse_classes(spec: str | Sequence[int | str], class_names: Sequence[str]) -
     return indices
 
 
-def select_classes(data: ImageData, indices: Sequence[int]) -> ImageData:
-    """Keep the images of ``indices``, relabelled 0..n-1 in that order."""
+def select_classes(data: ImageData, classes: str | Sequence[int | str]) -> ImageData:
+    """Keep the images of ``classes`` (see :func:`parse_classes`), relabelled 0..n-1 in that order."""
     if data.labels is None:
         raise DataError("--classes needs a labelled dataset")
+    indices = parse_classes(classes, data.class_names)
     mapping = torch.full((len(data.class_names),), -1, dtype=torch.long)
     mapping[torch.tensor(indices)] = torch.arange(len(indices))
     keep = mapping[data.labels] >= 0
@@ -189,8 +190,9 @@ def load_folder(path: Path, split: str = "train") -> ImageData:
         except Exception:  # corrupt or foreign cache file: decode again and overwrite it
             pass
     paths = [f for fs in files for f in fs]
+    chunks = [paths[i:i + 1000] for i in range(0, len(paths), 1000)]  # few big tasks: less overhead
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        decoded = list(pool.map(decode_image, paths))
+        decoded = [img for chunk in pool.map(lambda c: [decode_image(p) for p in c], chunks) for img in chunk]
     sizes = [tuple(img.shape[1:]) for img in decoded]
     odd = next((i for i, size in enumerate(sizes) if size != sizes[0]), None)
     if odd is not None:
