@@ -102,8 +102,9 @@ class Study:
                 continue
             net = self._init(init, seed, source, source_test, target)
             transfer = dataclasses.replace(cfg.transfer, mode=mode, layers=k, seed=seed)
-            with RunLogger(self.out_dir / f"seed{seed}" / "transfer" / f"{init}-{mode}-k{k}") as logger:
-                result, _ = train_transfer(net, target, target_test, transfer, self.device, logger)
+            run_dir = self.out_dir / f"seed{seed}" / "transfer" / f"{init}-{mode}-k{k}"
+            with RunLogger(run_dir) as logger:
+                result, _ = train_transfer(net, target, target_test, transfer, self.device, logger, run_dir / "state.pt")
             records.append({"init": init, "mode": mode, "layers": k, "seed": seed, **dataclasses.asdict(result)})
             self._write(records)
         write_report(self.out_dir, records, self.setup_text())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,16 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import from_dict
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import from_dict, to_dict
 from .data import ImageData
 from .device import autocast, resolve_device
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .evaluate import block_features
 from .model import Classifier, LayerwiseNet, set_trainable
 from .patches import PatchIndex, crop
 from .runs import RunLogger
 
 MODES = ("frozen", "finetune", "linear")
+TRANSFER_STATE = "contrastive-lw/transfer-state"
 
 
 @dataclass(frozen=True)
@@ -83,15 +86,20 @@ def transfer_backbone(source: LayerwiseNet, layers: int) -> LayerwiseNet:
 
 
 def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, config: TransferConfig,
-                   device: str = "auto", logger: RunLogger | None = None) -> tuple[TransferResult, nn.Module]:
+                   device: str = "auto", logger: RunLogger | None = None,
+                   state_path: str | Path | None = None) -> tuple[TransferResult, nn.Module]:
     """Train a classifier on ``train`` from the first ``config.layers`` blocks of ``source``;
-    evaluate on ``test`` after every epoch. Returns the result and the trained model."""
+    evaluate on ``test`` after every epoch. Returns the result and the trained model.
+
+    With ``state_path`` the model, optimizer, RNG and curve are saved there after every epoch, and
+    a run started again with the same config continues after the last saved epoch (a finished
+    one returns at once)."""
     device_ = resolve_device(device)
     torch.manual_seed(config.seed)
     backbone = transfer_backbone(source, config.layers).to(device_)
     num_classes = len(train.class_names)
     if config.mode == "linear":
-        return _train_linear(backbone, train, test, num_classes, config, device_, logger)
+        return _train_linear(backbone, train, test, num_classes, config, device_, logger, state_path)
     model = Classifier(backbone, num_classes, config.new_widths, config.hidden, train.images.shape[-1]).to(device_)
     anchor = [p.detach().clone() for p in backbone.parameters()]
     if config.mode == "frozen":
@@ -123,12 +131,12 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return _fit(train_epoch, evaluate, config.epochs, logger), model
+    return _fit(model, optimizer, train_epoch, evaluate, config, logger, state_path), model
 
 
 def _train_linear(backbone: LayerwiseNet, train: ImageData, test: ImageData, num_classes: int,
-                  config: TransferConfig, device: torch.device,
-                  logger: RunLogger | None) -> tuple[TransferResult, nn.Module]:
+                  config: TransferConfig, device: torch.device, logger: RunLogger | None,
+                  state_path: str | Path | None) -> tuple[TransferResult, nn.Module]:
     """Linear classifier on cached, standardised, pooled block features."""
     blocks = list(range(1, config.layers + 1)) if config.all_blocks else config.layers
     train_x = block_features(backbone, train.images, blocks, config.pool).to(device)
@@ -149,17 +157,34 @@ def _train_linear(backbone: LayerwiseNet, train: ImageData, test: ImageData, num
     def evaluate() -> float:
         with torch.no_grad():
             return float((linear(test_x).argmax(1) == test_y).float().mean())
-    return _fit(train_epoch, evaluate, config.epochs, logger), linear
+    return _fit(linear, optimizer, train_epoch, evaluate, config, logger, state_path), linear
 
 
-def _fit(train_epoch, evaluate, epochs: int, logger: RunLogger | None) -> TransferResult:
-    start, curve = time.perf_counter(), []
-    for epoch in range(epochs):
+def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_epoch: Callable[[int], None],
+         evaluate: Callable[[], float], config: TransferConfig, logger: RunLogger | None,
+         state_path: str | Path | None) -> TransferResult:
+    """The epoch loop: train, evaluate, log, save the resumable state."""
+    first, curve, seconds = 0, [], 0.0
+    if state_path is not None and Path(state_path).exists():
+        state = load_checkpoint(state_path, TRANSFER_STATE)
+        if state["config"] != to_dict(config):
+            raise CheckpointError(f"{state_path} was saved with another transfer config: delete it or use a new --out")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        first, curve, seconds = state["epoch"], state["curve"], state["seconds"]
+    start = time.perf_counter()
+    for epoch in range(first, config.epochs):
         train_epoch(epoch)
         curve.append(evaluate())
         if logger is not None:
             logger.log(epoch + 1, {"epoch": epoch + 1, "test_acc": curve[-1]}, prefix="transfer/")
-    return TransferResult(curve[-1], curve, int(torch.tensor(curve).argmax()) + 1, time.perf_counter() - start)
+        if state_path is not None:
+            save_checkpoint({"kind": TRANSFER_STATE, "config": to_dict(config), "epoch": epoch + 1, "curve": curve,
+                             "seconds": seconds + time.perf_counter() - start, "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, state_path)
+    return TransferResult(curve[-1], curve, int(torch.tensor(curve).argmax()) + 1,
+                          seconds + time.perf_counter() - start)
 
 
 def _batches(data: ImageData, batch_size: int, device: torch.device, shuffle: bool, augment: bool = False):
@@ -187,7 +212,7 @@ def random_crop_flip(images: torch.Tensor, padding: int = 4) -> torch.Tensor:
 def load_init(init: str | Path, target_images: torch.Tensor, arch=None) -> tuple[str, LayerwiseNet]:
     """The starting network for ``init``: ``random`` (normalised on ``target_images``) or a run
     directory / checkpoint (layer-wise, end-to-end or supervised). Returns (name, network)."""
-    from .checkpoint import BACKBONE, layer_checkpoints, load_backbone, load_checkpoint
+    from .checkpoint import BACKBONE, layer_checkpoints, load_backbone
 
     if str(init).startswith("random"):
         from .model import ArchConfig

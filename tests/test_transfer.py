@@ -101,3 +101,33 @@ def test_supervised_baseline_saves_a_loadable_backbone(tmp_path, split):
     name, loaded = load_init(tmp_path, split[0].images)
     assert name == "supervised" and loaded.num_blocks == 2
     assert load_init("random", split[0].images, ARCH)[0] == "random"
+
+
+class _StopAfter(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode", ["finetune", "linear"])
+def test_transfer_resumes_after_a_crash_bit_for_bit(tmp_path, split, monkeypatch, mode):
+    from contrastive_lw import transfer
+
+    config = _config(mode=mode, epochs=3, batch_size=16)
+    straight, model = train_transfer(_source(), *split, config, "cpu", state_path=tmp_path / "a.pt")
+    real_fit = transfer._fit
+
+    def fit_that_crashes_in_epoch_two(model_, optimizer, train_epoch, evaluate, *rest):
+        calls = []
+
+        def evaluate_or_crash():
+            calls.append(1)
+            if len(calls) == 2:
+                raise _StopAfter()
+            return evaluate()
+        return real_fit(model_, optimizer, train_epoch, evaluate_or_crash, *rest)
+    monkeypatch.setattr(transfer, "_fit", fit_that_crashes_in_epoch_two)
+    with pytest.raises(_StopAfter):
+        train_transfer(_source(), *split, config, "cpu", state_path=tmp_path / "b.pt")
+    monkeypatch.setattr(transfer, "_fit", real_fit)
+    resumed, model_b = train_transfer(_source(), *split, config, "cpu", state_path=tmp_path / "b.pt")
+    assert resumed.curve == straight.curve
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model_b.state_dict().values()))

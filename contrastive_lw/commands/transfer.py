@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     init, net = load_init(args.init, train.images)
     out = prepare_run_dir(args.out, {"init": str(args.init), "data": data, "transfer": to_dict(config)}, args.force)
     with RunLogger(out) as logger:
-        result, _ = train_transfer(net, train, test, config, args.device, logger)
+        result, _ = train_transfer(net, train, test, config, args.device, logger, out / "state.pt")
     record = {"init": init, "mode": config.mode, "layers": config.layers, "seed": config.seed,
               **dataclasses.asdict(result)}
     (out / "results.json").write_text(json.dumps({"records": [record]}, indent=1))
