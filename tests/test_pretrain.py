@@ -115,3 +115,16 @@ def test_unknown_config_key_is_named():
         PretrainConfig.from_dict({"learning_rate": 0.1})
     with pytest.raises(ConfigError, match=r"\['depth'\] in pretrain config.arch"):
         PretrainConfig.from_dict({"arch": {"depth": 3}})
+
+
+def test_ten_by_ten_patches_on_a_six_by_six_block(tmp_path, images):
+    """The paper's 10x10-patch variant: block 1's 2x2 output map is flattened by the head."""
+    net = _fit(tmp_path, images, arch=ArchConfig(widths=(4,)), patch_sizes=(10,))
+    assert net.output_size(10, 1) == 2
+    head = torch.load(tmp_path / "layer1.pt", weights_only=True)["head"]
+    assert head["1.weight"].shape[1] == 4 * 2 * 2
+
+
+def test_patch_smaller_than_the_receptive_field(tmp_path, images):
+    with pytest.raises(ConfigError, match="smaller than block 1's receptive field"):
+        _fit(tmp_path, images, arch=ArchConfig(widths=(4,)), patch_sizes=(5,))
