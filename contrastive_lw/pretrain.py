@@ -167,8 +167,7 @@ class LayerwisePretrainer:
         images = images.to(self.device)
         stages = range(done + 1, cfg.arch.num_blocks + 1) if cfg.mode == "greedy" else (
             [cfg.arch.num_blocks] if done < cfg.arch.num_blocks else [])
-        logger = RunLogger(self.out_dir, self.tensorboard and distributed.is_main_process(),
-                           write=distributed.is_main_process())
+        logger = RunLogger(self.out_dir, self.tensorboard)
         with logger, _catch_signals(self):
             for k in stages:
                 self._train_layer(net, k, images, logger)

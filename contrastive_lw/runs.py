@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .config import load_yaml, save_yaml
+from .distributed import is_main_process
 from .errors import UserError
 
 
@@ -29,18 +30,19 @@ def prepare_run_dir(out: str | Path, config: dict[str, Any], force: bool = False
             raise UserError(f"{out} holds a run with a different config (differs in {changed}): "
                             "use a new --out, or --force to continue with the new config")
     out.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, saved)
+    if is_main_process():
+        save_yaml(config, saved)
     return out
 
 
 class RunLogger:
     """Appends metric rows to ``metrics.jsonl`` and mirrors them to TensorBoard under ``tb/``.
-    ``write=False`` (the non-zero ranks of a distributed run) makes every call a no-op."""
+    ``write=False`` makes every call a no-op; by default only rank 0 of a distributed run writes."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, write: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, write: bool | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.metrics, self.writer = None, None
-        if not write:
+        if not (is_main_process() if write is None else write):
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = (self.run_dir / "metrics.jsonl").open("a")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import from_dict, to_dict
 from .data import ImageData
@@ -93,8 +94,9 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
 
     With ``state_path`` the model, optimizer, RNG and curve are saved there after every epoch, and
     a run started again with the same config continues after the last saved epoch (a finished
-    one returns at once)."""
-    device_ = resolve_device(device)
+    one returns at once). Under ``torchrun`` the classifier trains data-parallel (DDP): every rank
+    draws the same global batch and trains on its slice; only rank 0 writes."""
+    device_ = distributed.init_distributed(resolve_device(device))
     torch.manual_seed(config.seed)
     backbone = transfer_backbone(source, config.layers).to(device_)
     num_classes = len(train.class_names)
@@ -109,6 +111,7 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
         groups = [{"params": list(backbone.parameters()), "lr": config.lr * config.layer_lr_ratio},
                   {"params": [*model.new_blocks.parameters(), *model.fc.parameters()]}]
     optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    parallel = nn.parallel.DistributedDataParallel(model) if distributed.world_size() > 1 else model
 
     def penalty() -> torch.Tensor | float:
         if config.mode != "finetune" or not config.l2sp:
@@ -127,7 +130,7 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
             backbone.eval()
         for x, y in _batches(train, config.batch_size, device_, shuffle=True, augment=config.augment):
             with autocast(device_):
-                loss = F.cross_entropy(model(x).float(), y) + penalty()
+                loss = F.cross_entropy(parallel(distributed.shard(x)).float(), distributed.shard(y)) + penalty()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -179,7 +182,7 @@ def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_epoch: Callab
         curve.append(evaluate())
         if logger is not None:
             logger.log(epoch + 1, {"epoch": epoch + 1, "test_acc": curve[-1]}, prefix="transfer/")
-        if state_path is not None:
+        if state_path is not None and distributed.is_main_process():
             save_checkpoint({"kind": TRANSFER_STATE, "config": to_dict(config), "epoch": epoch + 1, "curve": curve,
                              "seconds": seconds + time.perf_counter() - start, "model": model.state_dict(),
                              "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, state_path)

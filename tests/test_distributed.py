@@ -25,3 +25,22 @@ def test_two_gloo_processes_match_one_process(tmp_path, images):
         # same global batch, gradients all-reduced: equal up to float summation order
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_transfer_under_torchrun_matches_one_process(tmp_path, images):
+    labels = np.arange(len(images)) % 2
+    np.savez(tmp_path / "images.npz", images=images.numpy(), labels=labels)
+    (tmp_path / "t.yaml").write_text("transfer: {new_widths: [], hidden: 16, augment: false, epochs: 2, "
+                                     "batch_size: 16, layers: 1, mode: finetune, l2sp: 0.1}\n")
+    common = ["-m", "contrastive_lw", "transfer", "--init", "random", "--dataset", f"npz:{tmp_path / 'images.npz'}",
+              "--config", str(tmp_path / "t.yaml"), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+                    *common, "--out", str(tmp_path / "two")], env=env, check=True, timeout=300)
+    one = torch.load(tmp_path / "one" / "state.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "state.pt", weights_only=True)
+    assert one["epoch"] == two["epoch"] == 2
+    for name in one["model"]:
+        torch.testing.assert_close(two["model"][name], one["model"][name], atol=1e-5, rtol=1e-4)
+    assert (tmp_path / "two" / "results.json").is_file()

@@ -29,8 +29,11 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
+    import torch
+
     from ..config import load_yaml, to_dict
     from ..data import load_dataset
+    from ..distributed import is_main_process
     from ..errors import ConfigError
     from ..runs import RunLogger, prepare_run_dir
     from ..transfer import TransferConfig, load_init, train_transfer
@@ -49,13 +52,15 @@ def run(args: argparse.Namespace) -> int:
                                 data["download"]) for split in ("train", "test"))
     if train.labels is None or test.labels is None:
         raise ConfigError(f"transfer needs labelled data; {data['dataset']} has no labels")
+    torch.manual_seed(config.seed)  # a random init is the same on every rank and every run
     init, net = load_init(args.init, train.images)
     out = prepare_run_dir(args.out, {"init": str(args.init), "data": data, "transfer": to_dict(config)}, args.force)
     with RunLogger(out) as logger:
         result, _ = train_transfer(net, train, test, config, args.device, logger, out / "state.pt")
     record = {"init": init, "mode": config.mode, "layers": config.layers, "seed": config.seed,
               **dataclasses.asdict(result)}
-    (out / "results.json").write_text(json.dumps({"records": [record]}, indent=1))
+    if is_main_process():
+        (out / "results.json").write_text(json.dumps({"records": [record]}, indent=1))
     print(f"{init} init, {config.mode}, {config.layers} layer(s): test accuracy {100 * result.test_acc:.2f}% "
           f"(best epoch {result.best_epoch}) in {result.seconds:.0f} s -> {out}")
     return 0
