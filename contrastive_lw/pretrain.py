@@ -36,7 +36,8 @@ class PretrainConfig:
     ``positives`` per layer: adjacent / shift / exemplar (see :class:`PatchSampler`).
     ``patch_sizes`` per layer; empty means the receptive field of blocks 1..k.
     The state of the layer in progress is saved to ``state.pt`` every ``save_every`` steps (0: once
-    per epoch of ``images * patches_per_image`` patches), on SIGINT / SIGTERM and at the end of a layer.
+    per epoch of ``images * patches_per_image`` patches) and on SIGINT / SIGTERM; it is removed once the
+    layer is saved as ``layerK.pt``.
     ``init_scale`` shrinks the conv weights' default initialisation, so that filter structure the
     loss does not act on (init noise) stays faint and the learned filters show.
     A layer trains ``steps_per_layer`` steps, or if that is 0,

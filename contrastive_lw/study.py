@@ -6,10 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -77,6 +77,13 @@ class StudyConfig:
         return from_dict(cls, values, "study config")
 
 
+class StudyData(NamedTuple):
+    source: ImageData
+    source_test: ImageData
+    target: ImageData
+    target_test: ImageData
+
+
 class Study:
     """Runs (and resumes) a :class:`StudyConfig` in ``out_dir``: finished records in
     ``results.json`` and finished pretraining runs are reused when run again."""
@@ -86,16 +93,22 @@ class Study:
         self.config, self.out_dir = config, Path(out_dir)
         self.device, self.progress, self.download = device, progress, download
 
-    def run(self) -> list[dict]:
+    def load_data(self) -> StudyData:
+        """The four splits of the study (fails early, before anything is written, if data is missing)."""
         cfg = self.config
-        source = cfg.source.load("train", cfg.data_root, self.download)
-        source_test = cfg.source.load("test", cfg.data_root, self.download)
-        target = cfg.target.load("train", cfg.data_root, self.download)
-        target_test = cfg.target.load("test", cfg.data_root, self.download)
+        data = StudyData(*(spec.load(split, cfg.data_root, self.download)
+                           for spec in (cfg.source, cfg.target) for split in ("train", "test")))
+        self.setup = {"source_train": len(data.source), "source_test": len(data.source_test),
+                      "target_train": len(data.target), "target_test": len(data.target_test),
+                      "classes": data.target.class_names}
+        return data
+
+    def run(self, data: StudyData | None = None) -> list[dict]:
+        """Run every missing cell of the grid; returns all records."""
+        cfg = self.config
+        source, source_test, target, target_test = data or self.load_data()
         records = self.load_records()
         done = {_key(r) for r in records}
-        self.setup = {"source_train": len(source), "source_test": len(source_test), "target_train": len(target),
-                      "target_test": len(target_test), "classes": target.class_names}
         grid = [(s, i, m, k) for s in cfg.seeds for i in cfg.inits for m in cfg.modes for k in cfg.layers]
         for seed, init, mode, k in tqdm(grid, desc="study", disable=None if self.progress is None else not self.progress):
             if (init, mode, k, seed) in done:

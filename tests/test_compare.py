@@ -62,3 +62,11 @@ def test_bad_study_configs():
         StudyConfig.from_dict({"inits": ["imagenet"]})
     with pytest.raises(ConfigError, match="layers"):
         StudyConfig.from_dict({"layers": [3]})
+
+
+def test_missing_data_fails_before_anything_is_written(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("source: {dataset: cifar10}\ntarget: {dataset: cifar10}\n")
+    code = main(["compare", "--config", str(tmp_path / "c.yaml"), "--data-root", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "study")])
+    assert code == 2 and "--download" in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()

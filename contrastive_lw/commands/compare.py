@@ -33,8 +33,10 @@ def run(args: argparse.Namespace) -> int:
         arch = config.pretrain.arch
         arch = dataclasses.replace(arch, pools=(1, *(arch.pools[1:] or arch.pools)))
         config = dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, arch=arch))
+    study = Study(config, args.out, args.device, False if args.no_progress else None, args.download)
+    data = study.load_data()
     out = prepare_run_dir(args.out, {"study": to_dict(config)}, args.force)
-    records = Study(config, out, args.device, False if args.no_progress else None, args.download).run()
+    records = study.run(data)
     for (init, mode, k), (mean, std, n) in summarize(records).items():
         print(f"{init:>10} {mode:>8} k={k}: {100 * mean:5.1f} ± {100 * std:.1f} % ({n} seeds)")
     print(f"report: {out / 'report.md'}")
