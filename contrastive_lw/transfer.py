@@ -22,7 +22,7 @@ from .model import Classifier, LayerwiseNet, set_trainable
 from .patches import PatchIndex, crop
 from .runs import RunLogger
 
-MODES = ("frozen", "finetune", "linear")
+MODES = ("frozen", "finetune", "linear", "head2toe")
 TRANSFER_STATE = "contrastive-lw/transfer-state"
 
 
@@ -35,7 +35,9 @@ class TransferConfig:
       L2-SP penalty ``l2sp/2 * ||w - w_pretrained||^2``;
     * ``linear``: a linear classifier on the transferred blocks' features average-pooled to
       ``pool`` x ``pool`` (of every transferred block, concatenated, when ``all_blocks``), which are
-      computed once and cached.
+      computed once and cached;
+    * ``head2toe``: the same on every transferred block, after a group-lasso probe keeps the
+      ``keep`` fraction of feature columns (:mod:`contrastive_lw.head2toe`).
     Training: Adam, batches of random pad-4 crops + horizontal flips (``augment``).
     """
 
@@ -51,6 +53,7 @@ class TransferConfig:
     hidden: int = 512
     pool: int = 4
     all_blocks: bool = True
+    keep: float = 0.25
     augment: bool = True
     seed: int = 0
 
@@ -60,6 +63,8 @@ class TransferConfig:
         for name in ("layers", "epochs", "batch_size", "pool"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"transfer.{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 < self.keep <= 1:
+            raise ConfigError(f"transfer.keep must be a fraction in (0, 1], got {self.keep}")
         if self.lr <= 0 or self.layer_lr_ratio < 0 or self.l2sp < 0 or self.weight_decay < 0:
             raise ConfigError("transfer.lr must be > 0; layer_lr_ratio, l2sp and weight_decay >= 0")
 
@@ -100,7 +105,7 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
     torch.manual_seed(config.seed)
     backbone = transfer_backbone(source, config.layers).to(device_)
     num_classes = len(train.class_names)
-    if config.mode == "linear":
+    if config.mode in ("linear", "head2toe"):
         return _train_linear(backbone, train, test, num_classes, config, device_, logger, state_path)
     model = Classifier(backbone, num_classes, config.new_widths, config.hidden, train.images.shape[-1]).to(device_)
     anchor = [p.detach().clone() for p in backbone.parameters()]
@@ -140,13 +145,19 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
 def _train_linear(backbone: LayerwiseNet, train: ImageData, test: ImageData, num_classes: int,
                   config: TransferConfig, device: torch.device, logger: RunLogger | None,
                   state_path: str | Path | None) -> tuple[TransferResult, nn.Module]:
-    """Linear classifier on cached, standardised, pooled block features."""
-    blocks = list(range(1, config.layers + 1)) if config.all_blocks else config.layers
+    """Linear classifier on cached, standardised, pooled block features (Head2Toe: selected ones)."""
+    every = config.all_blocks or config.mode == "head2toe"
+    blocks = list(range(1, config.layers + 1)) if every else config.layers
     train_x = block_features(backbone, train.images, blocks, config.pool).to(device)
     test_x = block_features(backbone, test.images, blocks, config.pool).to(device)
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     train_y, test_y = train.labels.to(device), test.labels.to(device)
+    if config.mode == "head2toe":
+        from .head2toe import select_features
+
+        selected = select_features(train_x, train_y, config.keep)
+        train_x, test_x = train_x[:, selected], test_x[:, selected]
     linear = nn.Linear(train_x.shape[1], num_classes).to(device)
     optimizer = torch.optim.Adam(linear.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 

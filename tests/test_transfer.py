@@ -130,3 +130,21 @@ def test_transfer_resumes_after_a_crash_bit_for_bit(tmp_path, split, monkeypatch
     resumed, model_b = train_transfer(_source(), *split, config, "cpu", state_path=tmp_path / "b.pt")
     assert resumed.curve == straight.curve
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model_b.state_dict().values()))
+
+
+def test_head2toe_selection_finds_the_informative_features():
+    from contrastive_lw.head2toe import select_features
+
+    torch.manual_seed(0)
+    y = torch.randint(0, 2, (400,))
+    x = torch.randn(400, 40)
+    x[:, 7] += 3 * y
+    x[:, 23] -= 3 * y
+    assert {7, 23} <= set(select_features(x, y, keep=0.1).tolist())
+
+
+def test_head2toe_mode_probes_selected_features_of_every_block(split):
+    result, linear = train_transfer(_source(), *split, _config(mode="head2toe", layers=2, keep=0.5, epochs=3), "cpu")
+    assert linear.in_features == (4 * 4 * 4 + 6 * 4 * 4) // 2 and len(result.curve) == 3
+    with pytest.raises(ConfigError, match="keep"):
+        _config(keep=0.0)

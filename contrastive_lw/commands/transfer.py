@@ -15,13 +15,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, "output directory: config.yaml, metrics.jsonl, tb/, results.json")
     group = parser.add_argument_group("transfer (flags override --config)")
     group.add_argument("--layers", type=int, help="number of blocks transferred (k)")
-    group.add_argument("--mode", choices=("frozen", "finetune", "linear"))
+    group.add_argument("--mode", choices=("frozen", "finetune", "linear", "head2toe"))
     group.add_argument("--epochs", type=int)
     group.add_argument("--batch-size", type=int)
     group.add_argument("--lr", type=float)
     group.add_argument("--layer-lr-ratio", type=float, help="finetune: lr of transferred blocks = lr x this")
     group.add_argument("--l2sp", type=float, help="finetune: L2-SP strength towards the transferred weights")
-    group.add_argument("--pool", type=int, help="linear: pool each block's map to this side")
+    group.add_argument("--pool", type=int, help="linear / head2toe: pool each block's map to this side")
+    group.add_argument("--keep", type=float, help="head2toe: fraction of feature columns kept")
     group.add_argument("--seed", type=int)
 
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     data = data_settings(args, file_config.get("data"), default="cifar10")
     flags = {"layers": args.layers, "mode": args.mode, "epochs": args.epochs, "batch_size": args.batch_size,
              "lr": args.lr, "layer_lr_ratio": args.layer_lr_ratio, "l2sp": args.l2sp, "pool": args.pool,
-             "seed": args.seed}
+             "keep": args.keep, "seed": args.seed}
     values = {**file_config.get("transfer", {}), **{k: v for k, v in flags.items() if v is not None}}
     config = TransferConfig.from_dict(values)
     train, test = (load_dataset(data["dataset"], split, data["data_root"], data["classes"], data["limit"],
