@@ -1,6 +1,19 @@
-"""contrastive-lw: layer-wise contrastive pretraining of convolutional networks, and transfer."""
-from .checkpoint import load_backbone
-from .model import ArchConfig, ConvBlock, LayerwiseNet, ProjectionHead
+"""contrastive-lw: layer-wise contrastive pretraining of convolutional networks, and transfer.
 
-__all__ = ["ArchConfig", "ConvBlock", "LayerwiseNet", "ProjectionHead", "load_backbone"]
+Public names are imported lazily, so that ``contrastive-lw --help`` starts without loading torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+_PUBLIC = {"load_backbone": "checkpoint", "ArchConfig": "model", "ConvBlock": "model",
+           "LayerwiseNet": "model", "ProjectionHead": "model", "Classifier": "model"}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -115,3 +115,9 @@ def test_a_failed_start_leaves_no_config_behind(tmp_path, npz, capsys):
     _error(capsys, main(["pretrain", "--dataset", "cifar10", "--data-root", str(tmp_path / "none"),
                          "--out", str(tmp_path / "r")]))
     assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+def test_help_does_not_load_torch():
+    code = ("import sys; from contrastive_lw.cli import build_parser; build_parser(); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
