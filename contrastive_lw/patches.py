@@ -90,17 +90,23 @@ class PatchSampler:
     def sample_video(self, clips: torch.Tensor, batch_size: int) -> Triplets:
         """Triplets from clips N x T x C x H x W: anchor in the first frame, positive at the same
         place in the last frame, negative anywhere in another clip."""
-        if clips.dim() != 5:
-            raise DataError(f"video clips must be N x T x C x H x W, got shape {tuple(clips.shape)}")
-        n, frames, channels, height, width = clips.shape
-        anchor, _, negative = self.sample_indices((n, channels, height, width), batch_size,
-                                                  clips.device, positive="exemplar")
-        flat = clips.reshape(n * frames, channels, height, width)
-        last = PatchIndex(anchor.image * frames + frames - 1, anchor.top, anchor.left)
-        first = PatchIndex(anchor.image * frames, anchor.top, anchor.left)
-        frame = self._randint(0, frames - 1, batch_size, clips.device)
-        other = PatchIndex(negative.image * frames + frame, negative.top, negative.left)
-        return Triplets(*(crop(flat, where, self.patch_size) for where in (first, last, other)))
+        frames = clips.flatten(0, 1)
+        where = self.sample_video_indices(clips.shape, batch_size, clips.device)
+        return Triplets(*(crop(frames, w, self.patch_size) for w in where))
+
+    def sample_video_indices(self, shape: torch.Size | tuple[int, ...], batch_size: int,
+                             device: torch.device | str = "cpu") -> tuple[PatchIndex, PatchIndex, PatchIndex]:
+        """Like :meth:`sample_indices` for clips of ``shape`` N x T x C x H x W; image indices
+        refer to the frames of the clips flattened to (N * T) x C x H x W."""
+        if len(shape) != 5:
+            raise DataError(f"video clips must be N x T x C x H x W, got shape {tuple(shape)}")
+        n, frames, channels, height, width = shape
+        anchor, _, negative = self.sample_indices((n, channels, height, width), batch_size, device,
+                                                  positive="exemplar")
+        frame = self._randint(0, frames - 1, batch_size, device)
+        return (PatchIndex(anchor.image * frames, anchor.top, anchor.left),
+                PatchIndex(anchor.image * frames + frames - 1, anchor.top, anchor.left),
+                PatchIndex(negative.image * frames + frame, negative.top, negative.left))
 
     def _check_fits(self, n: int, height: int, width: int, positive: str) -> None:
         size = self.patch_size

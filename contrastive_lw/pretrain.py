@@ -150,16 +150,18 @@ class LayerwisePretrainer:
         self._stop_signal: int | None = None
 
     def fit(self, images: torch.Tensor) -> LayerwiseNet:
-        """Pretrain on uint8 images N x C x H x W; returns the network with its trained blocks."""
+        """Pretrain on uint8 images N x C x H x W, or video clips N x T x C x H x W (then the
+        positive is the anchor's place in the clip's last frame); returns the trained network."""
         cfg = self.config
-        if images.dim() != 4 or images.dtype != torch.uint8:
-            raise ConfigError(f"images must be uint8 N x C x H x W, got {images.dtype} {tuple(images.shape)}")
-        if images.shape[1] != cfg.arch.in_channels:
-            raise ConfigError(f"images have {images.shape[1]} channels but arch.in_channels is "
+        if images.dim() not in (4, 5) or images.dtype != torch.uint8:
+            raise ConfigError(f"images must be uint8 N x C x H x W (or clips N x T x C x H x W), got "
+                              f"{images.dtype} {tuple(images.shape)}")
+        if images.shape[-3] != cfg.arch.in_channels:
+            raise ConfigError(f"images have {images.shape[-3]} channels but arch.in_channels is "
                               f"{cfg.arch.in_channels}: set arch.in_channels to match")
         torch.manual_seed(cfg.seed)
         net = LayerwiseNet(cfg.arch)
-        net.set_normalization(images)
+        net.set_normalization(images.flatten(0, -4))
         with torch.no_grad():
             for block in net.blocks:
                 block.conv.weight.mul_(cfg.init_scale)
@@ -213,11 +215,12 @@ class LayerwisePretrainer:
         bar = tqdm(range(first, steps), desc=f"layer {k}", initial=first, total=steps,
                    disable=not distributed.is_main_process() or (None if self.progress is None else not self.progress))
         start = time.perf_counter()
+        video, frames = images.dim() == 5, images.flatten(0, -4)
         for step in bar:
-            where = [PatchIndex(*map(distributed.shard, w))
-                     for w in sampler.sample_indices(images.shape, cfg.batch_size, device)[:views]]
+            draw = sampler.sample_video_indices if video else sampler.sample_indices
+            where = [PatchIndex(*map(distributed.shard, w)) for w in draw(images.shape, cfg.batch_size, device)[:views]]
             with torch.no_grad():
-                x = augment(to_float(torch.cat([crop(images, w, patch) for w in where])))
+                x = augment(to_float(torch.cat([crop(frames, w, patch) for w in where])))
                 x = net(x.contiguous(memory_format=torch.channels_last), prefix) if prefix else net.normalize(x)
             with autocast(device):
                 embeddings = model(x).float().chunk(views)

@@ -128,3 +128,9 @@ def test_ten_by_ten_patches_on_a_six_by_six_block(tmp_path, images):
 def test_patch_smaller_than_the_receptive_field(tmp_path, images):
     with pytest.raises(ConfigError, match="smaller than block 1's receptive field"):
         _fit(tmp_path, images, arch=ArchConfig(widths=(4,)), patch_sizes=(5,))
+
+
+def test_video_clips_pretrain_with_last_frame_positives(tmp_path):
+    clips = torch.randint(0, 256, (6, 4, 3, 16, 16), dtype=torch.uint8)
+    net = _fit(tmp_path, clips, arch=ArchConfig(widths=(4,)))
+    assert net.num_blocks == 1 and (tmp_path / "layer1.pt").is_file()
