@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from .errors import UserError
 
@@ -27,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and return 2 instead of a traceback."""
     args = build_parser().parse_args(argv)
     module = importlib.import_module(f"contrastive_lw.commands.{args.command}")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops as cleanly as Ctrl-C
     try:
         return module.run(args) or 0
     except UserError as err:
@@ -43,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         print(f"contrastive-lw {args.command}: interrupted: {err or 'finished layers are kept'}", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}; saved state is kept: run the same command again to continue")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +18,16 @@ from tqdm.auto import tqdm
 from .config import from_dict, to_dict
 from .data import ImageData, load_dataset
 from .errors import ConfigError
+from .evaluate import block_features, knn_accuracy
 from .losses import LossConfig
 from .model import ArchConfig, LayerwiseNet
 from .pretrain import LayerwisePretrainer, PretrainConfig
 from .runs import RunLogger
 from .supervised import train_supervised
-from .transfer import MODES, TransferConfig, load_init, train_transfer
+from .transfer import MODES, TransferConfig, TransferResult, load_init, train_transfer
 
 INITS = ("layerwise", "end2end", "supervised", "random")
+STUDY_MODES = (*MODES, "knn")
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,8 @@ def _quick_pretrain() -> PretrainConfig:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """The grid: ``inits`` x ``modes`` x ``layers`` (blocks transferred) x ``seeds``.
+    """The grid: ``inits`` x ``modes`` x ``layers`` (blocks transferred) x ``seeds``. Modes are the
+    transfer modes plus ``knn``: kNN accuracy of block k's features, nothing trained.
 
     The defaults are the CPU-sized quick study (``experiments/configs/quick.yaml`` spells them
     out): the class-split protocol on the bundled sample, source = CIFAR-10 classes 0-4 standing
@@ -59,14 +63,14 @@ class StudyConfig:
     supervised: TransferConfig = field(default_factory=lambda: TransferConfig(epochs=10, new_widths=(), hidden=0))
     transfer: TransferConfig = field(default_factory=lambda: TransferConfig(epochs=4, new_widths=(64,), hidden=128))
     inits: tuple[str, ...] = ("layerwise", "supervised", "random")
-    modes: tuple[str, ...] = ("frozen", "finetune", "linear")
+    modes: tuple[str, ...] = ("frozen", "finetune", "linear", "knn")
     layers: tuple[int, ...] = (1, 2)
     seeds: tuple[int, ...] = (0, 1)
 
     def __post_init__(self) -> None:
-        bad = [i for i in self.inits if i not in INITS] + [m for m in self.modes if m not in MODES]
+        bad = [i for i in self.inits if i not in INITS] + [m for m in self.modes if m not in STUDY_MODES]
         if bad or not (self.inits and self.modes and self.layers and self.seeds):
-            raise ConfigError(f"study needs inits among {list(INITS)}, modes among {list(MODES)}, "
+            raise ConfigError(f"study needs inits among {list(INITS)}, modes among {list(STUDY_MODES)}, "
                               f"layers and seeds; got {bad or 'an empty list'}")
         if max(self.layers) > self.pretrain.arch.num_blocks or min(self.layers) < 1:
             raise ConfigError(f"layers {list(self.layers)} must lie in 1..{self.pretrain.arch.num_blocks} "
@@ -114,10 +118,14 @@ class Study:
             if (init, mode, k, seed) in done:
                 continue
             net = self._init(init, seed, source, source_test, target)
-            transfer = dataclasses.replace(cfg.transfer, mode=mode, layers=k, seed=seed)
-            run_dir = self.out_dir / f"seed{seed}" / "transfer" / f"{init}-{mode}-k{k}"
-            with RunLogger(run_dir) as logger:
-                result, _ = train_transfer(net, target, target_test, transfer, self.device, logger, run_dir / "state.pt")
+            if mode == "knn":
+                result = knn_result(net, k, target, target_test, cfg.transfer.pool)
+            else:
+                transfer = dataclasses.replace(cfg.transfer, mode=mode, layers=k, seed=seed)
+                run_dir = self.out_dir / f"seed{seed}" / "transfer" / f"{init}-{mode}-k{k}"
+                with RunLogger(run_dir) as logger:
+                    result, _ = train_transfer(net, target, target_test, transfer, self.device, logger,
+                                               run_dir / "state.pt")
             records.append({"init": init, "mode": mode, "layers": k, "seed": seed, **dataclasses.asdict(result)})
             self._write(records)
         write_report(self.out_dir, records, self.setup_text())
@@ -161,6 +169,14 @@ class Study:
                 f"batch {cfg.pretrain.batch_size}; supervised baseline {cfg.supervised.epochs} epochs; transfer "
                 f"{cfg.transfer.epochs} epochs, Adam lr {cfg.transfer.lr}, new blocks {list(cfg.transfer.new_widths)}, "
                 f"fc {cfg.transfer.hidden}; seeds {list(cfg.seeds)}.")
+
+
+def knn_result(net: LayerwiseNet, k: int, target: ImageData, target_test: ImageData, pool: int) -> TransferResult:
+    """kNN accuracy (lightly's ``knn_predict``) of block ``k``'s pooled features, as a record."""
+    start = time.perf_counter()
+    accuracy = knn_accuracy(block_features(net, target.images, k, pool), target.labels,
+                            block_features(net, target_test.images, k, pool), target_test.labels)
+    return TransferResult(accuracy, [accuracy], 1, time.perf_counter() - start)
 
 
 def _key(record: dict) -> tuple:

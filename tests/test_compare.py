@@ -17,7 +17,7 @@ pretrain: {arch: {widths: [4, 6]}, steps_per_layer: 2, batch_size: 16}
 supervised: {epochs: 1, new_widths: [], hidden: 0, batch_size: 16}
 transfer: {epochs: 2, new_widths: [8], hidden: 16, batch_size: 16}
 inits: [layerwise, supervised, random]
-modes: [frozen, finetune, linear]
+modes: [frozen, finetune, linear, knn]
 layers: [1, 2]
 seeds: [0, 1]
 """
@@ -28,9 +28,10 @@ def test_compare_writes_results_report_and_figures(tmp_path):
     out = tmp_path / "study"
     assert main(["compare", "--config", str(tmp_path / "tiny.yaml"), "--out", str(out), "--no-progress"]) == 0
     records = json.loads((out / "results.json").read_text())["records"]
-    assert len(records) == 3 * 3 * 2 * 2
+    assert len(records) == 3 * 4 * 2 * 2
     assert all({"init", "mode", "layers", "seed", "test_acc", "best_epoch", "curve", "seconds"} <= set(r) for r in records)
-    assert all(len(r["curve"]) == 2 for r in records)
+    assert all(len(r["curve"]) == (1 if r["mode"] == "knn" else 2) for r in records)
+    assert {r["layers"] for r in records if r["mode"] == "knn"} == {1, 2}
     report = (out / "report.md").read_text()
     assert "| layerwise | finetune | 2 |" in report and "± " in report
     for figure in ("filters.png", "finetune_curves.png", "comparison.png"):

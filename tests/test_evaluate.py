@@ -1,0 +1,28 @@
+import torch
+
+from contrastive_lw.evaluate import block_features, knn_accuracy, linear_probe_accuracy
+from contrastive_lw.model import ArchConfig, LayerwiseNet
+
+
+def _separable(n=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 8, generator=g) + 4 * torch.nn.functional.one_hot(y, 8).float()
+    return x, y
+
+
+def test_knn_and_linear_probe_on_separable_features():
+    (x, y), (tx, ty) = _separable(), _separable(seed=1)
+    assert knn_accuracy(x, y, tx, ty, k=10) > 0.95
+    assert linear_probe_accuracy(x, y, tx, ty) > 0.95
+    assert knn_accuracy(x, y[torch.randperm(len(y))], tx, ty, k=10) < 0.7
+
+
+def test_block_features_pool_and_concatenate():
+    net = LayerwiseNet(ArchConfig(widths=(4, 6)))
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    assert block_features(net, images, 1, pool=4).shape == (5, 4 * 16)
+    assert block_features(net, images, [1, 2], pool=2, batch_size=2).shape == (5, 4 * 4 + 6 * 4)
+    features = block_features(net, images, 2, pool=99)   # eval mode (BatchNorm running stats) ...
+    assert net.training                                   # ... and the mode is restored
+    assert torch.allclose(features, net.eval()(images, 2).flatten(1))
