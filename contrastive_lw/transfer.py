@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import BACKBONE, layer_checkpoints, load_backbone, load_checkpoint, save_checkpoint
 from .config import from_dict, to_dict
 from .data import ImageData
 from .device import autocast, resolve_device
 from .errors import CheckpointError, ConfigError
 from .evaluate import block_features
-from .model import Classifier, LayerwiseNet, set_trainable
+from .model import ArchConfig, Classifier, LayerwiseNet, set_trainable
 from .patches import PatchIndex, crop
 from .runs import RunLogger
 
@@ -103,6 +103,7 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
     draws the same global batch and trains on its slice; only rank 0 writes."""
     device_ = distributed.init_distributed(resolve_device(device))
     torch.manual_seed(config.seed)
+    train, test = _on_device(train, device_), _on_device(test, device_)  # once, not per epoch
     backbone = transfer_backbone(source, config.layers).to(device_)
     num_classes = len(train.class_names)
     if config.mode in ("linear", "head2toe"):
@@ -127,7 +128,7 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
         model.eval()
         with torch.no_grad(), autocast(device_):
             predictions = torch.cat([model(x).argmax(1) for x, _ in _batches(test, 1024, device_, shuffle=False)])
-        return float((predictions.cpu() == test.labels).float().mean())
+        return float((predictions == test.labels).float().mean())
 
     def train_epoch(epoch: int) -> None:
         model.train()
@@ -201,9 +202,14 @@ def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_epoch: Callab
                           seconds + time.perf_counter() - start)
 
 
+def _on_device(data: ImageData, device: torch.device) -> ImageData:
+    return ImageData(data.images.to(device), data.labels.to(device), data.class_names)
+
+
 def _batches(data: ImageData, batch_size: int, device: torch.device, shuffle: bool, augment: bool = False):
-    """(images, labels) batches on ``device``; with ``augment``, random pad-4 crops and flips."""
-    images, labels = data.images.to(device), data.labels.to(device)
+    """(images, labels) batches of data already on ``device``; with ``augment``, random pad-4
+    crops and flips."""
+    images, labels = data.images, data.labels
     order = torch.randperm(len(images), device=device) if shuffle else torch.arange(len(images), device=device)
     for index in order.split(batch_size):
         x = images[index]
@@ -223,14 +229,12 @@ def random_crop_flip(images: torch.Tensor, padding: int = 4) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
 
 
-def load_init(init: str | Path, target_images: torch.Tensor, arch=None) -> tuple[str, LayerwiseNet]:
-    """The starting network for ``init``: ``random`` (normalised on ``target_images``) or a run
-    directory / checkpoint (layer-wise, end-to-end or supervised). Returns (name, network)."""
-    from .checkpoint import BACKBONE, layer_checkpoints, load_backbone
-
-    if str(init).startswith("random"):
-        from .model import ArchConfig
-
+def load_init(init: str | Path, target_images: torch.Tensor,
+              arch: ArchConfig | None = None) -> tuple[str, LayerwiseNet]:
+    """The starting network for ``init``: ``random`` (an ``arch`` network normalised on
+    ``target_images``) or a run directory / checkpoint (layer-wise, end-to-end or supervised).
+    Returns (name, network)."""
+    if str(init) == "random":
         net = LayerwiseNet(arch or ArchConfig())
         net.set_normalization(target_images)
         return "random", net
