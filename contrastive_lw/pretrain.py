@@ -215,9 +215,9 @@ class LayerwisePretrainer:
         bar = tqdm(range(first, steps), desc=f"layer {k}", initial=first, total=steps,
                    disable=not distributed.is_main_process() or (None if self.progress is None else not self.progress))
         start = time.perf_counter()
-        video, frames = images.dim() == 5, images.flatten(0, -4)
+        frames = images.flatten(0, -4)
+        draw = sampler.sample_video_indices if images.dim() == 5 else sampler.sample_indices
         for step in bar:
-            draw = sampler.sample_video_indices if video else sampler.sample_indices
             where = [PatchIndex(*map(distributed.shard, w)) for w in draw(images.shape, cfg.batch_size, device)[:views]]
             with torch.no_grad():
                 x = augment(to_float(torch.cat([crop(frames, w, patch) for w in where])))
