@@ -121,3 +121,12 @@ def test_help_does_not_load_torch():
     code = ("import sys; from contrastive_lw.cli import build_parser; build_parser(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_visualize_a_pretraining_run_and_an_empty_dir(tmp_path, npz, capsys):
+    out = tmp_path / "run"
+    assert _pretrain(npz, out, "--layers", "1") == 0
+    (out / "filters_layer1.png").unlink()
+    assert main(["visualize", str(out)]) == 0 and (out / "filters_layer1.png").stat().st_size > 0
+    (tmp_path / "empty").mkdir()
+    assert "neither results.json" in _error(capsys, main(["visualize", str(tmp_path / "empty")]))
