@@ -3,10 +3,11 @@ end-to-end time-to-accuracy, and a SimCLR peer at equal wall-clock time."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,25 +21,25 @@ from .device import autocast, resolve_device
 from .evaluate import block_features, linear_probe_accuracy
 from .losses import LossConfig, build_loss
 from .model import ArchConfig, LayerwiseNet, ProjectionHead, set_trainable
-from .patches import PatchSampler
-from .pretrain import LayerwisePretrainer, PretrainConfig
+from .patches import PatchSampler, crop
+from .pretrain import LayerwisePretrainer, PretrainConfig, frozen_features, train_step
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """Sizes of one benchmark run; :meth:`quick` is the CI-sized one."""
 
-    arch: ArchConfig = ArchConfig(widths=(64, 128))
+    arch: ArchConfig = field(default_factory=lambda: ArchConfig(widths=(64, 128)))
     batch_sizes: tuple[int, ...] = (2048, 512)   # per layer, last repeats
     timed_steps: int = 20
-    layerwise_steps: int = 600                    # per layer, for the time-to-accuracy race
-    end2end_budgets: tuple[float, ...] = (0.5, 1.0, 2.0)   # end-to-end steps, as multiples of layerwise_steps
+    layerwise_steps: tuple[int, ...] = (150, 300, 600)   # steps per layer of each greedy run
+    end2end_steps: tuple[int, ...] = (300, 600, 1200)    # steps of each end-to-end run
     probe_images: int = 2000
 
     @classmethod
     def quick(cls) -> BenchConfig:
-        return cls(arch=ArchConfig(widths=(16, 32)), batch_sizes=(256, 64), timed_steps=3, layerwise_steps=20,
-                   end2end_budgets=(1.0, 2.0), probe_images=200)
+        return cls(arch=ArchConfig(widths=(16, 32)), batch_sizes=(256, 64), timed_steps=3, layerwise_steps=(10, 20),
+                   end2end_steps=(20, 40), probe_images=200)
 
 
 def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
@@ -55,29 +56,22 @@ def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 10) -> 
 
 
 def layer_throughput(net: LayerwiseNet, k: int, batch: int, steps: int, device: torch.device,
-                     loss: LossConfig = LossConfig()) -> dict:
+                     loss: LossConfig | None = None) -> dict:
     """Greedy training step of layer ``k`` alone (frozen prefix forward, block k + head forward and
     backward, AdamW) on ready-made patches: patches/s and achieved GFLOP/s (FLOPs counted by
     ``torch.utils.flop_counter`` on one step)."""
     patch = net.receptive_field(k)
     set_trainable(net.blocks[: k - 1], False)
-    block, head = net.blocks[k - 1], ProjectionHead(net.out_channels(k) * net.output_size(patch, k) ** 2).to(device)
-    set_trainable(block, True)
-    optimizer = torch.optim.AdamW([*block.parameters(), *head.parameters()], lr=1e-3)
-    loss_fn = build_loss(loss)
+    head = ProjectionHead(net.out_channels(k) * net.output_size(patch, k) ** 2).to(device)
+    stage = nn.Sequential(net.blocks[k - 1], head)
+    set_trainable(stage, True)
+    optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-3)
+    loss_fn = build_loss(loss or LossConfig())
     views = 3 if loss_fn.uses_negatives else 2
-    x = torch.rand(views * batch, net.arch.in_channels, patch, patch, device=device).contiguous(
-        memory_format=torch.channels_last)
+    x = torch.rand(views * batch, net.arch.in_channels, patch, patch, device=device)
 
     def step() -> None:
-        with torch.no_grad():
-            features = net(x, k - 1) if k > 1 else net.normalize(x)
-        with autocast(device):
-            embeddings = head(block(features)).float().chunk(views)
-            value = loss_fn(*embeddings)
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        optimizer.step()
+        train_step(stage, loss_fn, optimizer, frozen_features(net, x, k - 1), views)
     with FlopCounterMode(display=False) as counter:
         step()
     seconds = _timed(step, steps, device)
@@ -87,11 +81,17 @@ def layer_throughput(net: LayerwiseNet, k: int, batch: int, steps: int, device: 
 
 
 def pipeline_throughput(images: torch.Tensor, patch: int, batch: int, steps: int, device: torch.device) -> float:
-    """Patches/s of the sampler + augmentation alone (three views, as the triplet loss uses)."""
-    sampler = PatchSampler(patch, "adjacent", seed=0, device=device)
-    augment = build_augmentation(AugmentConfig(), patch).to(device)
-    seconds = _timed(lambda: augment(to_float(torch.cat(sampler(images, batch)))), steps, device)
-    return steps * 3 * batch / seconds
+    """Patches/s of the sampler + augmentation alone, as the training loop runs them (three views,
+    as the triplet loss uses, cut from channels_last uint8 images on the device)."""
+    sampler = PatchSampler(patch, "adjacent" if 2 * patch <= min(images.shape[-2:]) else "exemplar",
+                           seed=0, device=device)
+    augment = build_augmentation(AugmentConfig()).to(device)
+    frames = images.to(device).contiguous(memory_format=torch.channels_last)
+
+    def views() -> torch.Tensor:
+        where = sampler.sample_indices(frames.shape, batch, device)
+        return augment(to_float(torch.cat([crop(frames, w, patch) for w in where])))
+    return steps * 3 * batch / _timed(views, steps, device)
 
 
 def probe_accuracy(net: LayerwiseNet, target: ImageData, target_test: ImageData) -> float:
@@ -102,28 +102,31 @@ def probe_accuracy(net: LayerwiseNet, target: ImageData, target_test: ImageData)
 
 
 def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: ImageData,
-                         config: BenchConfig, device: str) -> tuple[dict, float, float]:
-    """Wall time for greedy training to reach its accuracy, and for end-to-end training to reach
-    the same (or both accuracies at equal time if it never does). Returns (figures, greedy time,
-    greedy accuracy)."""
+                         config: BenchConfig, device: str) -> dict:
+    """Time-to-accuracy race on the same net and data (in-batch softmax loss, linear probe on all
+    blocks). End-to-end runs of ``end2end_steps`` set the target: the best accuracy any of them
+    reaches, at the time of the first that does. Greedy runs of ``layerwise_steps`` per layer, shortest
+    first, stop at the first that reaches it; if none does, both accuracies are compared at equal time
+    (the longest greedy run and the end-to-end run closest to it in time)."""
     base = PretrainConfig(arch=config.arch, loss=LossConfig(name="infonce"), lr=0.003,
                           batch_size=config.batch_sizes[-1], log_every=10 ** 9)
-    greedy_s, greedy_acc = _pretrain_and_probe(dataclasses.replace(base, steps_per_layer=config.layerwise_steps),
-                                               source, target, target_test, device)
-    tries = []
-    for multiple in config.end2end_budgets:
-        steps = max(1, int(multiple * config.layerwise_steps))
-        seconds, acc = _pretrain_and_probe(dataclasses.replace(base, mode="end2end", steps_per_layer=steps),
-                                           source, target, target_test, device)
-        tries.append((seconds, acc))
-        if acc >= greedy_acc:
+    end2end = [_pretrain_and_probe(dataclasses.replace(base, mode="end2end", steps_per_layer=steps),
+                                   source, target, target_test, device) for steps in config.end2end_steps]
+    target_acc = max(acc for _, acc in end2end)
+    greedy: list[tuple[float, float]] = []
+    for steps in config.layerwise_steps:
+        greedy.append(_pretrain_and_probe(dataclasses.replace(base, steps_per_layer=steps),
+                                          source, target, target_test, device))
+        if greedy[-1][1] >= target_acc:
             break
-    reached = [t for t in tries if t[1] >= greedy_acc]
-    end2end_s, end2end_acc = reached[0] if reached else min(tries, key=lambda t: abs(t[0] - greedy_s))
-    return ({"metric": "linear probe, all blocks", "target": greedy_acc, "layerwise_s": greedy_s,
-             "end2end_s": end2end_s, "ratio": greedy_s / end2end_s, "layerwise_acc": greedy_acc,
-             "end2end_acc": end2end_acc, "end2end_reached_target": bool(reached),
-             "end2end_tries": [{"seconds": s, "acc": a} for s, a in tries]}, greedy_s, greedy_acc)
+    reached = greedy[-1][1] >= target_acc
+    layerwise_s, layerwise_acc = greedy[-1]
+    end2end_s, end2end_acc = (next(run for run in end2end if run[1] == target_acc) if reached
+                              else min(end2end, key=lambda run: abs(run[0] - layerwise_s)))
+    return {"metric": "linear probe, all blocks", "target": target_acc, "reached": reached,
+            "layerwise_s": layerwise_s, "end2end_s": end2end_s, "ratio": layerwise_s / end2end_s,
+            "layerwise_acc": layerwise_acc, "end2end_acc": end2end_acc,
+            "layerwise_runs": _runs(config.layerwise_steps, greedy), "end2end_runs": _runs(config.end2end_steps, end2end)}
 
 
 def simclr_peer(source: torch.Tensor, target: ImageData, target_test: ImageData, arch: ArchConfig,
@@ -136,8 +139,7 @@ def simclr_peer(source: torch.Tensor, target: ImageData, target_test: ImageData,
     net = LayerwiseNet(arch).to(device)
     net.set_normalization(source)
     head = nn.Sequential(nn.Flatten(), nn.LazyLinear(512), nn.ReLU(), nn.Linear(512, 128)).to(device)
-    size = source.shape[-1]
-    augment = build_augmentation(AugmentConfig(crop_scale=(0.2, 1.0), rotation_degrees=0.0), size).to(device)
+    augment = build_augmentation(AugmentConfig(crop_scale=(0.2, 1.0), rotation_degrees=0.0)).to(device)
     loss_fn = NTXentLoss(temperature=0.1)
     images = source.to(device)
     head(F.adaptive_avg_pool2d(net(images[:2]), 1))
@@ -159,6 +161,7 @@ def run_bench(source: torch.Tensor, target: ImageData, target_test: ImageData, c
               device: str = "auto") -> dict:
     """Every figure of the benchmark, measured in this one call on this machine."""
     device_ = resolve_device(device)
+    load_before = os.getloadavg()
     torch.manual_seed(0)
     gflops = matmul_gflops(device_)
     net = LayerwiseNet(config.arch).to(device_, memory_format=torch.channels_last)
@@ -166,40 +169,46 @@ def run_bench(source: torch.Tensor, target: ImageData, target_test: ImageData, c
     for k in range(1, config.arch.num_blocks + 1):
         batch = config.batch_sizes[min(k, len(config.batch_sizes)) - 1]
         row = layer_throughput(net, k, batch, config.timed_steps, device_)
-        layers.append({**row, "fraction_of_matmul": row["gflops"] / gflops})
-    pipeline = pipeline_throughput(source.to(device_), layers[0]["patch"], layers[0]["batch"], config.timed_steps, device_)
-    race, greedy_s, greedy_acc = layerwise_vs_end2end(source, target, target_test, config, device)
-    simclr = simclr_peer(source, target, target_test, config.arch, greedy_s, config.batch_sizes[-1], device_)
+        pipeline = pipeline_throughput(source, row["patch"], batch, config.timed_steps, device_)
+        layers.append({**row, "fraction_of_matmul": row["gflops"] / gflops, "pipeline_patches_per_s": pipeline,
+                       "pipeline_ratio": pipeline / row["patches_per_s"]})
+    race = layerwise_vs_end2end(source, target, target_test, config, device)
+    simclr = simclr_peer(source, target, target_test, config.arch, race["layerwise_s"], config.batch_sizes[-1], device_)
     return {
-        "device": describe_device(device_), "matmul_gflops": gflops, "layers": layers,
-        "pipeline": {"patches_per_s": pipeline, "ratio_to_model": pipeline / layers[0]["patches_per_s"]},
+        "device": describe_device(device_), "load_avg_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
+        "matmul_gflops": gflops, "layers": layers,
+        "pipeline": {"patches_per_s": layers[0]["pipeline_patches_per_s"], "ratio_to_model": layers[0]["pipeline_ratio"]},
         "layerwise_vs_end2end": race,
-        "peer_simclr": {"budget_s": greedy_s, "ours_acc": greedy_acc, "simclr_acc": simclr},
+        "peer_simclr": {"budget_s": race["layerwise_s"], "ours_acc": race["layerwise_acc"], "simclr_acc": simclr},
     }
 
 
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} "
+            f"threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}")
 
 
 def format_table(result: dict) -> str:
     """The benchmark as a plain-text table."""
-    lines = [f"device: {result['device']}", f"float32 matmul: {result['matmul_gflops']:.0f} GFLOP/s", "",
-             "layer  patch  batch  patches/s   GFLOP/s  of matmul"]
+    load = result["load_avg_1min"]
+    lines = [f"device: {result['device']} (load average {load['start']:.1f} at start, {load['end']:.1f} at end)",
+             f"float32 matmul: {result['matmul_gflops']:.0f} GFLOP/s", "",
+             "layer  patch  batch  patches/s   GFLOP/s  of matmul  sampler+augment  ratio"]
     for row in result["layers"]:
         lines.append(f"{row['k']:>5}  {row['patch']:>5}  {row['batch']:>5}  {row['patches_per_s']:>9.0f}  "
-                     f"{row['gflops']:>8.1f}  {100 * row['fraction_of_matmul']:>8.0f}%")
-    pipe, race, peer = result["pipeline"], result["layerwise_vs_end2end"], result["peer_simclr"]
-    lines += ["", f"sampler + augmentation: {pipe['patches_per_s']:.0f} patches/s = "
-                  f"{pipe['ratio_to_model']:.2f}x what layer 1 consumes",
-              f"greedy layer-wise: {100 * race['layerwise_acc']:.1f}% in {race['layerwise_s']:.1f} s; end-to-end: "
-              f"{100 * race['end2end_acc']:.1f}% in {race['end2end_s']:.1f} s "
-              f"({'reached' if race['end2end_reached_target'] else 'did not reach'} the target); "
-              f"time ratio {race['ratio']:.2f}",
-              f"SimCLR peer, same backbone, {peer['budget_s']:.1f} s: {100 * peer['simclr_acc']:.1f}% "
-              f"(ours {100 * peer['ours_acc']:.1f}%)"]
+                     f"{row['gflops']:>8.1f}  {100 * row['fraction_of_matmul']:>8.0f}%  "
+                     f"{row['pipeline_patches_per_s']:>15.0f}  {row['pipeline_ratio']:>4.1f}x")
+    race, peer = result["layerwise_vs_end2end"], result["peer_simclr"]
+    runs = {key: ", ".join(f"{r['steps']} steps {100 * r['acc']:.1f}% in {r['seconds']:.0f} s" for r in race[key])
+            for key in ("end2end_runs", "layerwise_runs")}
+    lines += ["", f"end-to-end runs: {runs['end2end_runs']}", f"greedy runs (steps per layer): {runs['layerwise_runs']}",
+              (f"greedy {'reached' if race['reached'] else 'did not reach'} end-to-end's best "
+               f"({100 * race['target']:.1f}%): greedy {100 * race['layerwise_acc']:.1f}% in {race['layerwise_s']:.1f} s, "
+               f"end-to-end {100 * race['end2end_acc']:.1f}% in {race['end2end_s']:.1f} s, time ratio {race['ratio']:.2f}"),
+              (f"SimCLR peer, same backbone, {peer['budget_s']:.1f} s: {100 * peer['simclr_acc']:.1f}% "
+               f"(ours {100 * peer['ours_acc']:.1f}%)")]
     return "\n".join(lines)
 
 
@@ -210,6 +219,10 @@ def _pretrain_and_probe(config: PretrainConfig, source: torch.Tensor, target: Im
         net = LayerwisePretrainer(config, Path(tmp), device, progress=False, tensorboard=False).fit(source)
         seconds = time.perf_counter() - start
     return seconds, probe_accuracy(net, target, target_test)
+
+
+def _runs(steps: tuple[int, ...], results: list[tuple[float, float]]) -> list[dict]:
+    return [{"steps": n, "seconds": seconds, "acc": acc} for n, (seconds, acc) in zip(steps, results)]
 
 
 def _timed(step, steps: int, device: torch.device) -> float:

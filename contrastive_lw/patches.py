@@ -27,11 +27,12 @@ class Triplets(NamedTuple):
 
 
 def crop(images: torch.Tensor, where: PatchIndex, size: int) -> torch.Tensor:
-    """Cut one ``size`` x ``size`` patch per entry of ``where`` from ``images`` (N x C x H x W)."""
-    offsets = torch.arange(size, device=images.device)
-    rows = (where.top[:, None] + offsets)[:, :, None]
-    cols = (where.left[:, None] + offsets)[:, None, :]
-    return images[where.image[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
+    """Cut one ``size`` x ``size`` patch per entry of ``where`` from ``images`` (N x C x H x W).
+
+    One gather from the (copy-free) view of every patch position; fastest on channels_last
+    images, where each patch row is one contiguous run of memory."""
+    every_patch = images.unfold(2, size, 1).unfold(3, size, 1)  # N x C x H' x W' x size x size
+    return every_patch[where.image, :, where.top, where.left]
 
 
 class PatchSampler:

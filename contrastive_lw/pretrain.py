@@ -107,6 +107,27 @@ def warmup_cosine(steps: int, warmup_fraction: float):
     return factor
 
 
+@torch.no_grad()
+def frozen_features(net: LayerwiseNet, x: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Patches (float in [0, 1]) through the normalisation and the first ``prefix`` (frozen) blocks,
+    without recording gradients, channels_last for the trained stage's convolutions."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    return net(x, prefix) if prefix else net.normalize(x)
+
+
+def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               views: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """One optimisation step on ``views`` stacked views (anchor, positive[, negative]) of a batch;
+    returns the loss and the embeddings of each view."""
+    with autocast(x.device):
+        embeddings = model(x).float().chunk(views)
+        loss = loss_fn(*embeddings)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, embeddings
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT / SIGTERM arrived; the layer in progress was saved and the same command resumes it."""
 
@@ -206,7 +227,7 @@ class LayerwisePretrainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup_fraction))
         sampler = PatchSampler(patch, per_layer(cfg.positives, k), cfg.max_shift,
                                seed=cfg.seed * 1000 + k, device=device)
-        augment = build_augmentation(cfg.augment, patch, cfg.arch.in_channels).to(device)
+        augment = build_augmentation(cfg.augment, cfg.arch.in_channels).to(device)
         torch.manual_seed(cfg.seed * 1000 + k)
         first = self._load_state(k, net, stage, optimizer, scheduler, sampler)
         model = nn.parallel.DistributedDataParallel(stage) if distributed.world_size() > 1 else stage
@@ -215,19 +236,13 @@ class LayerwisePretrainer:
         bar = tqdm(range(first, steps), desc=f"layer {k}", initial=first, total=steps,
                    disable=not distributed.is_main_process() or (None if self.progress is None else not self.progress))
         start = time.perf_counter()
-        frames = images.flatten(0, -4)
+        frames = images.flatten(0, -4).contiguous(memory_format=torch.channels_last)  # fast crops
         draw = sampler.sample_video_indices if images.dim() == 5 else sampler.sample_indices
         for step in bar:
             where = [PatchIndex(*map(distributed.shard, w)) for w in draw(images.shape, cfg.batch_size, device)[:views]]
             with torch.no_grad():
                 x = augment(to_float(torch.cat([crop(frames, w, patch) for w in where])))
-                x = net(x.contiguous(memory_format=torch.channels_last), prefix) if prefix else net.normalize(x)
-            with autocast(device):
-                embeddings = model(x).float().chunk(views)
-                loss = self.loss_fn(*embeddings)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, embeddings = train_step(model, self.loss_fn, optimizer, frozen_features(net, x, prefix), views)
             scheduler.step()
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 self._log(logger, k, step, loss, embeddings, scheduler.get_last_lr()[0],
