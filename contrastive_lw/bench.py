@@ -30,7 +30,8 @@ class BenchConfig:
     """Sizes of one benchmark run; :meth:`quick` is the CI-sized one."""
 
     arch: ArchConfig = field(default_factory=lambda: ArchConfig(widths=(64, 128)))
-    batch_sizes: tuple[int, ...] = (2048, 512)   # per layer, last repeats
+    batch_sizes: tuple[int, ...] = (2048, 512)   # per layer for the throughput figures, last repeats
+    race_batch: int = 512                         # pretraining batch of the race and the SimCLR peer
     timed_steps: int = 20
     layerwise_steps: tuple[int, ...] = (150, 300, 600)   # steps per layer of each greedy run
     end2end_steps: tuple[int, ...] = (300, 600, 1200)    # steps of each end-to-end run
@@ -38,8 +39,8 @@ class BenchConfig:
 
     @classmethod
     def quick(cls) -> BenchConfig:
-        return cls(arch=ArchConfig(widths=(16, 32)), batch_sizes=(256, 64), timed_steps=3, layerwise_steps=(10, 20),
-                   end2end_steps=(20, 40), probe_images=200)
+        return cls(arch=ArchConfig(widths=(16, 32)), batch_sizes=(256, 64), race_batch=64, timed_steps=3,
+                   layerwise_steps=(10, 20), end2end_steps=(20, 40), probe_images=200)
 
 
 def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
@@ -109,7 +110,7 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
     first, stop at the first that reaches it; if none does, both accuracies are compared at equal time
     (the longest greedy run and the end-to-end run closest to it in time)."""
     base = PretrainConfig(arch=config.arch, loss=LossConfig(name="infonce"), lr=0.003,
-                          batch_size=config.batch_sizes[-1], log_every=10 ** 9)
+                          batch_size=config.race_batch, log_every=10 ** 9)
     end2end = [_pretrain_and_probe(dataclasses.replace(base, mode="end2end", steps_per_layer=steps),
                                    source, target, target_test, device) for steps in config.end2end_steps]
     target_acc = max(acc for _, acc in end2end)
@@ -173,7 +174,7 @@ def run_bench(source: torch.Tensor, target: ImageData, target_test: ImageData, c
         layers.append({**row, "fraction_of_matmul": row["gflops"] / gflops, "pipeline_patches_per_s": pipeline,
                        "pipeline_ratio": pipeline / row["patches_per_s"]})
     race = layerwise_vs_end2end(source, target, target_test, config, device)
-    simclr = simclr_peer(source, target, target_test, config.arch, race["layerwise_s"], config.batch_sizes[-1], device_)
+    simclr = simclr_peer(source, target, target_test, config.arch, race["layerwise_s"], config.race_batch, device_)
     return {
         "device": describe_device(device_), "load_avg_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
         "matmul_gflops": gflops, "layers": layers,

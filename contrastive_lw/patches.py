@@ -129,10 +129,11 @@ class PatchSampler:
         if positive == "exemplar":
             return zeros, zeros.clone()
         if positive == "adjacent":
-            # 0: right, 1: left, 2: below, 3: above
-            steps = torch.tensor([[0, 1], [0, -1], [1, 0], [-1, 0]], device=device) * self.patch_size
+            # 0: right, 1: left, 2: below, 3: above (arithmetic: no host-to-device copy per step)
             direction = self._randint(0, 3, batch_size, device)
-            return steps[direction, 0], steps[direction, 1]
+            step = (1 - 2 * (direction % 2)) * self.patch_size
+            vertical = direction >= 2
+            return step * vertical, step * ~vertical
         side = 2 * self.max_shift + 1
         cell = self._randint(0, side * side - 2, batch_size, device)
         cell = cell + (cell >= side * side // 2).long()  # skip the zero shift in the middle

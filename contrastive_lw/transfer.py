@@ -15,6 +15,7 @@ from . import distributed
 from .checkpoint import BACKBONE, layer_checkpoints, load_backbone, load_checkpoint, save_checkpoint
 from .config import from_dict, to_dict
 from .data import ImageData
+from .cudagraph import GraphedStep
 from .device import autocast, resolve_device
 from .errors import CheckpointError, ConfigError
 from .evaluate import block_features
@@ -116,7 +117,9 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
     else:
         groups = [{"params": list(backbone.parameters()), "lr": config.lr * config.layer_lr_ratio},
                   {"params": [*model.new_blocks.parameters(), *model.fc.parameters()]}]
-    optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    graphed = device_.type == "cuda" and distributed.world_size() == 1
+    optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay,
+                                 **({"fused": True, "capturable": True} if graphed else {}))
     parallel = nn.parallel.DistributedDataParallel(model) if distributed.world_size() > 1 else model
 
     def penalty() -> torch.Tensor | float:
@@ -127,19 +130,22 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
     def evaluate() -> float:
         model.eval()
         with torch.no_grad(), autocast(device_):
-            predictions = torch.cat([model(x).argmax(1) for x, _ in _batches(test, 1024, device_, shuffle=False)])
+            predictions = torch.cat([model(x).argmax(1) for x, _ in _batches(test, 1024, device_)])
         return float((predictions == test.labels).float().mean())
+
+    def batch_loss(index: torch.Tensor) -> torch.Tensor:
+        x = random_crop_flip(train.images[index]) if config.augment else train.images[index]
+        with autocast(device_):
+            return F.cross_entropy(parallel(distributed.shard(x)).float(), distributed.shard(train.labels[index])) + penalty()
+
+    step = GraphedStep(batch_loss, optimizer, config.batch_size, enabled=graphed)
 
     def train_epoch(epoch: int) -> None:
         model.train()
         if config.mode == "frozen":
             backbone.eval()
-        for x, y in _batches(train, config.batch_size, device_, shuffle=True, augment=config.augment):
-            with autocast(device_):
-                loss = F.cross_entropy(parallel(distributed.shard(x)).float(), distributed.shard(y)) + penalty()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        for index in torch.randperm(len(train.images), device=device_).split(config.batch_size):
+            step(index)
     return _fit(model, optimizer, train_epoch, evaluate, config, logger, state_path), model
 
 
@@ -206,16 +212,10 @@ def _on_device(data: ImageData, device: torch.device) -> ImageData:
     return ImageData(data.images.to(device), data.labels.to(device), data.class_names)
 
 
-def _batches(data: ImageData, batch_size: int, device: torch.device, shuffle: bool, augment: bool = False):
-    """(images, labels) batches of data already on ``device``; with ``augment``, random pad-4
-    crops and flips."""
-    images, labels = data.images, data.labels
-    order = torch.randperm(len(images), device=device) if shuffle else torch.arange(len(images), device=device)
-    for index in order.split(batch_size):
-        x = images[index]
-        if augment:
-            x = random_crop_flip(x)
-        yield x, labels[index]
+def _batches(data: ImageData, batch_size: int, device: torch.device):
+    """(images, labels) batches, in order, of data already on ``device``."""
+    for index in torch.arange(len(data.images), device=device).split(batch_size):
+        yield data.images[index], data.labels[index]
 
 
 def random_crop_flip(images: torch.Tensor, padding: int = 4) -> torch.Tensor:

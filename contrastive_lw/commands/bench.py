@@ -3,18 +3,23 @@ from __future__ import annotations
 
 import argparse
 
+from .common import parse_int_list
+
 HELP = "benchmark: matmul ceiling, per-layer throughput, data pipeline, layer-wise vs end-to-end, SimCLR peer"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench.json", help="JSON file for the figures")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (about a minute on 2 CPU cores)")
+    parser.add_argument("--batch-sizes", type=parse_int_list, default=None,
+                        help="per layer, for the throughput figures (default 2048,512; a GPU wants e.g. 32768,8192)")
     parser.add_argument("--dataset", default="sample", help="source of images (default: the bundled sample)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="auto")
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
     from pathlib import Path
 
@@ -22,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from ..data import load_dataset
 
     config = BenchConfig.quick() if args.quick else BenchConfig()
+    if args.batch_sizes:
+        config = dataclasses.replace(config, batch_sizes=tuple(args.batch_sizes))
     limit = config.probe_images
     source = load_dataset(args.dataset, "train", args.data_root, "0-4").images
     target = load_dataset(args.dataset, "train", args.data_root, "5-9", limit)
