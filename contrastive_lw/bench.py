@@ -7,6 +7,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (2048, 512)   # per layer for the throughput figures, last repeats
     race_batch: int = 512                         # pretraining batch of the race and the SimCLR peer
     timed_steps: int = 20
-    layerwise_steps: tuple[int, ...] = (150, 300, 600)   # steps per layer of each greedy run
+    layerwise_steps: tuple[int, ...] = (150, 300, 600, 1200)   # steps per layer of each greedy run
     end2end_steps: tuple[int, ...] = (300, 600, 1200)    # steps of each end-to-end run
     probe_images: int = 2000
 
@@ -95,39 +96,50 @@ def pipeline_throughput(images: torch.Tensor, patch: int, batch: int, steps: int
     return steps * 3 * batch / _timed(views, steps, device)
 
 
-def probe_accuracy(net: LayerwiseNet, target: ImageData, target_test: ImageData) -> float:
-    """Linear-probe accuracy on the target task, features of every block (4x4 pooled)."""
-    blocks = list(range(1, net.num_blocks + 1))
+def probe_accuracy(net: LayerwiseNet, target: ImageData, target_test: ImageData, depth: int | None = None) -> float:
+    """Linear-probe accuracy on the target task, features of blocks 1..``depth`` (all by default;
+    4x4 pooled, concatenated)."""
+    blocks = list(range(1, (depth or net.num_blocks) + 1))
     return linear_probe_accuracy(block_features(net, target.images, blocks), target.labels,
                                  block_features(net, target_test.images, blocks), target_test.labels)
 
 
 def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: ImageData,
-                         config: BenchConfig, device: str) -> dict:
-    """Time-to-accuracy race on the same net and data (in-batch softmax loss, linear probe on all
-    blocks). End-to-end runs of ``end2end_steps`` set the target: the best accuracy any of them
-    reaches, at the time of the first that does. Greedy runs of ``layerwise_steps`` per layer, shortest
-    first, stop at the first that reaches it; if none does, both accuracies are compared at equal time
-    (the longest greedy run and the end-to-end run closest to it in time)."""
+                         config: BenchConfig, device: str) -> list[dict]:
+    """Time-to-accuracy races, one per depth k = 1..K of blocks transferred (in-batch softmax loss,
+    linear probe on blocks 1..k).
+
+    End-to-end runs of ``end2end_steps`` train the whole K-block network, as a user who wants the
+    network must; their best probe accuracy at depth k, at the time of the first run that reaches it,
+    is the target. Greedy runs of ``layerwise_steps`` per layer train blocks 1..k only, shortest first,
+    and stop at the first that reaches the target; if none does, both accuracies are compared at
+    equal time (the longest greedy run and the end-to-end run closest to it in time)."""
     base = PretrainConfig(arch=config.arch, loss=LossConfig(name="infonce"), lr=0.003,
                           batch_size=config.race_batch, log_every=10 ** 9)
+    depths = range(1, config.arch.num_blocks + 1)
     end2end = [_pretrain_and_probe(dataclasses.replace(base, mode="end2end", steps_per_layer=steps),
-                                   source, target, target_test, device) for steps in config.end2end_steps]
-    target_acc = max(acc for _, acc in end2end)
-    greedy: list[tuple[float, float]] = []
-    for steps in config.layerwise_steps:
-        greedy.append(_pretrain_and_probe(dataclasses.replace(base, steps_per_layer=steps),
-                                          source, target, target_test, device))
-        if greedy[-1][1] >= target_acc:
-            break
-    reached = greedy[-1][1] >= target_acc
-    layerwise_s, layerwise_acc = greedy[-1]
-    end2end_s, end2end_acc = (next(run for run in end2end if run[1] == target_acc) if reached
-                              else min(end2end, key=lambda run: abs(run[0] - layerwise_s)))
-    return {"metric": "linear probe, all blocks", "target": target_acc, "reached": reached,
-            "layerwise_s": layerwise_s, "end2end_s": end2end_s, "ratio": layerwise_s / end2end_s,
-            "layerwise_acc": layerwise_acc, "end2end_acc": end2end_acc,
-            "layerwise_runs": _runs(config.layerwise_steps, greedy), "end2end_runs": _runs(config.end2end_steps, end2end)}
+                                   source, target, target_test, device, depths) for steps in config.end2end_steps]
+    races = []
+    for k in depths:
+        runs = [(seconds, accs[k - 1]) for seconds, accs in end2end]
+        target_acc = max(acc for _, acc in runs)
+        greedy: list[tuple[float, float]] = []
+        for steps in config.layerwise_steps:
+            greedy_config = dataclasses.replace(base, arch=config.arch.truncated(k), steps_per_layer=steps)
+            seconds, (acc,) = _pretrain_and_probe(greedy_config, source, target, target_test, device, [k])
+            greedy.append((seconds, acc))
+            if acc >= target_acc:
+                break
+        reached = greedy[-1][1] >= target_acc
+        layerwise_s, layerwise_acc = greedy[-1]
+        end2end_s, end2end_acc = (next(run for run in runs if run[1] == target_acc) if reached
+                                  else min(runs, key=lambda run: abs(run[0] - layerwise_s)))
+        races.append({"layers": k, "metric": f"linear probe, blocks 1-{k}" if k > 1 else "linear probe, block 1", "target": target_acc, "reached": reached,
+                      "layerwise_s": layerwise_s, "end2end_s": end2end_s, "ratio": layerwise_s / end2end_s,
+                      "layerwise_acc": layerwise_acc, "end2end_acc": end2end_acc,
+                      "layerwise_runs": _runs(config.layerwise_steps, greedy),
+                      "end2end_runs": _runs(config.end2end_steps, runs)})
+    return races
 
 
 def simclr_peer(source: torch.Tensor, target: ImageData, target_test: ImageData, arch: ArchConfig,
@@ -173,13 +185,14 @@ def run_bench(source: torch.Tensor, target: ImageData, target_test: ImageData, c
         pipeline = pipeline_throughput(source, row["patch"], batch, config.timed_steps, device_)
         layers.append({**row, "fraction_of_matmul": row["gflops"] / gflops, "pipeline_patches_per_s": pipeline,
                        "pipeline_ratio": pipeline / row["patches_per_s"]})
-    race = layerwise_vs_end2end(source, target, target_test, config, device)
+    races = layerwise_vs_end2end(source, target, target_test, config, device)
+    race = races[-1]
     simclr = simclr_peer(source, target, target_test, config.arch, race["layerwise_s"], config.race_batch, device_)
     return {
         "device": describe_device(device_), "load_avg_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
         "matmul_gflops": gflops, "layers": layers,
         "pipeline": {"patches_per_s": layers[0]["pipeline_patches_per_s"], "ratio_to_model": layers[0]["pipeline_ratio"]},
-        "layerwise_vs_end2end": race,
+        "layerwise_vs_end2end": race, "layerwise_vs_end2end_by_depth": races,
         "peer_simclr": {"budget_s": race["layerwise_s"], "ours_acc": race["layerwise_acc"], "simclr_acc": simclr},
     }
 
@@ -201,25 +214,28 @@ def format_table(result: dict) -> str:
         lines.append(f"{row['k']:>5}  {row['patch']:>5}  {row['batch']:>5}  {row['patches_per_s']:>9.0f}  "
                      f"{row['gflops']:>8.1f}  {100 * row['fraction_of_matmul']:>8.0f}%  "
                      f"{row['pipeline_patches_per_s']:>15.0f}  {row['pipeline_ratio']:>4.1f}x")
-    race, peer = result["layerwise_vs_end2end"], result["peer_simclr"]
-    runs = {key: ", ".join(f"{r['steps']} steps {100 * r['acc']:.1f}% in {r['seconds']:.0f} s" for r in race[key])
-            for key in ("end2end_runs", "layerwise_runs")}
-    lines += ["", f"end-to-end runs: {runs['end2end_runs']}", f"greedy runs (steps per layer): {runs['layerwise_runs']}",
-              (f"greedy {'reached' if race['reached'] else 'did not reach'} end-to-end's best "
-               f"({100 * race['target']:.1f}%): greedy {100 * race['layerwise_acc']:.1f}% in {race['layerwise_s']:.1f} s, "
-               f"end-to-end {100 * race['end2end_acc']:.1f}% in {race['end2end_s']:.1f} s, time ratio {race['ratio']:.2f}"),
-              (f"SimCLR peer, same backbone, {peer['budget_s']:.1f} s: {100 * peer['simclr_acc']:.1f}% "
-               f"(ours {100 * peer['ours_acc']:.1f}%)")]
+    peer = result["peer_simclr"]
+    for race in result["layerwise_vs_end2end_by_depth"]:
+        runs = {key: ", ".join(f"{r['steps']} steps {100 * r['acc']:.1f}% in {r['seconds']:.0f} s" for r in race[key])
+                for key in ("end2end_runs", "layerwise_runs")}
+        lines += ["", f"{race['metric']}:", f"  end-to-end runs (all blocks): {runs['end2end_runs']}",
+                  f"  greedy runs ({race['layers']} block(s), steps per layer): {runs['layerwise_runs']}",
+                  (f"  greedy {'reached' if race['reached'] else 'did not reach'} end-to-end's best "
+                   f"({100 * race['target']:.1f}%): greedy {100 * race['layerwise_acc']:.1f}% in {race['layerwise_s']:.1f} s, "
+                   f"end-to-end {100 * race['end2end_acc']:.1f}% in {race['end2end_s']:.1f} s, time ratio {race['ratio']:.2f}")]
+    lines += ["", f"SimCLR peer, same backbone, {peer['budget_s']:.1f} s: {100 * peer['simclr_acc']:.1f}% "
+                  f"(ours, all blocks: {100 * peer['ours_acc']:.1f}%)"]
     return "\n".join(lines)
 
 
 def _pretrain_and_probe(config: PretrainConfig, source: torch.Tensor, target: ImageData, target_test: ImageData,
-                        device: str) -> tuple[float, float]:
+                        device: str, depths: Sequence[int]) -> tuple[float, list[float]]:
+    """Pretraining wall time, and the probe accuracy at each depth of ``depths``."""
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         net = LayerwisePretrainer(config, Path(tmp), device, progress=False, tensorboard=False).fit(source)
         seconds = time.perf_counter() - start
-    return seconds, probe_accuracy(net, target, target_test)
+    return seconds, [probe_accuracy(net, target, target_test, k) for k in depths]
 
 
 def _runs(steps: tuple[int, ...], results: list[tuple[float, float]]) -> list[dict]:

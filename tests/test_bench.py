@@ -17,6 +17,11 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
     race = result["layerwise_vs_end2end"]
     assert set(race) >= {"metric", "target", "layerwise_s", "end2end_s", "ratio", "layerwise_acc", "end2end_acc"}
     assert race["layerwise_s"] > 0 and race["end2end_s"] > 0 and math.isclose(race["ratio"], race["layerwise_s"] / race["end2end_s"])
+    by_depth = result["layerwise_vs_end2end_by_depth"]
+    assert [r["layers"] for r in by_depth] == [1, 2] and by_depth[-1] == race
+    assert all(r["layerwise_s"] > 0 and 0 <= r["layerwise_acc"] <= 1 and 0 <= r["target"] <= 1 for r in by_depth)
+    # end-to-end trains the whole net once: its runs take the same time at every depth
+    assert [r["seconds"] for r in by_depth[0]["end2end_runs"]] == [r["seconds"] for r in race["end2end_runs"]]
     peer = result["peer_simclr"]
     assert peer["budget_s"] == race["layerwise_s"] and 0 <= peer["simclr_acc"] <= 1 and 0 <= peer["ours_acc"] <= 1
     assert "patches/s" in capsys.readouterr().out
