@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .augment import AugmentConfig, build_augmentation, to_float
 from .data import ImageData
 from .device import autocast, resolve_device
+from .errors import ConfigError
 from .evaluate import block_features, linear_probe_accuracy
 from .losses import LossConfig, build_loss
 from .model import ArchConfig, LayerwiseNet, ProjectionHead, set_trainable
@@ -37,6 +38,10 @@ class BenchConfig:
     layerwise_steps: tuple[int, ...] = (150, 300, 600, 1200)   # steps per layer of each greedy run
     end2end_steps: tuple[int, ...] = (300, 600, 1200)    # steps of each end-to-end run
     probe_images: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.probe_images < 10:
+            raise ConfigError(f"probe_images must be at least 10, got {self.probe_images}")
 
     @classmethod
     def quick(cls) -> BenchConfig:

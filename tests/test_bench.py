@@ -25,3 +25,9 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
     peer = result["peer_simclr"]
     assert peer["budget_s"] == race["layerwise_s"] and 0 <= peer["simclr_acc"] <= 1 and 0 <= peer["ours_acc"] <= 1
     assert "patches/s" in capsys.readouterr().out
+
+
+def test_bench_refuses_a_too_small_probe(tmp_path, capsys):
+    assert main(["bench", "--quick", "--probe-images", "3", "--out", str(tmp_path / "b.json"), "--device", "cpu"]) == 2
+    assert "probe_images must be at least 10" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()

@@ -13,6 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (about a minute on 2 CPU cores)")
     parser.add_argument("--batch-sizes", type=parse_int_list, default=None,
                         help="per layer, for the throughput figures (default 2048,512; a GPU wants e.g. 32768,8192)")
+    parser.add_argument("--probe-images", type=int, default=None,
+                        help="target-class training images of the linear probe, half as many test images "
+                             "(default 2000; the real CIFAR-10 allows 10000)")
     parser.add_argument("--dataset", default="sample", help="source of images (default: the bundled sample)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="auto")
@@ -29,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     config = BenchConfig.quick() if args.quick else BenchConfig()
     if args.batch_sizes:
         config = dataclasses.replace(config, batch_sizes=tuple(args.batch_sizes))
+    if args.probe_images is not None:
+        config = dataclasses.replace(config, probe_images=args.probe_images)
     limit = config.probe_images
     source = load_dataset(args.dataset, "train", args.data_root, "0-4").images
     target = load_dataset(args.dataset, "train", args.data_root, "5-9", limit)
