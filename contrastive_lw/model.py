@@ -69,6 +69,14 @@ class ConvBlock(nn.Sequential):
     def conv(self) -> nn.Conv2d:
         return self[0]
 
+    def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's map before its ReLU (conv, and BatchNorm where it has one)."""
+        for layer in self:
+            if isinstance(layer, nn.ReLU):
+                return x
+            x = layer(x)
+        raise AssertionError("a ConvBlock always holds a ReLU")
+
 
 class LayerwiseNet(nn.Module):
     """A stack of :class:`ConvBlock` s trained one block at a time.

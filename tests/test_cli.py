@@ -125,8 +125,9 @@ def test_help_does_not_load_torch():
 
 def test_visualize_a_pretraining_run_and_an_empty_dir(tmp_path, npz, capsys):
     out = tmp_path / "run"
-    assert _pretrain(npz, out, "--layers", "1") == 0
+    assert _pretrain(npz, out, "--layers", "2") == 0
     (out / "filters_layer1.png").unlink()
-    assert main(["visualize", str(out)]) == 0 and (out / "filters_layer1.png").stat().st_size > 0
+    assert main(["visualize", str(out), "--units", "8"]) == 0 and (out / "filters_layer1.png").stat().st_size > 0
+    assert all((out / f"units_layer{k}.png").stat().st_size > 0 for k in (1, 2))
     (tmp_path / "empty").mkdir()
     assert "neither results.json" in _error(capsys, main(["visualize", str(tmp_path / "empty")]))
