@@ -42,6 +42,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.probe_images < 10:
             raise ConfigError(f"probe_images must be at least 10, got {self.probe_images}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ConfigError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
 
     @classmethod
     def quick(cls) -> BenchConfig:

@@ -72,6 +72,9 @@ def test_grayscale_input_skips_colour_steps():
     assert torch.equal(augment(x), x)
 
 
-def test_unknown_backend_is_a_config_error():
-    with pytest.raises(ConfigError, match="augment.backend"):
-        AugmentConfig(backend="albumentations")
+@pytest.mark.parametrize("values, message", [({"backend": "albumentations"}, "augment.backend"),
+                                             ({"crop_scale": (0.0, 1.0)}, "augment.crop_scale"),
+                                             ({"jitter_p": 1.5}, "augment.jitter_p")])
+def test_unknown_backend_is_a_config_error(values, message):
+    with pytest.raises(ConfigError, match=message):
+        AugmentConfig(**values)

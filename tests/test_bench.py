@@ -1,6 +1,8 @@
 import json
 import math
 
+import pytest
+
 from contrastive_lw.cli import main
 
 
@@ -27,7 +29,9 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
     assert "patches/s" in capsys.readouterr().out
 
 
-def test_bench_refuses_a_too_small_probe(tmp_path, capsys):
-    assert main(["bench", "--quick", "--probe-images", "3", "--out", str(tmp_path / "b.json"), "--device", "cpu"]) == 2
-    assert "probe_images must be at least 10" in capsys.readouterr().err
+@pytest.mark.parametrize("flags, message", [(["--probe-images", "3"], "probe_images must be at least 10"),
+                                            (["--batch-sizes", "256,0"], "batch sizes must be positive")])
+def test_bench_refuses_bad_sizes(tmp_path, capsys, flags, message):
+    assert main(["bench", "--quick", *flags, "--out", str(tmp_path / "b.json"), "--device", "cpu"]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
