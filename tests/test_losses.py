@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from contrastive_lw.errors import ConfigError
-from contrastive_lw.losses import InfoNCELoss, LossConfig, TripletLoss, build_loss
+from contrastive_lw.losses import InfoNCELoss, LossConfig, TripletLoss, build_loss, nt_xent
 
 
 def test_cosine_triplet_values_on_hand_made_vectors():
@@ -38,6 +38,22 @@ def test_semihard_prefers_negatives_farther_than_the_positive():
     loss = TripletLoss(margin=0.5, mining="semihard")(a, p, n)
     # only candidate is n (own positive excluded); no semi-hard one -> falls back to it
     assert loss.item() == pytest.approx(1 - math.cos(0.5) + 0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_nt_xent_equals_lightly_in_value_and_gradient(temperature):
+    from lightly.loss import NTXentLoss
+
+    torch.manual_seed(0)
+    a, p = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
+    ours_inputs = [t.clone().requires_grad_() for t in (a, p)]
+    theirs_inputs = [t.clone().requires_grad_() for t in (a, p)]
+    ours, theirs = nt_xent(*ours_inputs, temperature), NTXentLoss(temperature)(*theirs_inputs)
+    ours.backward()
+    theirs.backward()
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-10)
+    for mine, reference in zip(ours_inputs, theirs_inputs):
+        assert torch.allclose(mine.grad, reference.grad, rtol=1e-8, atol=1e-12)
 
 
 def test_infonce_is_lightly_ntxent_and_ignores_negatives():
