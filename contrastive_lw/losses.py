@@ -106,7 +106,7 @@ class TripletLoss(nn.Module):
 def nt_xent(anchor: torch.Tensor, positive: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     """NT-Xent (SimCLR) loss of B (anchor, positive) pairs: each of the 2B embeddings classifies
     its partner among the 2B - 1 others by cosine similarity / ``temperature``. Equal to lightly's
-    ``NTXentLoss`` (tested) in a third of its time on a CPU: one 2B x 2B similarity matrix with a
+    ``NTXentLoss`` (tested) in 1.6-2.7x less time on a CPU: one 2B x 2B similarity matrix with a
     masked diagonal instead of gathered off-diagonal entries."""
     z = F.normalize(torch.cat([anchor, positive]), dim=1) * temperature ** -0.5
     logits = z @ z.t()
