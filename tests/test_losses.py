@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from contrastive_lw.errors import ConfigError
-from contrastive_lw.losses import InfoNCELoss, LossConfig, TripletLoss, build_loss, nt_xent
+from contrastive_lw.losses import InfoNCELoss, LossConfig, TripletLoss, build_loss, nt_xent, paired_distance
 
 
 def test_cosine_triplet_values_on_hand_made_vectors():
@@ -38,6 +38,21 @@ def test_semihard_prefers_negatives_farther_than_the_positive():
     loss = TripletLoss(margin=0.5, mining="semihard")(a, p, n)
     # only candidate is n (own positive excluded); no semi-hard one -> falls back to it
     assert loss.item() == pytest.approx(1 - math.cos(0.5) + 0.5, rel=1e-5)
+
+
+def test_paired_cosine_distance_matches_torch_in_value_and_gradient():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 16, dtype=torch.float64), torch.randn(32, 16, dtype=torch.float64)
+    x[0] = 0  # a zero embedding: no NaN, like torch's eps
+    ours = [t.clone().requires_grad_() for t in (x, y)]
+    reference = [t.clone().requires_grad_() for t in (x, y)]
+    value = paired_distance(*ours)
+    expected = 1 - torch.nn.functional.cosine_similarity(*reference, dim=1)
+    value.sum().backward()
+    expected.sum().backward()
+    assert torch.allclose(value, expected, rtol=1e-12, atol=1e-12)
+    for mine, theirs in zip(ours, reference):
+        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("temperature", [0.1, 0.5])
