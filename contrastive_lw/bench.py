@@ -23,8 +23,8 @@ from .errors import ConfigError
 from .evaluate import block_features, linear_probe_accuracy
 from .losses import LossConfig, build_loss
 from .model import ArchConfig, LayerwiseNet, ProjectionHead, set_trainable
-from .patches import PatchSampler, crop
-from .pretrain import LayerwisePretrainer, PretrainConfig, frozen_features, train_step
+from .patches import PatchSampler
+from .pretrain import LayerwisePretrainer, PretrainConfig, augmented_views, frozen_features, train_step
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,7 @@ def pipeline_throughput(images: torch.Tensor, patch: int, batch: int, steps: int
     frames = images.to(device).contiguous(memory_format=torch.channels_last)
 
     def views() -> torch.Tensor:
-        where = sampler.sample_indices(frames.shape, batch, device)
-        return augment(to_float(torch.cat([crop(frames, w, patch) for w in where])))
+        return augmented_views(frames, sampler.sample_indices(frames.shape, batch, device), patch, augment)
     return steps * 3 * batch / _timed(views, steps, device)
 
 

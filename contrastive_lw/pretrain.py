@@ -108,6 +108,13 @@ def warmup_cosine(steps: int, warmup_fraction: float):
 
 
 @torch.no_grad()
+def augmented_views(frames: torch.Tensor, where: list[PatchIndex], patch: int, augment: nn.Module) -> torch.Tensor:
+    """The ``patch``-sized crops of uint8 ``frames`` at each view's positions, stacked view after
+    view, as augmented floats in [0, 1]: the input of one training step."""
+    return augment(to_float(torch.cat([crop(frames, w, patch) for w in where])))
+
+
+@torch.no_grad()
 def frozen_features(net: LayerwiseNet, x: torch.Tensor, prefix: int) -> torch.Tensor:
     """Patches (float in [0, 1]) through the normalisation and the first ``prefix`` (frozen) blocks,
     without recording gradients, channels_last for the trained stage's convolutions."""
@@ -240,9 +247,8 @@ class LayerwisePretrainer:
         draw = sampler.sample_video_indices if images.dim() == 5 else sampler.sample_indices
         for step in bar:
             where = [PatchIndex(*map(distributed.shard, w)) for w in draw(images.shape, cfg.batch_size, device)[:views]]
-            with torch.no_grad():
-                x = augment(to_float(torch.cat([crop(frames, w, patch) for w in where])))
-            loss, embeddings = train_step(model, self.loss_fn, optimizer, frozen_features(net, x, prefix), views)
+            x = frozen_features(net, augmented_views(frames, where, patch, augment), prefix)
+            loss, embeddings = train_step(model, self.loss_fn, optimizer, x, views)
             scheduler.step()
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 self._log(logger, k, step, loss, embeddings, scheduler.get_last_lr()[0],
