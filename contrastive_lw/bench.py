@@ -169,7 +169,7 @@ def simclr_peer(source: torch.Tensor, target: ImageData, target_test: ImageData,
         views = torch.cat([augment(x), augment(x)])
         with autocast(device):
             z = head(F.adaptive_avg_pool2d(net(views), 1)).float()
-            value = loss_fn(*z.chunk(2))
+        value = loss_fn(*z.chunk(2))
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()

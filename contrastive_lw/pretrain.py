@@ -128,7 +128,7 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
     returns the loss and the embeddings of each view."""
     with autocast(x.device):
         embeddings = model(x).float().chunk(views)
-        loss = loss_fn(*embeddings)
+    loss = loss_fn(*embeddings)  # in float32: similarities / temperature lose digits in bf16
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
