@@ -212,17 +212,23 @@ def write_report(out_dir: str | Path, records: list[dict], setup: str = "") -> P
 
 
 def write_figures(out_dir: Path, records: list[dict]) -> list[Path]:
-    """Filter grids (unsupervised vs supervised), fine-tuning curves, the bar chart of the grid."""
+    """Filter grids and the deepest shared block's units (unsupervised vs supervised, activation
+    maximisation), fine-tuning curves, the bar chart of the grid."""
     from .checkpoint import load_backbone
-    from .visualize import save_bar_chart, save_curves, save_filter_grids
+    from .visualize import maximize_activation, save_bar_chart, save_curves, save_filter_grids
 
     figures = out_dir / "figures"
     written = []
     seed = min((r["seed"] for r in records), default=0)
-    grids = {f"{init} block 1": load_backbone(out_dir / f"seed{seed}" / init).blocks[0].conv.weight
-             for init in ("layerwise", "end2end", "supervised") if any((out_dir / f"seed{seed}" / init).glob("layer*.pt"))}
-    if grids:
-        written.append(save_filter_grids(grids, figures / "filters.png"))
+    backbones = {init: load_backbone(out_dir / f"seed{seed}" / init) for init in ("layerwise", "end2end", "supervised")
+                 if any((out_dir / f"seed{seed}" / init).glob("layer*.pt"))}
+    if backbones:
+        written.append(save_filter_grids({f"{init} block 1": net.blocks[0].conv.weight
+                                          for init, net in backbones.items()}, figures / "filters.png"))
+        deepest = min(net.num_blocks for net in backbones.values())
+        if deepest > 1:
+            units = {f"{init} block {deepest}": maximize_activation(net, deepest) for init, net in backbones.items()}
+            written.append(save_filter_grids(units, figures / f"units_block{deepest}.png"))
     finetune = [r for r in records if r["mode"] == "finetune"]
     if finetune:
         k = min(r["layers"] for r in finetune)
