@@ -3,6 +3,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 
 from contrastive_lw.cli import main
 
@@ -131,3 +132,21 @@ def test_visualize_a_pretraining_run_and_an_empty_dir(tmp_path, npz, capsys):
     assert all((out / f"units_layer{k}.png").stat().st_size > 0 for k in (1, 2))
     (tmp_path / "empty").mkdir()
     assert "neither results.json" in _error(capsys, main(["visualize", str(tmp_path / "empty")]))
+
+
+def test_supervised_takes_its_config_file_and_flags_override_it(tmp_path, npz):
+    (tmp_path / "sup.yaml").write_text("data: {dataset: npz:" + str(npz) + "}\narch: {widths: [4, 6]}\n"
+                                       "supervised: {epochs: 2, batch_size: 8, hidden: 16}\n")
+    out = tmp_path / "sup"
+    assert main(["supervised", "--config", str(tmp_path / "sup.yaml"), "--epochs", "1", "--no-progress",
+                 "--out", str(out)]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["arch"]["widths"] == [4, 6] and saved["data"]["dataset"] == f"npz:{npz}"
+    assert saved["supervised"]["epochs"] == 1 and saved["supervised"]["batch_size"] == 8   # flag > file > default
+    assert saved["supervised"]["hidden"] == 16 and saved["supervised"]["new_widths"] == []
+
+
+def test_supervised_config_with_an_unknown_section(tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("pretrain: {lr: 0.1}\n")
+    err = _error(capsys, main(["supervised", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "s")]))
+    assert "unknown section(s) ['pretrain']" in err

@@ -11,26 +11,33 @@ HELP = "train the same network with labels (the supervised initialisation for tr
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser, default="cifar100")
     add_run_arguments(parser, "run directory; its layerK.pt is a --init for transfer")
-    group = parser.add_argument_group("training")
+    group = parser.add_argument_group("training (flags override --config: sections data, arch, supervised)")
     group.add_argument("--widths", type=parse_int_list, help="filters per block (default 64,128,256)")
-    group.add_argument("--epochs", type=int, default=10)
-    group.add_argument("--batch-size", type=int, default=128)
-    group.add_argument("--lr", type=float, default=1e-3)
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--epochs", type=int, help="default 10")
+    group.add_argument("--batch-size", type=int, help="default 128")
+    group.add_argument("--lr", type=float, help="default 0.001")
+    group.add_argument("--seed", type=int, help="default 0")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import to_dict
+    from ..config import from_dict, load_yaml, to_dict
     from ..data import load_dataset
+    from ..errors import ConfigError
     from ..model import ArchConfig
     from ..runs import prepare_run_dir
     from ..supervised import train_supervised
     from ..transfer import TransferConfig
 
-    data = data_settings(args, None, default="cifar100")
-    arch = ArchConfig(widths=tuple(args.widths)) if args.widths else ArchConfig()
-    config = TransferConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            new_widths=(), hidden=0)
+    file_config = load_yaml(args.config) if args.config else {}
+    unknown = sorted(set(file_config) - {"data", "arch", "supervised"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown} in {args.config}; valid: ['arch', 'data', 'supervised']")
+    data = data_settings(args, file_config.get("data"), default="cifar100")
+    arch = from_dict(ArchConfig, {**file_config.get("arch", {}), **({"widths": args.widths} if args.widths else {})},
+                     "arch config")
+    flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    config = TransferConfig.from_dict({"new_widths": [], "hidden": 0, **file_config.get("supervised", {}),
+                                       **{k: v for k, v in flags.items() if v is not None}})
     train, test = (load_dataset(data["dataset"], split, data["data_root"], data["classes"], data["limit"],
                                 data["download"]) for split in ("train", "test"))
     out = prepare_run_dir(args.out, {"data": data, "arch": to_dict(arch), "supervised": to_dict(config)}, args.force)
