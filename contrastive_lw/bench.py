@@ -140,7 +140,8 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
         layerwise_s, layerwise_acc = greedy[-1]
         end2end_s, end2end_acc = (next(run for run in runs if run[1] == target_acc) if reached
                                   else min(runs, key=lambda run: abs(run[0] - layerwise_s)))
-        races.append({"layers": k, "metric": f"linear probe, blocks 1-{k}" if k > 1 else "linear probe, block 1", "target": target_acc, "reached": reached,
+        metric = f"linear probe, blocks 1-{k}" if k > 1 else "linear probe, block 1"
+        races.append({"layers": k, "metric": metric, "target": target_acc, "reached": reached,
                       "layerwise_s": layerwise_s, "end2end_s": end2end_s, "ratio": layerwise_s / end2end_s,
                       "layerwise_acc": layerwise_acc, "end2end_acc": end2end_acc,
                       "layerwise_runs": _runs(config.layerwise_steps, greedy),
@@ -227,8 +228,9 @@ def format_table(result: dict) -> str:
         lines += ["", f"{race['metric']}:", f"  end-to-end runs (all blocks): {runs['end2end_runs']}",
                   f"  greedy runs ({race['layers']} block(s), steps per layer): {runs['layerwise_runs']}",
                   (f"  greedy {'reached' if race['reached'] else 'did not reach'} end-to-end's best "
-                   f"({100 * race['target']:.1f}%): greedy {100 * race['layerwise_acc']:.1f}% in {race['layerwise_s']:.1f} s, "
-                   f"end-to-end {100 * race['end2end_acc']:.1f}% in {race['end2end_s']:.1f} s, time ratio {race['ratio']:.2f}")]
+                   f"({100 * race['target']:.1f}%): greedy {100 * race['layerwise_acc']:.1f}% in "
+                   f"{race['layerwise_s']:.1f} s, end-to-end {100 * race['end2end_acc']:.1f}% in "
+                   f"{race['end2end_s']:.1f} s, time ratio {race['ratio']:.2f}")]
     lines += ["", f"SimCLR peer, same backbone, {peer['budget_s']:.1f} s: {100 * peer['simclr_acc']:.1f}% "
                   f"(ours, all blocks: {100 * peer['ours_acc']:.1f}%)"]
     return "\n".join(lines)

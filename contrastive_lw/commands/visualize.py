@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "redraw figures from a saved study (filter grids, curves, chart) or pretraining run (filters, units of every block)"
+HELP = ("redraw figures from a saved study (filter grids, curves, chart) or a pretraining run "
+        "(filters, units of every block)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,9 +31,9 @@ def run(args: argparse.Namespace) -> int:
         net = load_backbone(run_dir)
         print(save_filter_grid(net.blocks[0].conv.weight, run_dir / "filters_layer1.png", "block-1 filters"))
         for k in range(1, net.num_blocks + 1) if args.units > 0 else ():
-            patches = maximize_activation(net, k, args.units)
+            patches, size = maximize_activation(net, k, args.units), net.receptive_field(k)
             print(save_filter_grid(patches, run_dir / f"units_layer{k}.png",
-                                   f"block {k}: the {patches.shape[-1]}x{patches.shape[-1]} patch that excites each unit most"))
+                                   f"block {k}: the {size}x{size} patch that excites each unit most"))
     else:
         raise UserError(f"{run_dir} holds neither results.json (a study) nor layerK.pt (a pretraining run)")
     return 0
