@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from contrastive_lw.errors import ConfigError
-from contrastive_lw.model import ArchConfig, LayerwiseNet, ProjectionHead
+from contrastive_lw.model import ArchConfig, Conv2d, LayerwiseNet, ProjectionHead
 
 
 def test_default_receptive_fields_are_the_seeds_patch_sizes():
@@ -57,3 +57,39 @@ def test_bad_arch_is_rejected(bad):
 def test_block_index_out_of_range():
     with pytest.raises(ConfigError, match="out of range"):
         LayerwiseNet().receptive_field(4)
+
+
+@pytest.mark.parametrize("in_ch, out_ch, kernel, side, bias", [(3, 8, 6, 7, True), (3, 8, 6, 8, True),
+                                                                 (16, 8, 3, 4, False), (2, 4, 3, 3, True)])
+def test_conv_as_one_matmul_equals_the_convolution(in_ch, out_ch, kernel, side, bias):
+    torch.manual_seed(0)
+    conv = Conv2d(in_ch, out_ch, kernel, bias=bias)
+    x = torch.randn(5, in_ch, side, side).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert conv._as_matmul(x)
+    grad = torch.randn(5, out_ch, side - kernel + 1, side - kernel + 1)
+    results = []
+    for forward in (conv._dense_forward, super(Conv2d, conv).forward):
+        conv.zero_grad()
+        x.grad = None
+        y = forward(x)
+        y.backward(grad)
+        results.append((y.detach(), x.grad, *(p.grad for p in conv.parameters())))
+    for dense, reference in zip(*results):
+        torch.testing.assert_close(dense, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_conv_runs_as_matmul_only_while_training_small_inputs_on_the_cpu():
+    conv = Conv2d(3, 8, 6)
+    patch = torch.rand(2, 3, 7, 7)
+    assert conv._as_matmul(patch)
+    assert not conv._as_matmul(torch.rand(2, 3, 32, 32))       # whole images: 28x the FLOPs
+    assert not conv._as_matmul(torch.rand(2, 3, 9, 9))         # 2.25x: measured slower
+    assert not conv._as_matmul(torch.rand(2, 3, 5, 5))         # smaller than the kernel: conv's error
+    assert not conv._as_matmul(patch.to("meta"))
+    with torch.no_grad():
+        assert not conv._as_matmul(patch)
+    conv.matmul_path = False
+    assert not conv._as_matmul(patch)
+    conv.matmul_path = True
+    conv.requires_grad_(False)
+    assert not conv._as_matmul(patch)
