@@ -55,10 +55,10 @@ class ArchConfig:
 class Conv2d(nn.Conv2d):
     """An unpadded, stride-1 ``nn.Conv2d`` that, while its weights train on the CPU, runs as one
     matmul over the flattened input when the input is barely larger than the kernel (side^2 <=
-    ``2 kernel^2``: a block at its receptive field, as greedy pretraining trains it).
+    ``1.5 kernel^2``: block 1 at its 7x7 receptive field, as greedy pretraining trains it).
 
     The weight is scattered into a dense (positions x out) x (side^2 x in) matrix, which costs up to
-    2x the convolution's FLOPs but is 1.3-1.6x faster than oneDNN's convolution at these shapes
+    1.5x the convolution's FLOPs but is 1.3-1.6x faster than oneDNN's convolution at these shapes
     on 2 CPU cores (``python experiments/conv_timing.py``). Same parameters, same results;
     ``matmul_path = False`` (on the class or one instance) always runs the convolution."""
 
@@ -72,7 +72,8 @@ class Conv2d(nn.Conv2d):
     def _as_matmul(self, x: torch.Tensor) -> bool:
         kernel, side = self.kernel_size[0], x.shape[-1]
         return (self.matmul_path and x.device.type == "cpu" and self.weight.requires_grad and torch.is_grad_enabled()
-                and x.dim() == 4 and x.shape[-2] == side and kernel <= side and side * side <= 2 * kernel * kernel
+                and x.dim() == 4 and x.shape[-2] == side and kernel <= side
+                and 2 * side * side <= 3 * kernel * kernel
                 and self.stride == (1, 1) and self.padding == (0, 0) and self.dilation == (1, 1)
                 and self.groups == 1 and self.kernel_size[1] == kernel)
 
@@ -96,14 +97,22 @@ class ConvBlock(nn.Sequential):
         layers: list[nn.Module] = [Conv2d(in_channels, out_channels, kernel_size, bias=not batch_norm)]
         if batch_norm:
             layers.append(nn.BatchNorm2d(out_channels))
-        layers.append(nn.ReLU())
+        layers.append(nn.ReLU(inplace=True))
         if pool > 1:
             layers.append(nn.MaxPool2d(pool))
         super().__init__(*layers)
         self.kernel_size, self.pool = kernel_size, pool
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, nn.ReLU) and x._base is not None and torch.is_grad_enabled():
+                x = F.relu(x)  # in place on a view autograd records (Conv2d's matmul path), backward copies
+            else:
+                x = layer(x)
+        return x
+
     @property
-    def conv(self) -> nn.Conv2d:
+    def conv(self) -> Conv2d:
         return self[0]
 
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
