@@ -106,7 +106,7 @@ class ConvBlock(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, nn.ReLU) and x._base is not None and torch.is_grad_enabled():
-                x = F.relu(x)  # in place on a view autograd records (Conv2d's matmul path), backward copies
+                x = F.relu(x)  # not in place on Conv2d's matmul-path view: its backward would copy the base
             else:
                 x = layer(x)
         return x

@@ -29,9 +29,9 @@ class Triplets(NamedTuple):
 def crop(images: torch.Tensor, where: PatchIndex, size: int) -> torch.Tensor:
     """Cut one ``size`` x ``size`` patch per entry of ``where`` from ``images`` (N x C x H x W).
 
-    On channels_last images (where each patch row is one contiguous run of memory) one
-    ``index_select`` of patch windows from a strided view of the images' memory, ~2x faster than
-    the general path: one gather from the (copy-free) view of every patch position."""
+    On channels_last images, where each patch row is one contiguous run of memory: one
+    ``index_select`` of patch windows from a strided view of the images' memory (2x faster);
+    otherwise one gather from the (copy-free) view of every patch position."""
     n, channels, height, width = images.shape
     if not images.is_contiguous(memory_format=torch.channels_last):
         every_patch = images.unfold(2, size, 1).unfold(3, size, 1)  # N x C x H' x W' x size x size
