@@ -8,7 +8,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +116,7 @@ def probe_accuracy(net: LayerwiseNet, target: ImageData, target_test: ImageData,
 
 
 def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: ImageData,
-                         config: BenchConfig, device: str) -> list[dict]:
+                         config: BenchConfig, device: str, say: Callable[[str], None] = print) -> list[dict]:
     """Time-to-accuracy races, one per depth k = 1..K of blocks transferred (in-batch softmax loss,
     linear probe on blocks 1..k).
 
@@ -124,12 +124,17 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
     network must; their best probe accuracy at depth k, at the time of the first run that reaches it,
     is the target. Greedy runs of ``layerwise_steps`` per layer train blocks 1..k only, shortest first,
     and stop at the first that reaches the target; if none does, both accuracies are compared at
-    equal time (the longest greedy run and the end-to-end run closest to it in time)."""
+    equal time (the longest greedy run and the end-to-end run closest to it in time). ``say``
+    reports each run as it ends."""
     base = PretrainConfig(arch=config.arch, loss=LossConfig(name="infonce"), lr=0.003,
                           batch_size=config.race_batch, log_every=10 ** 9)
     depths = range(1, config.arch.num_blocks + 1)
-    end2end = [_pretrain_and_probe(dataclasses.replace(base, mode="end2end", steps_per_layer=steps),
-                                   source, target, target_test, device, depths) for steps in config.end2end_steps]
+    end2end = []
+    for steps in config.end2end_steps:
+        end2end.append(_pretrain_and_probe(dataclasses.replace(base, mode="end2end", steps_per_layer=steps),
+                                           source, target, target_test, device, depths))
+        seconds, accs = end2end[-1]
+        say(f"end-to-end, {steps} steps: {seconds:.0f} s, probe " + ", ".join(f"{100 * a:.1f}%" for a in accs))
     races = []
     for k in depths:
         runs = [(seconds, accs[k - 1]) for seconds, accs in end2end]
@@ -139,6 +144,7 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
             greedy_config = dataclasses.replace(base, arch=config.arch.truncated(k), steps_per_layer=steps)
             seconds, (acc,) = _pretrain_and_probe(greedy_config, source, target, target_test, device, [k])
             greedy.append((seconds, acc))
+            say(f"greedy, blocks 1-{k}, {steps} steps per layer: {seconds:.0f} s, probe {100 * acc:.1f}%")
             if acc >= target_acc:
                 break
         reached = greedy[-1][1] >= target_acc
@@ -183,8 +189,9 @@ def simclr_peer(source: torch.Tensor, target: ImageData, target_test: ImageData,
 
 
 def run_bench(source: torch.Tensor, target: ImageData, target_test: ImageData, config: BenchConfig,
-              device: str = "auto") -> dict:
-    """Every figure of the benchmark, measured in this one call on this machine."""
+              device: str = "auto", say: Callable[[str], None] = print) -> dict:
+    """Every figure of the benchmark, measured in this one call on this machine; ``say`` reports
+    progress (minutes on a CPU)."""
     device_ = resolve_device(device)
     load_before = os.getloadavg()
     torch.manual_seed(0)
@@ -196,11 +203,13 @@ def run_bench(source: torch.Tensor, target: ImageData, target_test: ImageData, c
         row = layer_throughput(net, k, batch, config.timed_steps, device_)
         pipeline = pipeline_throughput(source, row["patch"], batch, config.timed_steps, device_)
         layers.append({**row, "pipeline_patches_per_s": pipeline, "pipeline_ratio": pipeline / row["patches_per_s"]})
+        say(f"layer {k}: {row['patches_per_s']:,.0f} patches/s, sampler + augmentation {pipeline:,.0f} patches/s")
     for row in layers:
         row["fraction_of_matmul"] = row["gflops"] / gflops
-    races = layerwise_vs_end2end(source, target, target_test, config, device)
+    races = layerwise_vs_end2end(source, target, target_test, config, device, say)
     race = races[-1]
     simclr = simclr_peer(source, target, target_test, config.arch, race["layerwise_s"], config.race_batch, device_)
+    say(f"SimCLR peer, {race['layerwise_s']:.0f} s: probe {100 * simclr:.1f}%")
     return {
         "device": describe_device(device_), "load_avg_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
         "matmul_gflops": gflops, "layers": layers,

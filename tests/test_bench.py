@@ -33,7 +33,11 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
     assert [r["seconds"] for r in by_depth[0]["end2end_runs"]] == [r["seconds"] for r in race["end2end_runs"]]
     peer = result["peer_simclr"]
     assert peer["budget_s"] == race["layerwise_s"] and 0 <= peer["simclr_acc"] <= 1 and 0 <= peer["ours_acc"] <= 1
-    assert "patches/s" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "patches/s" in printed.out
+    progress = printed.err.splitlines()  # one line per measurement as it ends, on stderr
+    assert sum("end-to-end, " in line for line in progress) == 2 and any("layer 2:" in line for line in progress)
+    assert any("greedy, blocks 1-2" in line for line in progress) and "SimCLR peer" in progress[-1]
 
 
 @pytest.mark.parametrize("flags, message", [(["--probe-images", "3"], "probe_images must be at least 10"),

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
     import json
+    import sys
+    import time
     from pathlib import Path
 
     from ..bench import BenchConfig, format_table, run_bench
@@ -38,7 +40,11 @@ def run(args: argparse.Namespace) -> int:
     source = load_dataset(args.dataset, "train", args.data_root, "0-4").images
     target = load_dataset(args.dataset, "train", args.data_root, "5-9", limit)
     target_test = load_dataset(args.dataset, "test", args.data_root, "5-9", limit // 2)
-    result = run_bench(source, target, target_test, config, args.device)
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - start:5.0f} s] {message}", file=sys.stderr, flush=True)
+    result = run_bench(source, target, target_test, config, args.device, say)
     result["setup"] = {"dataset": args.dataset, "source_images": len(source), "probe_train": len(target),
                        "probe_test": len(target_test), "quick": args.quick}
     Path(args.out).write_text(json.dumps(result, indent=1))
