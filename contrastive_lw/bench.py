@@ -2,7 +2,6 @@
 end-to-end time-to-accuracy, and a SimCLR peer at equal wall-clock time."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import platform
@@ -61,8 +60,8 @@ def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 10) -> 
 def layer_throughput(net: LayerwiseNet, k: int, batch: int, steps: int, device: torch.device,
                      loss: LossConfig | None = None) -> dict:
     """Greedy training step of layer ``k`` alone (frozen prefix forward, block k + head forward and
-    backward, AdamW) on ready-made patches: patches/s and achieved GFLOP/s (FLOPs of the model's
-    shapes, see :func:`_model_flops`)."""
+    backward, AdamW) on ready-made patches: patches/s and achieved GFLOP/s (FLOPs counted by
+    ``torch.utils.flop_counter`` on one step)."""
     patch = net.receptive_field(k)
     set_trainable(net.blocks[: k - 1], False)
     head = ProjectionHead(net.out_channels(k) * net.output_size(patch, k) ** 2).to(device)
@@ -75,23 +74,12 @@ def layer_throughput(net: LayerwiseNet, k: int, batch: int, steps: int, device: 
 
     def step() -> None:
         train_step(stage, loss_fn, optimizer, frozen_features(net, x, k - 1), views)
+    with FlopCounterMode(display=False) as counter:
+        step()
     seconds = _timed(step, steps, device)
     patches_per_s = steps * views * batch / seconds
-    flops = _model_flops(nn.Sequential(net, stage), loss_fn, x, k - 1, views)
     return {"k": k, "patch": patch, "batch": batch, "patches_per_s": patches_per_s,
-            "gflops": flops / (views * batch) * patches_per_s / 1e9}
-
-
-def _model_flops(modules: nn.Sequential, loss_fn: nn.Module, x: torch.Tensor, prefix: int, views: int) -> int:
-    """FLOPs of one training step's forward + backward as the model's shapes define them
-    (``modules`` = net, stage): counted by ``torch.utils.flop_counter`` on a copy on the meta
-    device, so that an implementation's extra work (the dense :class:`~contrastive_lw.model.Conv2d`
-    path) does not count."""
-    net, stage = copy.deepcopy(modules).to("meta")
-    with FlopCounterMode(display=False) as counter:
-        embeddings = stage(frozen_features(net, x.to("meta"), prefix)).chunk(views)
-        loss_fn(*embeddings).backward()
-    return counter.get_total_flops()
+            "gflops": counter.get_total_flops() / (views * batch) * patches_per_s / 1e9}
 
 
 def pipeline_throughput(images: torch.Tensor, patch: int, batch: int, steps: int, device: torch.device) -> float:

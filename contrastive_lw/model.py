@@ -53,39 +53,39 @@ class ArchConfig:
 
 
 class Conv2d(nn.Conv2d):
-    """An unpadded, stride-1 ``nn.Conv2d`` that, while its weights train on the CPU, runs as one
-    matmul over the flattened input when the input is barely larger than the kernel (side^2 <=
-    ``1.5 kernel^2``: block 1 at its 7x7 receptive field, as greedy pretraining trains it).
+    """An unpadded, stride-1 ``nn.Conv2d`` that, while its weights train on the CPU on an input that
+    needs no gradient and gives at most 2 x 2 outputs (a greedy block at its receptive field),
+    runs as one matmul of the input's k x k windows with the weight.
 
-    The weight is scattered into a dense (positions x out) x (side^2 x in) matrix, which costs up to
-    1.5x the convolution's FLOPs but is 1.3-1.6x faster than oneDNN's convolution at these shapes
-    on 2 CPU cores (``python experiments/conv_timing.py``). Same parameters, same results;
+    The windows are a strided view of the channels_last input, copied once by the matmul's
+    reshape (im2col); the FLOPs are the convolution's. oneDNN is slow at these shapes: the
+    convolution's forward + weight gradient is 1.6x faster this way on 2 CPU cores and slower
+    at larger outputs (``python experiments/conv_timing.py``). Same parameters, same results;
     ``matmul_path = False`` (on the class or one instance) always runs the convolution."""
 
     matmul_path: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._as_matmul(x):
-            return self._dense_forward(x)
+            return self._im2col_forward(x)
         return super().forward(x)
 
     def _as_matmul(self, x: torch.Tensor) -> bool:
-        kernel, side = self.kernel_size[0], x.shape[-1]
+        kernel = self.kernel_size[0]
         return (self.matmul_path and x.device.type == "cpu" and self.weight.requires_grad and torch.is_grad_enabled()
-                and x.dim() == 4 and x.shape[-2] == side and kernel <= side
-                and 2 * side * side <= 3 * kernel * kernel
-                and self.stride == (1, 1) and self.padding == (0, 0) and self.dilation == (1, 1)
-                and self.groups == 1 and self.kernel_size[1] == kernel)
+                and not x.requires_grad and x.dim() == 4 and x.shape[-2] == x.shape[-1]
+                and 1 <= x.shape[-1] - kernel + 1 <= 2 and self.kernel_size[1] == kernel
+                and self.stride == (1, 1) and self.padding == (0, 0) and self.dilation == (1, 1) and self.groups == 1)
 
-    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _im2col_forward(self, x: torch.Tensor) -> torch.Tensor:
         n, channels, side, _ = x.shape
-        m = side - self.kernel_size[0] + 1
-        weight = self.weight.permute(0, 2, 3, 1)  # out x k x k x in, the order of a channels_last pixel
-        dense = torch.stack([F.pad(weight, (0, 0, left, m - 1 - left, top, m - 1 - top))
-                             for top in range(m) for left in range(m)])
-        bias = None if self.bias is None else self.bias.repeat(m * m)
-        y = F.linear(x.permute(0, 2, 3, 1).reshape(n, side * side * channels),
-                     dense.reshape(m * m * self.out_channels, side * side * channels), bias)
+        kernel = self.kernel_size[0]
+        m = side - kernel + 1
+        pixels = x.permute(0, 2, 3, 1).contiguous()  # a view for channels_last input
+        row = side * channels
+        windows = pixels.as_strided((n, m, m, kernel, kernel * channels), (side * row, row, channels, row, 1))
+        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # the windows' order
+        y = F.linear(windows.reshape(n * m * m, -1), weight, self.bias)
         return y.view(n, m, m, self.out_channels).permute(0, 3, 1, 2)  # channels_last memory
 
 

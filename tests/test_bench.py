@@ -2,15 +2,8 @@ import json
 import math
 
 import pytest
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from contrastive_lw.bench import _model_flops
 from contrastive_lw.cli import main
-from contrastive_lw.losses import LossConfig, build_loss
-from contrastive_lw.model import Conv2d, LayerwiseNet, ProjectionHead
-from contrastive_lw.pretrain import frozen_features
 
 
 def test_quick_bench_writes_every_figure(tmp_path, capsys):
@@ -47,16 +40,3 @@ def test_bench_refuses_bad_sizes(tmp_path, capsys, flags, message):
     assert message in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
 
-
-def test_flops_are_the_convolutions_not_the_dense_paths(monkeypatch):
-    net = LayerwiseNet()
-    stage = nn.Sequential(net.blocks[0], ProjectionHead(64))
-    loss_fn, x = build_loss(LossConfig()), torch.rand(3 * 8, 3, 7, 7)
-
-    def counted() -> int:
-        with FlopCounterMode(display=False) as counter:
-            loss_fn(*stage(frozen_features(net, x, 0)).chunk(3)).backward()
-        return counter.get_total_flops()
-    dense = counted()
-    monkeypatch.setattr(Conv2d, "matmul_path", False)
-    assert _model_flops(nn.Sequential(net, stage), loss_fn, x, 0, 3) == counted() < dense

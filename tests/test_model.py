@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from contrastive_lw.errors import ConfigError
 from contrastive_lw.model import ArchConfig, Conv2d, LayerwiseNet, ProjectionHead
@@ -59,33 +60,34 @@ def test_block_index_out_of_range():
         LayerwiseNet().receptive_field(4)
 
 
-@pytest.mark.parametrize("in_ch, out_ch, kernel, side, bias", [(3, 8, 6, 7, True), (16, 8, 5, 6, False),
-                                                                 (2, 4, 3, 3, True)])
+@pytest.mark.parametrize("in_ch, out_ch, kernel, side, bias", [(3, 8, 6, 7, True), (16, 8, 3, 4, False),
+                                                                 (4, 8, 5, 5, True), (2, 4, 3, 3, True)])
 def test_conv_as_one_matmul_equals_the_convolution(in_ch, out_ch, kernel, side, bias):
     torch.manual_seed(0)
     conv = Conv2d(in_ch, out_ch, kernel, bias=bias)
-    x = torch.randn(5, in_ch, side, side).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(5, in_ch, side, side).contiguous(memory_format=torch.channels_last)[1:]  # storage offset
     assert conv._as_matmul(x)
-    grad = torch.randn(5, out_ch, side - kernel + 1, side - kernel + 1)
+    grad = torch.randn(4, out_ch, side - kernel + 1, side - kernel + 1)
     results = []
-    for forward in (conv._dense_forward, super(Conv2d, conv).forward):
+    for forward in (conv._im2col_forward, super(Conv2d, conv).forward):
         conv.zero_grad()
-        x.grad = None
         y = forward(x)
         y.backward(grad)
-        results.append((y.detach(), x.grad, *(p.grad for p in conv.parameters())))
-    for dense, reference in zip(*results):
-        torch.testing.assert_close(dense, reference, rtol=1e-4, atol=1e-5)
+        results.append((y.detach(), *(p.grad for p in conv.parameters())))
+    for matmul, reference in zip(*results):
+        torch.testing.assert_close(matmul, reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(conv._im2col_forward(x.contiguous()), results[1][0], rtol=1e-4, atol=1e-5)
 
 
-def test_conv_runs_as_matmul_only_while_training_small_inputs_on_the_cpu():
+def test_conv_runs_as_matmul_only_while_training_on_inputs_of_at_most_2x2_outputs_on_the_cpu():
     conv = Conv2d(3, 8, 6)
     patch = torch.rand(2, 3, 7, 7)
     assert conv._as_matmul(patch)
-    assert not conv._as_matmul(torch.rand(2, 3, 32, 32))       # whole images: 28x the FLOPs
-    assert not conv._as_matmul(torch.rand(2, 3, 8, 8))         # 1.8x the FLOPs: no faster
+    assert not conv._as_matmul(torch.rand(2, 3, 32, 32))       # larger outputs: oneDNN is faster
+    assert not conv._as_matmul(torch.rand(2, 3, 8, 8))
     assert not conv._as_matmul(torch.rand(2, 3, 5, 5))         # smaller than the kernel: conv's error
     assert not conv._as_matmul(patch.to("meta"))
+    assert not conv._as_matmul(patch.clone().requires_grad_())  # end-to-end: the input needs a gradient
     with torch.no_grad():
         assert not conv._as_matmul(patch)
     conv.matmul_path = False
@@ -93,6 +95,18 @@ def test_conv_runs_as_matmul_only_while_training_small_inputs_on_the_cpu():
     conv.matmul_path = True
     conv.requires_grad_(False)
     assert not conv._as_matmul(patch)
+
+
+def test_matmul_path_counts_the_convolutions_flops(monkeypatch):
+    block, patch = LayerwiseNet().blocks[0], torch.rand(6, 3, 7, 7)
+
+    def counted() -> int:
+        with FlopCounterMode(display=False) as counter:
+            block(patch).sum().backward()
+        return counter.get_total_flops()
+    on_matmul_path = counted()
+    monkeypatch.setattr(Conv2d, "matmul_path", False)
+    assert on_matmul_path == counted() > 0  # the bench's GFLOP/s need no correction
 
 
 def test_block_gives_the_same_output_and_gradients_on_both_convolution_paths():
