@@ -44,6 +44,16 @@ def test_normalization_from_images():
     assert torch.allclose(net.mean, torch.tensor([0.2, 0.4, 0.2]))
 
 
+def test_normalize_is_per_channel_standardisation_for_uint8_and_float_input():
+    net = LayerwiseNet()
+    net.mean.copy_(torch.tensor([0.4, 0.5, 0.6]))
+    net.std.copy_(torch.tensor([0.2, 0.25, 0.3]))
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    expected = (images.float() / 255 - net.mean.view(1, 3, 1, 1)) / net.std.view(1, 3, 1, 1)
+    torch.testing.assert_close(net.normalize(images), expected)
+    torch.testing.assert_close(net.normalize(images.float() / 255), expected)
+
+
 def test_projection_head():
     assert ProjectionHead(64, 16)(torch.rand(3, 64, 1, 1)).shape == (3, 16)
     assert ProjectionHead(64 * 4, 16, hidden=32)(torch.rand(3, 64, 2, 2)).shape == (3, 16)
