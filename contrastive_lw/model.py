@@ -78,15 +78,52 @@ class Conv2d(nn.Conv2d):
                 and self.stride == (1, 1) and self.padding == (0, 0) and self.dilation == (1, 1) and self.groups == 1)
 
     def _im2col_forward(self, x: torch.Tensor) -> torch.Tensor:
+        windows, weight = self.im2col(x)
+        n, m = x.shape[0], x.shape[-1] - self.kernel_size[0] + 1
+        y = F.linear(windows, weight, self.bias)
+        return y.view(n, m, m, self.out_channels).permute(0, 3, 1, 2)  # channels_last memory
+
+    def im2col(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input's k x k windows, (N * outputs) x (k * k * C_in) in (image, row, column) order, and
+        the weight flattened to C_out x (k * k * C_in) in the windows' order."""
         n, channels, side, _ = x.shape
         kernel = self.kernel_size[0]
         m = side - kernel + 1
         pixels = x.permute(0, 2, 3, 1).contiguous()  # a view for channels_last input
         row = side * channels
         windows = pixels.as_strided((n, m, m, kernel, kernel * channels), (side * row, row, channels, row, 1))
-        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # the windows' order
-        y = F.linear(windows.reshape(n * m * m, -1), weight, self.bias)
-        return y.view(n, m, m, self.out_channels).permute(0, 3, 1, 2)  # channels_last memory
+        weight = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)
+        return windows.reshape(n * m * m, -1), weight
+
+
+class _MatmulReluMaxPool(torch.autograd.Function):
+    """ReLU of the max over each group of ``positions`` consecutive rows of windows @ weight.T + bias:
+    a block whose pool covers its whole convolution output, as one matmul and a running max. The
+    backward scatters the gradient to the (first) winning position and computes no gradient of the
+    windows. Unfused, ReLU, max-pool and their backward passes move the 4x larger convolution
+    output through memory ~8 times, as long as the matmuls take (1.2-1.4x slower step)."""
+
+    @staticmethod
+    def forward(ctx, windows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, positions: int) -> torch.Tensor:
+        out = torch.addmm(bias, windows, weight.t()).view(-1, positions, weight.shape[0])
+        best, where = out[:, 0].clone(), out.new_zeros(out.shape[0], out.shape[2])
+        # float arithmetic only: torch.max(dim=1) and comparisons to bool are ~10x slower here
+        for p in range(1, positions):
+            later_wins = torch.sub(out[:, p], best).sign_().clamp_min_(0)  # 1 where strictly larger
+            best = torch.maximum(best, out[:, p])
+            where = torch.lerp(where, torch.full_like(where, p), later_wins)
+        best.clamp_min_(0)
+        ctx.save_for_backward(windows, where, best)
+        ctx.positions = positions
+        return best
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        windows, where, best = ctx.saved_tensors
+        grad = grad * best.sign()  # ReLU: no gradient where the max was <= 0
+        grad_out = grad.new_zeros(grad.shape[0], ctx.positions, grad.shape[1])
+        grad_out.scatter_(1, where.long().unsqueeze(1), grad.unsqueeze(1))
+        return None, grad_out.view(windows.shape[0], -1).t() @ windows, grad.sum(0), None
 
 
 class ConvBlock(nn.Sequential):
@@ -104,12 +141,22 @@ class ConvBlock(nn.Sequential):
         self.kernel_size, self.pool = kernel_size, pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused(x):
+            windows, weight = self.conv.im2col(x)
+            positions = (x.shape[-1] - self.kernel_size + 1) ** 2
+            return _MatmulReluMaxPool.apply(windows, weight, self.conv.bias, positions).view(x.shape[0], -1, 1, 1)
         for layer in self:
             if isinstance(layer, nn.ReLU) and x._base is not None and torch.is_grad_enabled():
                 x = F.relu(x)  # not in place on Conv2d's matmul-path view: its backward would copy the base
             else:
                 x = layer(x)
         return x
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Conv, ReLU and a pool over the whole (<= 2 x 2) convolution output run as one matmul and
+        one max: the greedy first block at its receptive field."""
+        return (len(self) == 3 and self.conv.bias is not None and self.conv._as_matmul(x)
+                and x.shape[-1] - self.kernel_size + 1 == self.pool)
 
     @property
     def conv(self) -> Conv2d:

@@ -3,7 +3,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from contrastive_lw.errors import ConfigError
-from contrastive_lw.model import ArchConfig, Conv2d, LayerwiseNet, ProjectionHead
+from contrastive_lw.model import ArchConfig, Conv2d, ConvBlock, LayerwiseNet, ProjectionHead
 
 
 def test_default_receptive_fields_are_the_seeds_patch_sizes():
@@ -119,16 +119,22 @@ def test_matmul_path_counts_the_convolutions_flops(monkeypatch):
     assert on_matmul_path == counted() > 0  # the bench's GFLOP/s need no correction
 
 
-def test_block_gives_the_same_output_and_gradients_on_both_convolution_paths():
-    block = LayerwiseNet().blocks[0]
+@pytest.mark.parametrize("pool, fused", [(2, True), (1, False)])
+@pytest.mark.parametrize("flat", [False, True])
+def test_block_gives_the_same_output_and_gradients_on_both_convolution_paths(pool, fused, flat):
+    torch.manual_seed(0)
+    block = ConvBlock(3, 8, 6, pool=pool)
     assert block[1].inplace  # the ReLU: in place, except on the matmul path's view
-    patch = torch.rand(4, 3, 7, 7)
+    # flat patches: all four windows equal, so the max ties (the gradient goes to one position only)
+    patch = torch.rand(4, 3, 1, 1).expand(4, 3, 7, 7).contiguous() if flat else torch.rand(4, 3, 7, 7)
+    assert block._fused(patch) == fused  # conv + ReLU + a pool over the whole 2x2 output: one matmul
     results = []
     for matmul in (True, False):
         block.conv.matmul_path = matmul
         block.zero_grad()
         out = block(patch)
-        out.square().sum().backward()
+        (out * torch.arange(out[0].numel()).view_as(out[0])).square().sum().backward()
         results.append((out.detach(), block.conv.weight.grad, block.conv.bias.grad))
+    assert (results[0][0] == 0).any() and (results[0][0] > 0).any()  # both sides of the ReLU
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
