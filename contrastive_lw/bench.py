@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 
 import torch
 import torch.nn.functional as F
@@ -51,16 +52,19 @@ class BenchConfig:
                    layerwise_steps=(10, 20), end2end_steps=(20, 40), probe_images=200)
 
 
-def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
-    """float32 matmul throughput, the best of three rounds: the reference ceiling."""
+MATMUL_REPEATS = 5  # 2048^3 matmuls per round: ~0.1 s each on 2 CPU cores
+
+
+def matmul_step(device: torch.device, size: int = 2048) -> tuple[Callable[[], object], float]:
+    """One float32 ``size`` x ``size`` matmul, the reference ceiling, and its FLOPs."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    return 2 * size ** 3 * repeats / _timed(lambda: a @ b, repeats, device) / 1e9
+    return (lambda: a @ b), 2.0 * size ** 3
 
 
-def layer_throughput(net: LayerwiseNet, k: int, batch: int, steps: int, device: torch.device,
-                     loss: LossConfig | None = None) -> dict:
+def layer_step(net: LayerwiseNet, k: int, batch: int, device: torch.device,
+               loss: LossConfig | None = None) -> tuple[Callable[[], None], int, float]:
     """Greedy training step of layer ``k`` alone (frozen prefix forward, block k + head forward and
-    backward, AdamW) on ready-made patches: patches/s and achieved GFLOP/s (FLOPs counted by
+    backward, AdamW) on ready-made patches; the patches it takes and its FLOPs (counted by
     ``torch.utils.flop_counter`` on one step)."""
     patch = net.receptive_field(k)
     set_trainable(net.blocks[: k - 1], False)
@@ -76,15 +80,12 @@ def layer_throughput(net: LayerwiseNet, k: int, batch: int, steps: int, device: 
         train_step(stage, loss_fn, optimizer, frozen_features(net, x, k - 1), views)
     with FlopCounterMode(display=False) as counter:
         step()
-    seconds = _timed(step, steps, device)
-    patches_per_s = steps * views * batch / seconds
-    return {"k": k, "patch": patch, "batch": batch, "patches_per_s": patches_per_s,
-            "gflops": counter.get_total_flops() / (views * batch) * patches_per_s / 1e9}
+    return step, views * batch, float(counter.get_total_flops())
 
 
-def pipeline_throughput(images: torch.Tensor, patch: int, batch: int, steps: int, device: torch.device) -> float:
-    """Patches/s of the sampler + augmentation alone, as the training loop runs them (three views,
-    as the triplet loss uses, cut from channels_last uint8 images on the device)."""
+def pipeline_step(images: torch.Tensor, patch: int, batch: int, device: torch.device) -> tuple[Callable[[], object], int]:
+    """The sampler + augmentation alone, as the training loop runs them (three views, as the
+    triplet loss uses, cut from channels_last uint8 images on the device), and the patches it gives."""
     sampler = PatchSampler(patch, "adjacent" if 2 * patch <= min(images.shape[-2:]) else "exemplar",
                            seed=0, device=device)
     augment = build_augmentation(AugmentConfig()).to(device)
@@ -92,7 +93,31 @@ def pipeline_throughput(images: torch.Tensor, patch: int, batch: int, steps: int
 
     def views() -> torch.Tensor:
         return augmented_views(frames, sampler.sample_indices(frames.shape, batch, device), patch, augment)
-    return steps * 3 * batch / _timed(views, steps, device)
+    return views, 3 * batch
+
+
+def measure_layer(net: LayerwiseNet, images: torch.Tensor, k: int, batch: int, steps: int,
+                  device: torch.device, rounds: int = 5) -> dict:
+    """Layer ``k``'s training step, the sampler + augmentation for its patches and the matmul
+    ceiling, timed back to back in each of ``rounds`` rounds. Rates are the medians over rounds;
+    the fraction of matmul and the pipeline ratio are the medians of each round's own ratio, because
+    this machine's speed drifts more between minutes than between neighbouring measurements."""
+    step, patches, flops = layer_step(net, k, batch, device)
+    views, view_patches = pipeline_step(images, net.receptive_field(k), batch, device)
+    matmul, matmul_flops = matmul_step(device)
+    for warm_up in (step, views, matmul):
+        warm_up()
+    per_round = [(matmul_flops * MATMUL_REPEATS / _seconds(matmul, MATMUL_REPEATS, device) / 1e9,
+                  patches * steps / _seconds(step, steps, device),
+                  view_patches * steps / _seconds(views, steps, device)) for _ in range(rounds)]
+    matmul_rates, step_rates, view_rates = zip(*per_round)
+    gflops_per_patch = flops / patches / 1e9
+    return {"k": k, "patch": net.receptive_field(k), "batch": batch, "rounds": rounds,
+            "patches_per_s": median(step_rates), "gflops": median(step_rates) * gflops_per_patch,
+            "matmul_gflops": median(matmul_rates),
+            "fraction_of_matmul": median(s * gflops_per_patch / m for m, s, _ in per_round),
+            "pipeline_patches_per_s": median(view_rates),
+            "pipeline_ratio": median(v / s for _, s, v in per_round)}
 
 
 def probe_accuracy(net: LayerwiseNet, target: ImageData, target_test: ImageData, depth: int | None = None) -> float:
@@ -184,23 +209,20 @@ def run_bench(source: torch.Tensor, target: ImageData, target_test: ImageData, c
     load_before = os.getloadavg()
     torch.manual_seed(0)
     net = LayerwiseNet(config.arch).to(device_, memory_format=torch.channels_last)
-    layers, gflops = [], 0.0
+    layers = []
     for k in range(1, config.arch.num_blocks + 1):
-        gflops = max(gflops, matmul_gflops(device_))  # the machine's speed drifts: the best ceiling seen
         batch = config.batch_sizes[min(k, len(config.batch_sizes)) - 1]
-        row = layer_throughput(net, k, batch, config.timed_steps, device_)
-        pipeline = pipeline_throughput(source, row["patch"], batch, config.timed_steps, device_)
-        layers.append({**row, "pipeline_patches_per_s": pipeline, "pipeline_ratio": pipeline / row["patches_per_s"]})
-        say(f"layer {k}: {row['patches_per_s']:,.0f} patches/s, sampler + augmentation {pipeline:,.0f} patches/s")
-    for row in layers:
-        row["fraction_of_matmul"] = row["gflops"] / gflops
+        layers.append(measure_layer(net, source, k, batch, config.timed_steps, device_))
+        row = layers[-1]
+        say(f"layer {k}: {row['patches_per_s']:,.0f} patches/s ({100 * row['fraction_of_matmul']:.0f} % of matmul), "
+            f"sampler + augmentation {row['pipeline_patches_per_s']:,.0f} patches/s")
     races = layerwise_vs_end2end(source, target, target_test, config, device, say)
     race = races[-1]
     simclr = simclr_peer(source, target, target_test, config.arch, race["layerwise_s"], config.race_batch, device_)
     say(f"SimCLR peer, {race['layerwise_s']:.0f} s: probe {100 * simclr:.1f}%")
     return {
         "device": describe_device(device_), "load_avg_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
-        "matmul_gflops": gflops, "layers": layers,
+        "matmul_gflops": median(row["matmul_gflops"] for row in layers), "layers": layers,
         "pipeline": {"patches_per_s": layers[0]["pipeline_patches_per_s"], "ratio_to_model": layers[0]["pipeline_ratio"]},
         "layerwise_vs_end2end": race, "layerwise_vs_end2end_by_depth": races,
         "peer_simclr": {"budget_s": race["layerwise_s"], "ours_acc": race["layerwise_acc"], "simclr_acc": simclr},
@@ -253,18 +275,14 @@ def _runs(steps: tuple[int, ...], results: list[tuple[float, float]]) -> list[di
     return [{"steps": n, "seconds": seconds, "acc": acc} for n, (seconds, acc) in zip(steps, results)]
 
 
-def _timed(step, steps: int, device: torch.device, rounds: int = 3) -> float:
-    """Seconds of ``steps`` calls of ``step`` after one warm-up call, the best of ``rounds``."""
-    step()
-    best = float("inf")
-    for _ in range(rounds):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+def _seconds(step: Callable[[], object], steps: int, device: torch.device) -> float:
+    """Wall time of ``steps`` calls of ``step``."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def _sync(device: torch.device) -> None:

@@ -40,3 +40,31 @@ def test_bench_refuses_bad_sizes(tmp_path, capsys, flags, message):
     assert message in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
 
+
+
+def test_layer_fractions_pair_each_round_so_drift_cancels(monkeypatch):
+    import torch
+
+    from contrastive_lw import bench
+    from contrastive_lw.model import ArchConfig, LayerwiseNet
+
+    base = {"matmul": 1.0, "step": 2.0, "views": 0.5}   # seconds of one timing at full speed
+    slowdown = iter([1, 3, 1, 3, 3] * 3)               # the machine's speed drifts between rounds
+    order = iter(["matmul", "step", "views"] * 5)
+    factors: list[float] = []
+
+    def fake_seconds(step, steps, device):
+        kind = next(order)
+        if kind == "matmul":
+            factors.append(next(slowdown))
+        return base[kind] * factors[-1]
+    monkeypatch.setattr(bench, "_seconds", fake_seconds)
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    row = bench.measure_layer(LayerwiseNet(ArchConfig(widths=(8,))), images, 1, 16, 2, torch.device("cpu"))
+    assert row["rounds"] == 5 and factors == [1, 3, 1, 3, 3]
+    matmul_rate = bench.matmul_step(torch.device("cpu"))[1] * bench.MATMUL_REPEATS / 1e9  # GFLOP/s at full speed
+    assert row["matmul_gflops"] == matmul_rate / 3                   # rates: medians, slow rounds dominate
+    assert row["patches_per_s"] == 48 * 2 / 2.0 / 3
+    # ratios of neighbouring measurements do not drift: each round's ratio is the full-speed ratio
+    assert row["pipeline_ratio"] == (48 * 2 / 0.5) / (48 * 2 / 2.0)
+    assert math.isclose(row["fraction_of_matmul"], row["gflops"] / row["matmul_gflops"])
