@@ -151,8 +151,8 @@ class ConvBlock(nn.Sequential):
     def _fused(self, x: torch.Tensor) -> bool:
         """Conv, ReLU and a pool over the whole (<= 2 x 2) convolution output run as one matmul and
         one max: the greedy first block at its receptive field."""
-        return (len(self) == 3 and self.conv.bias is not None and self.conv._as_matmul(x)
-                and x.shape[-1] - self.kernel_size + 1 == self.pool)
+        return (not isinstance(self[1], nn.BatchNorm2d) and x.shape[-1] - self.kernel_size + 1 == self.pool
+                and self.conv._as_matmul(x))
 
     @property
     def conv(self) -> Conv2d:

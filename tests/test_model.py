@@ -119,15 +119,16 @@ def test_matmul_path_counts_the_convolutions_flops(monkeypatch):
     assert on_matmul_path == counted() > 0  # the bench's GFLOP/s need no correction
 
 
-@pytest.mark.parametrize("pool, fused", [(2, True), (1, False)])
+@pytest.mark.parametrize("pool, side, fused", [(2, 7, True), (1, 7, False), (1, 6, True)])
 @pytest.mark.parametrize("flat", [False, True])
-def test_block_gives_the_same_output_and_gradients_on_both_convolution_paths(pool, fused, flat):
+def test_block_gives_the_same_output_and_gradients_on_both_convolution_paths(pool, side, fused, flat):
     torch.manual_seed(0)
     block = ConvBlock(3, 8, 6, pool=pool)
     assert block[1].inplace  # the ReLU: in place, except on the matmul path's view
     # flat patches: all four windows equal, so the max ties (the gradient goes to one position only)
-    patch = torch.rand(4, 3, 1, 1).expand(4, 3, 7, 7).contiguous() if flat else torch.rand(4, 3, 7, 7)
-    assert block._fused(patch) == fused  # conv + ReLU + a pool over the whole 2x2 output: one matmul
+    patch = torch.rand(4, 3, 1, 1).expand(4, 3, side, side).contiguous() if flat else torch.rand(4, 3, side, side)
+    assert block._fused(patch) == fused  # conv + ReLU + a pool over the whole conv output: one matmul
+    assert not ConvBlock(3, 8, 6, pool=pool, batch_norm=True)._fused(patch)  # BatchNorm sits before the max
     results = []
     for matmul in (True, False):
         block.conv.matmul_path = matmul
