@@ -134,3 +134,26 @@ def test_video_clips_pretrain_with_last_frame_positives(tmp_path):
     clips = torch.randint(0, 256, (6, 4, 3, 16, 16), dtype=torch.uint8)
     net = _fit(tmp_path, clips, arch=ArchConfig(widths=(4,)))
     assert net.num_blocks == 1 and (tmp_path / "layer1.pt").is_file()
+
+
+def test_collapse_measure_matches_lightly_and_the_run_does_not_import_lightly(tmp_path):
+    import subprocess
+    import sys
+
+    from lightly.utils.debug import std_of_l2_normalized as lightly_measure
+
+    from contrastive_lw.pretrain import std_of_l2_normalized
+
+    z = torch.randn(64, 16)
+    torch.testing.assert_close(std_of_l2_normalized(z), lightly_measure(z))
+    assert std_of_l2_normalized(torch.ones(8, 4)) == 0  # collapsed
+    # a plain pretraining run (triplet loss, logging every step) needs no lightly import (~0.8 s)
+    script = ("import sys, torch\n"
+              "from contrastive_lw.model import ArchConfig\n"
+              "from contrastive_lw.pretrain import LayerwisePretrainer, PretrainConfig\n"
+              "config = PretrainConfig(arch=ArchConfig(widths=(4,)), steps_per_layer=2, batch_size=8, log_every=1)\n"
+              f"LayerwisePretrainer(config, {str(tmp_path)!r}, 'cpu', progress=False, tensorboard=False)"
+              ".fit(torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8))\n"
+              "assert 'lightly' not in sys.modules, 'lightly was imported'\n")
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert (tmp_path / "layer1.pt").is_file()
