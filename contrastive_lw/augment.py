@@ -89,15 +89,10 @@ class Augmentation(nn.Module):
             x = torch.baddbmm(offset, matrix, x.flatten(2)).view_as(x).clamp_(0, 1)
         return x
 
-    @staticmethod
-    def _draws(count: int, n: int, device: torch.device) -> torch.Tensor:
-        """``count`` rows of ``n`` uniform numbers in [0, 1), drawn in one call."""
-        return torch.rand(count, n, device=device)
-
     def _grid(self, x: torch.Tensor) -> torch.Tensor:
         """Sampling grid B x S x S x 2 of a random resized crop composed with a rotation."""
         cfg, n, size, device = self.config, x.shape[0], x.shape[-1], x.device
-        area, log_ratio, cx, cy, angle, rotate = self._draws(6, n, device)
+        area, log_ratio, cx, cy, angle, rotate = torch.rand(6, n, device=device)  # one draw per step
         area = area * (cfg.crop_scale[1] - cfg.crop_scale[0]) + cfg.crop_scale[0]
         ratio = (log_ratio * math.log(16 / 9) + math.log(3 / 4)).exp()
         width, height = (area * ratio).sqrt(), (area / ratio).sqrt()
@@ -130,7 +125,7 @@ class Augmentation(nn.Module):
         because hue keeps gray and luma fixed; contrast's pull towards the mean gray level is the
         offset."""
         cfg, n = self.config, x.shape[0]
-        on, *factors, turn, keep_colour = self._draws(6, n, x.device)
+        on, *factors, turn, keep_colour = torch.rand(6, n, device=x.device)
         on = on < cfg.jitter_p
         brightness, contrast, saturation = (torch.stack(factors) * (2 * cfg.jitter) + (1 - cfg.jitter)).where(on, 1.0)
         turn = (turn * 2 - 1) * on * (2 * math.pi * cfg.hue)
