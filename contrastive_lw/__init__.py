@@ -9,7 +9,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 _PUBLIC = {"load_backbone": "checkpoint", "ArchConfig": "model", "ConvBlock": "model",
-           "LayerwiseNet": "model", "ProjectionHead": "model", "Classifier": "model"}
+           "LayerwiseNet": "model", "ProjectionHead": "model", "Classifier": "model",
+           "keep_freed_memory": "memory"}
 __all__ = sorted(_PUBLIC)
 
 

@@ -10,6 +10,7 @@ import sys
 import threading
 
 from .errors import UserError
+from .memory import keep_freed_memory
 
 COMMANDS = ("pretrain", "supervised", "transfer", "compare", "visualize", "bench")
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and return 2 instead of a traceback."""
     args = build_parser().parse_args(argv)
     module = importlib.import_module(f"contrastive_lw.commands.{args.command}")
+    keep_freed_memory()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops as cleanly as Ctrl-C
     try:

@@ -1,0 +1,52 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from contrastive_lw.memory import KEEP_FREED_MEMORY_ENV, _on_glibc, keep_freed_memory
+
+# Allocates, fills and frees a 40 MB tensor again and again (a step's tensors, past glibc's 32 MB
+# cap on its own mmap threshold); prints the share of its pages faulted in per cycle once warm.
+FAULTED_SHARE = """
+import resource, torch
+from contrastive_lw import keep_freed_memory
+keep_freed_memory()
+for _ in range(10):
+    torch.ones(10 << 20)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.ones(10 << 20)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5 / (40 << 20 >> 12))
+"""
+
+
+def _faulted_share(keep: bool) -> float:
+    env = {**os.environ, KEEP_FREED_MEMORY_ENV: "1" if keep else "0"}
+    out = subprocess.run([sys.executable, "-c", FAULTED_SHARE], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not _on_glibc(), reason="glibc's malloc only")
+def test_freed_memory_is_reused_without_page_faults():
+    default = _faulted_share(keep=False)
+    if default < 0.5:
+        pytest.skip(f"this C library reuses the memory by itself ({default:.0%} of the pages faulted in)")
+    assert _faulted_share(keep=True) < 0.05
+
+
+def test_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv(KEEP_FREED_MEMORY_ENV, "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv(KEEP_FREED_MEMORY_ENV)
+    assert keep_freed_memory() is _on_glibc()
+
+
+def test_the_command_line_keeps_freed_memory(monkeypatch):
+    from contrastive_lw import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True))
+    monkeypatch.setattr(sys, "argv", ["contrastive-lw"])
+    assert cli.main(["visualize", "/nonexistent"]) == 2
+    assert calls == [True]
