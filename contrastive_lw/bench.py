@@ -25,7 +25,7 @@ from .evaluate import block_features, linear_probe_accuracy
 from .losses import LossConfig, build_loss
 from .model import ArchConfig, LayerwiseNet, ProjectionHead, set_trainable
 from .patches import PatchSampler
-from .pretrain import LayerwisePretrainer, PretrainConfig, augmented_views, frozen_features, train_step
+from .pretrain import LayerwisePretrainer, PretrainConfig, adamw, augmented_views, frozen_features, train_step
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def layer_step(net: LayerwiseNet, k: int, batch: int, device: torch.device,
     head = ProjectionHead(net.out_channels(k) * net.output_size(patch, k) ** 2).to(device)
     stage = nn.Sequential(net.blocks[k - 1], head)
     set_trainable(stage, True)
-    optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-3)
+    optimizer = adamw(stage.parameters(), 1e-3, 0.0, device)
     loss_fn = build_loss(loss or LossConfig())
     views = 3 if loss_fn.uses_negatives else 2
     x = torch.rand(views * batch, net.arch.in_channels, patch, patch, device=device)
