@@ -19,6 +19,7 @@ from torch import nn
 
 from contrastive_lw.bench import describe_device
 from contrastive_lw.losses import LossConfig, build_loss
+from contrastive_lw.memory import keep_freed_memory
 from contrastive_lw.model import Conv2d, LayerwiseNet, ProjectionHead, set_trainable
 from contrastive_lw.pretrain import frozen_features, train_step
 
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--batch-sizes", default="2048,512", help="of the layer-1 and layer-2 steps")
     args = parser.parse_args()
+    keep_freed_memory()  # as the command line does
     torch.manual_seed(0)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     result = {"device": describe_device(torch.device("cpu")), "convolutions": conv_rows(args.rounds),

@@ -15,6 +15,7 @@ from lightly.loss import NTXentLoss
 
 from contrastive_lw.bench import describe_device
 from contrastive_lw.losses import nt_xent
+from contrastive_lw.memory import keep_freed_memory
 
 
 def milliseconds(loss, pairs: int, dim: int, repeats: int, device: torch.device) -> float:
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    keep_freed_memory()  # as the command line does
     device = torch.device(args.device)
     lightly_loss = NTXentLoss(temperature=0.1)
     rows = []

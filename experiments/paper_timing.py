@@ -20,6 +20,7 @@ from pathlib import Path
 
 from contrastive_lw.config import load_yaml, to_dict
 from contrastive_lw.data import SAMPLE_DIR
+from contrastive_lw.memory import keep_freed_memory
 from contrastive_lw.runs import prepare_run_dir
 from contrastive_lw.study import Study, StudyConfig
 
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the config's")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
+    keep_freed_memory()  # as the command line does
     data_root = args.data or args.out / "data"
     make_stand_in(data_root)
     config = StudyConfig.from_dict(load_yaml(args.config))
