@@ -272,7 +272,7 @@ class LayerwisePretrainer:
                     raise Interrupted(f"stopped by signal {self._stop_signal} in layer {k} at step {step + 1}; "
                                       "run the same command again to continue")
         self._save_layer(net, stage.head, k, steps, time.perf_counter() - start, loss.item())
-        if k == 1 and distributed.is_main_process():
+        if prefix == 0 and distributed.is_main_process():  # this stage trained block 1
             self._save_filters(net, logger)
 
     def _load_state(self, k: int, net: LayerwiseNet, stage: _Stage, optimizer: torch.optim.Optimizer,
@@ -340,7 +340,8 @@ class LayerwisePretrainer:
 
         weight = net.blocks[0].conv.weight
         logger.image("filters/layer1", filter_grid(weight))
-        save_filter_grid(weight, self.out_dir / "filters_layer1.png", "block-1 filters (layer-wise, unsupervised)")
+        how = "layer-wise" if self.config.mode == "greedy" else "end-to-end"
+        save_filter_grid(weight, self.out_dir / "filters_layer1.png", f"block-1 filters ({how}, unsupervised)")
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

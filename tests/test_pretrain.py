@@ -68,6 +68,7 @@ def test_end_to_end_mode_trains_all_blocks_at_once(tmp_path, images):
     net = _fit(tmp_path, images, mode="end2end", arch=ArchConfig(widths=(4, 6)))
     assert sorted(p.name for p in tmp_path.glob("layer*.pt")) == ["layer2.pt"]
     assert net.num_blocks == 2
+    assert (tmp_path / "filters_layer1.png").stat().st_size > 0  # as a greedy run draws them (and the race times)
 
 
 class _NanAfter(torch.nn.Module):
