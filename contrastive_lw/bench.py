@@ -137,7 +137,8 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
     network must; their best probe accuracy at depth k, at the time of the first run that reaches it,
     is the target. Greedy runs of ``layerwise_steps`` per layer train blocks 1..k only, shortest first,
     and stop at the first that reaches the target; if none does, both accuracies are compared at
-    equal time (the longest greedy run and the end-to-end run closest to it in time). ``say``
+    equal time (the longest greedy run and the end-to-end run closest to it in time), and
+    ``shortfall`` says by how much greedy's best run (``layerwise_best``) missed the target. ``say``
     reports each run as it ends."""
     base = PretrainConfig(arch=config.arch, loss=LossConfig(name="infonce"), lr=0.003,
                           batch_size=config.race_batch, log_every=10 ** 9)
@@ -161,6 +162,7 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
             if acc >= target_acc:
                 break
         reached = greedy[-1][1] >= target_acc
+        best = max(range(len(greedy)), key=lambda i: (greedy[i][1], -i))  # the first of the most accurate
         layerwise_s, layerwise_acc = greedy[-1]
         end2end_s, end2end_acc = (next(run for run in runs if run[1] == target_acc) if reached
                                   else min(runs, key=lambda run: abs(run[0] - layerwise_s)))
@@ -168,6 +170,8 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
         races.append({"layers": k, "metric": metric, "target": target_acc, "reached": reached,
                       "layerwise_s": layerwise_s, "end2end_s": end2end_s, "ratio": layerwise_s / end2end_s,
                       "layerwise_acc": layerwise_acc, "end2end_acc": end2end_acc,
+                      "shortfall": max(0.0, target_acc - greedy[best][1]),
+                      "layerwise_best": _runs(config.layerwise_steps[best:], greedy[best:best + 1])[0],
                       "layerwise_runs": _runs(config.layerwise_steps, greedy),
                       "end2end_runs": _runs(config.end2end_steps, runs)})
     return races
@@ -252,6 +256,10 @@ def format_table(result: dict) -> str:
                 for key in ("end2end_runs", "layerwise_runs")}
         lines += ["", f"{race['metric']}:", f"  end-to-end runs (all blocks): {runs['end2end_runs']}",
                   f"  greedy runs ({race['layers']} block(s), steps per layer): {runs['layerwise_runs']}",
+                  *([] if race["reached"] else [
+                      f"  greedy's best, {100 * race['layerwise_best']['acc']:.2f}% in "
+                      f"{race['layerwise_best']['seconds']:.1f} s, is {100 * race['shortfall']:.2f} point short of "
+                      f"end-to-end's best {100 * race['target']:.2f}%; at equal time:"]),
                   (f"  greedy {'reached' if race['reached'] else 'did not reach'} end-to-end's best "
                    f"({100 * race['target']:.1f}%): greedy {100 * race['layerwise_acc']:.1f}% in "
                    f"{race['layerwise_s']:.1f} s, end-to-end {100 * race['end2end_acc']:.1f}% in "

@@ -22,6 +22,11 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
     by_depth = result["layerwise_vs_end2end_by_depth"]
     assert [r["layers"] for r in by_depth] == [1, 2] and by_depth[-1] == race
     assert all(r["layerwise_s"] > 0 and 0 <= r["layerwise_acc"] <= 1 and 0 <= r["target"] <= 1 for r in by_depth)
+    for r in by_depth:  # how far greedy's best run ended from the target: 0 once reached
+        accs = [run["acc"] for run in r["layerwise_runs"]]
+        assert r["layerwise_best"] == r["layerwise_runs"][accs.index(max(accs))]
+        assert math.isclose(r["shortfall"], max(0.0, r["target"] - max(accs)), abs_tol=1e-9)
+        assert (r["shortfall"] == 0) == r["reached"]
     # end-to-end trains the whole net once: its runs take the same time at every depth
     assert [r["seconds"] for r in by_depth[0]["end2end_runs"]] == [r["seconds"] for r in race["end2end_runs"]]
     peer = result["peer_simclr"]
