@@ -22,7 +22,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; nothing on CPU (bf16 matmul is hundreds of times slower there).
+    """bf16 autocast on CUDA; nothing on CPU (float32: without AVX512-BF16 or AMX bf16 matmul is
+    far slower, and with them bf16's effect on these runs' accuracy is unmeasured).
     No cast cache, so that a CUDA graph may capture it (:mod:`contrastive_lw.cudagraph`)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
