@@ -109,7 +109,8 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
     num_classes = len(train.class_names)
     if config.mode in ("linear", "head2toe"):
         return _train_linear(backbone, train, test, num_classes, config, device_, logger, state_path)
-    model = Classifier(backbone, num_classes, config.new_widths, config.hidden, train.images.shape[-1]).to(device_)
+    model = Classifier(backbone, num_classes, config.new_widths, config.hidden, train.images.shape[-1])
+    model = model.to(device_, memory_format=torch.channels_last)  # as the backbone's normalised input
     anchor = [p.detach().clone() for p in backbone.parameters()]
     if config.mode == "frozen":
         set_trainable(backbone, False)

@@ -52,6 +52,9 @@ def test_normalize_is_per_channel_standardisation_for_uint8_and_float_input():
     expected = (images.float() / 255 - net.mean.view(1, 3, 1, 1)) / net.std.view(1, 3, 1, 1)
     torch.testing.assert_close(net.normalize(images), expected)
     torch.testing.assert_close(net.normalize(images.float() / 255), expected)
+    # laid out for the convolutions, whatever the input's layout (2x on the block features)
+    assert net.normalize(images).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(net(images.contiguous(memory_format=torch.channels_last), 1), net(images, 1))
 
 
 def test_projection_head():
