@@ -15,8 +15,8 @@ def keep_freed_memory(largest: int = 1 << 30) -> bool:
     the heap instead of fresh ``mmap`` pages, and the heap is never trimmed.
 
     A training loop frees and reallocates the same few-MB tensors every step; by default glibc
-    hands some of them back to the OS and the next step faults every page in again (about 1 us a
-    4 KiB page in a VM: a frozen block-1 forward on 1 024 13x13 patches took 20 ms instead of
+    hands some of them back to the OS and the next step faults every page in again (about 1.3 us
+    a 4 KiB page in a VM: a frozen block-1 forward on 1 024 13x13 patches took 20 ms instead of
     8.5 ms). The process then keeps its peak memory until it ends, as PyTorch's CUDA caching
     allocator does on a GPU. The command line calls this once at start; call it at the start of a
     script of your own.

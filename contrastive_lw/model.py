@@ -204,7 +204,7 @@ class LayerwiseNet(nn.Module):
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - mean) / std`` per channel (uint8 input: ``x / 255`` first), laid out channels_last,
         the layout the convolutions are fastest in on CPU and GPU (block features of 32x32 images 2x,
-        a fine-tuning step 1.16-1.29x on the CPU: ``experiments/layout_timing.py``). The arithmetic
+        a fine-tuning step 1.27-1.32x on the CPU: ``experiments/layout_timing.py``). The arithmetic
         runs before the layout change: per-channel arithmetic on channels_last patches is ~1.8x
         slower. One fused ``addcmul`` is ~1.7x faster but made a two-process run drift 4e-5 from
         the one-process run (tests/test_distributed.py), so it is not used."""

@@ -6,6 +6,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,7 +108,8 @@ def warmup_cosine(steps: int, warmup_fraction: float):
     return factor
 
 
-def adamw(parameters, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+def adamw(parameters: Iterable[nn.Parameter], lr: float, weight_decay: float,
+          device: torch.device) -> torch.optim.AdamW:
     """The pretraining optimizer: AdamW, fused into one kernel per step on CPU and CUDA (on a CPU
     0.08 ms a step against 0.34 ms for the default multi-tensor version, for a block and its head)."""
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda"))
