@@ -162,7 +162,8 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
             if acc >= target_acc:
                 break
         reached = greedy[-1][1] >= target_acc
-        best = max(range(len(greedy)), key=lambda i: (greedy[i][1], -i))  # the first of the most accurate
+        greedy_runs = _runs(config.layerwise_steps, greedy)
+        best = max(greedy_runs, key=lambda run: run["acc"])  # the first of the most accurate
         layerwise_s, layerwise_acc = greedy[-1]
         end2end_s, end2end_acc = (next(run for run in runs if run[1] == target_acc) if reached
                                   else min(runs, key=lambda run: abs(run[0] - layerwise_s)))
@@ -170,9 +171,8 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
         races.append({"layers": k, "metric": metric, "target": target_acc, "reached": reached,
                       "layerwise_s": layerwise_s, "end2end_s": end2end_s, "ratio": layerwise_s / end2end_s,
                       "layerwise_acc": layerwise_acc, "end2end_acc": end2end_acc,
-                      "shortfall": max(0.0, target_acc - greedy[best][1]),
-                      "layerwise_best": _runs(config.layerwise_steps[best:], greedy[best:best + 1])[0],
-                      "layerwise_runs": _runs(config.layerwise_steps, greedy),
+                      "shortfall": max(0.0, target_acc - best["acc"]), "layerwise_best": best,
+                      "layerwise_runs": greedy_runs,
                       "end2end_runs": _runs(config.end2end_steps, runs)})
     return races
 
