@@ -124,9 +124,9 @@ def augmented_views(frames: torch.Tensor, where: list[PatchIndex], patch: int, a
 
 @torch.no_grad()
 def frozen_features(net: LayerwiseNet, x: torch.Tensor, prefix: int) -> torch.Tensor:
-    """Patches (float in [0, 1]) through the normalisation (channels_last for the convolutions) and
-    the first ``prefix`` (frozen) blocks, without recording gradients."""
-    return net.blocks[:prefix](net.normalize(x))
+    """Patches (float in [0, 1]) through the network's normalisation and its first ``prefix``
+    (frozen) blocks, without recording gradients."""
+    return net(x, prefix)
 
 
 def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
