@@ -47,6 +47,5 @@ def test_the_command_line_keeps_freed_memory(monkeypatch):
 
     calls = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True))
-    monkeypatch.setattr(sys, "argv", ["contrastive-lw"])
     assert cli.main(["visualize", "/nonexistent"]) == 2
     assert calls == [True]
