@@ -9,6 +9,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["contrastive_lw", "contrastive_lw.*"]),
+    package_data={"contrastive_lw": ["csrc/*.c"]},  # compiled on first use (contrastive_lw.native)
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

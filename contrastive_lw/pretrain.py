@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .augment import AugmentConfig, build_augmentation, to_float
+from .augment import AugmentConfig, Augmentation, build_augmentation, to_float
 from .checkpoint import BACKBONE, layer_checkpoints, load_checkpoint, save_backbone, save_checkpoint
 from .config import from_dict, per_layer, to_dict
 from .device import autocast, resolve_device
@@ -119,7 +119,10 @@ def adamw(parameters: Iterable[nn.Parameter], lr: float, weight_decay: float,
 def augmented_views(frames: torch.Tensor, where: list[PatchIndex], patch: int, augment: nn.Module) -> torch.Tensor:
     """The ``patch``-sized crops of uint8 ``frames`` at each view's positions, stacked view after
     view, as augmented floats in [0, 1]: the input of one training step."""
-    return augment(to_float(crop(frames, PatchIndex(*map(torch.cat, zip(*where))), patch)))
+    where = PatchIndex(*map(torch.cat, zip(*where)))
+    if isinstance(augment, Augmentation):
+        return augment.cut(frames, where, patch)  # one pass of a C kernel on the CPU
+    return augment(to_float(crop(frames, where, patch)))
 
 
 @torch.no_grad()

@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from contrastive_lw import native
+from contrastive_lw.augment import AugmentConfig, Augmentation, to_float
+from contrastive_lw.data import load_dataset
+from contrastive_lw.patches import PatchIndex, PatchSampler, crop
+
+
+def kernel_or_skip():
+    if native.cut_and_augment_kernel() is None:
+        pytest.skip("no C compiler here: the PyTorch path is the one in use")
+
+
+def sample_frames(channels: int = 3) -> torch.Tensor:
+    images = load_dataset("sample", "train").images[:200, :channels]
+    return images.contiguous(memory_format=torch.channels_last)
+
+
+def positions(frames: torch.Tensor, size: int, n: int = 600) -> PatchIndex:
+    views = PatchSampler(size, "exemplar", seed=0).sample_indices(frames.shape, n)
+    return PatchIndex(*map(torch.cat, zip(*views[:2])))
+
+
+@pytest.mark.parametrize("size", [7, 13])
+@pytest.mark.parametrize("config", [
+    AugmentConfig(), AugmentConfig(rotation_p=1.0, rotation_degrees=45, crop_scale=(0.2, 1.0)),
+    AugmentConfig(jitter_p=0.0, grayscale_p=0.0), AugmentConfig(crop_scale=(1.0, 1.0), rotation_p=0.0),
+    AugmentConfig(jitter_p=1.0, hue=0.5, grayscale_p=0.5)], ids=["default", "strong", "geometry", "colour", "hue"])
+def test_kernel_gives_the_pytorch_path_values(config, size):
+    """Same seed, same draws: the C kernel's crop + warp + colour equals crop -> to_float -> forward."""
+    kernel_or_skip()
+    frames, augment = sample_frames(), Augmentation(config)
+    where = positions(frames, size)
+    torch.manual_seed(3)
+    expected = augment(to_float(crop(frames, where, size)))
+    torch.manual_seed(3)
+    got = augment.cut(frames, where, size)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
+    assert (got - to_float(crop(frames, where, size))).abs().mean() > 0.01  # it did augment
+
+
+def test_kernel_warps_single_channel_images():
+    kernel_or_skip()
+    frames, augment = sample_frames(channels=1), Augmentation(AugmentConfig(), channels=1)
+    where = positions(frames, 7)
+    torch.manual_seed(0)
+    expected = augment(to_float(crop(frames, where, 7)))
+    torch.manual_seed(0)
+    torch.testing.assert_close(augment.cut(frames, where, 7), expected, atol=2e-5, rtol=0)
+
+
+def test_positions_outside_the_images_are_refused_not_read():
+    kernel_or_skip()
+    frames = sample_frames()
+    where = positions(frames, 7)
+    with pytest.raises(ValueError, match="out of range"):
+        Augmentation(AugmentConfig()).cut(frames, where._replace(left=where.left + 26), 7)
+    with pytest.raises(ValueError, match="out of range"):
+        Augmentation(AugmentConfig()).cut(frames, where._replace(image=where.image + len(frames)), 7)
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """The kernel looked up again, built into an empty cache."""
+    monkeypatch.setenv("CONTRASTIVE_LW_CACHE", str(tmp_path))
+    native.cut_and_augment_kernel.cache_clear()
+    yield tmp_path
+    native.cut_and_augment_kernel.cache_clear()
+
+
+def test_without_a_compiler_the_pytorch_path_is_used_and_said(fresh_kernel, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh_kernel / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="slower PyTorch path"):
+        assert native.cut_and_augment_kernel() is None
+    frames, augment = sample_frames(), Augmentation(AugmentConfig())
+    where = positions(frames, 7)
+    torch.manual_seed(1)
+    expected = augment(to_float(crop(frames, where, 7)))
+    torch.manual_seed(1)
+    torch.testing.assert_close(augment.cut(frames, where, 7), expected)
+
+
+def test_switched_off_by_environment(fresh_kernel, monkeypatch):
+    monkeypatch.setenv("CONTRASTIVE_LW_NATIVE", "0")
+    assert native.cut_and_augment_kernel() is None
+    assert not list(fresh_kernel.iterdir())
+
+
+def test_built_once_then_loaded_from_the_cache(fresh_kernel):
+    kernel_or_skip()
+    built = list(fresh_kernel.iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    native.cut_and_augment_kernel.cache_clear()
+    assert native.cut_and_augment_kernel() is not None
+    assert list(fresh_kernel.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
