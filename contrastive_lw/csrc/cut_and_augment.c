@@ -9,6 +9,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "packs pixels with little-endian reads; the PyTorch path serves big-endian machines"
+#endif
+
 #define PREFETCH_AHEAD 4 /* patches: their rows are far apart in memory, fetch them early */
 
 /* settings: what AugmentConfig fixes, in this order, then the 4 x 9 colour basis */
@@ -105,7 +109,8 @@ int cut_and_augment(const uint8_t *restrict images, int64_t height, int64_t widt
                     const int64_t *restrict image, const int64_t *restrict top, const int64_t *restrict left,
                     int64_t batch, int64_t size, const float *restrict geometry, const float *restrict colour,
                     const float *restrict settings, int threads, float *restrict out) {
-  const int64_t image_row = width * channels, n = size * size, src_row = size + 1;
+  const int64_t image_row = width * channels, n = size * size, row = size * channels, src_row = size + 1;
+  const uint32_t mask = channels == 4 ? 0xFFFFFFFFu : (1u << (8 * channels)) - 1;
   int failed = 0;
 #pragma omp parallel num_threads(threads)
   {
@@ -135,11 +140,16 @@ int cut_and_augment(const uint8_t *restrict images, int64_t height, int64_t widt
        * once (the taps of weight 0 read them) */
       const uint8_t *patch = images + ((image[b] * height + top[b]) * width + left[b]) * channels;
       for (int64_t i = 0; i < size; ++i) {
+        const uint8_t *pixel = patch + i * image_row;
         uint32_t *dst_row = src + i * src_row;
-        for (int64_t j = 0; j < size; ++j) {
-          uint32_t word = 0;
-          for (int64_t c = 0; c < channels; ++c) word |= (uint32_t)patch[i * image_row + j * channels + c] << (8 * c);
-          dst_row[j] = word;
+        for (int64_t j = 0; j < size; ++j, pixel += channels) {
+          if (j * channels + 4 <= row) { /* one 4-byte read, inside the patch row (little-endian) */
+            memcpy(dst_row + j, pixel, 4);
+            dst_row[j] &= mask;
+          } else {
+            dst_row[j] = 0;
+            for (int64_t c = 0; c < channels; ++c) dst_row[j] |= (uint32_t)pixel[c] << (8 * c);
+          }
         }
         dst_row[size] = dst_row[size - 1];
       }
