@@ -103,15 +103,15 @@ class Augmentation(nn.Module):
         """The ``size`` x ``size`` patches of uint8 ``frames`` (N x C x H x W) at ``where``,
         augmented: ``self(to_float(crop(frames, where, size)))``, the same draws and values (to
         float rounding). On the CPU, with channels_last frames, one pass of a C kernel
-        (:mod:`contrastive_lw.native`): 3-5x faster on 7 x 7 patches."""
-        kernel = native.cut_and_augment_kernel() if _kernel_applies(frames) else None
+        (:mod:`contrastive_lw.native`): sampler included, 2.4x faster on 7 x 7 patches, 3x on 13 x 13."""
+        kernel = native.cut_and_augment_kernel() if _kernel_applies(frames) and len(where.image) else None
         if kernel is None:
             return self(to_float(crop(frames, where, size)))
         n, (count, channels, height, width) = len(where.image), frames.shape
-        if size > min(height, width) or not all(_within(index, 0, bound) for index, bound in zip(
-                where, (count - 1, height - size, width - size))):
+        image, top, left = (index.to("cpu", torch.int64).contiguous() for index in where)
+        if size > min(height, width) or not all(_within(index, bound) for index, bound in zip(
+                (image, top, left), (count - 1, height - size, width - size))):
             raise ValueError(f"patch positions out of range for {size} x {size} patches of {height} x {width} images")
-        image, top, left = (index.contiguous() for index in where)
         geometry = self._draw(n, frames.device) if self.geometric else None
         colour = self._draw(n, frames.device) if self.colour else None
         out = torch.empty(n, size, size, channels)
@@ -186,11 +186,9 @@ def _kernel_applies(frames: torch.Tensor) -> bool:
             and frames.shape[1] <= 4 and frames.is_contiguous(memory_format=torch.channels_last))
 
 
-def _within(index: torch.Tensor, low: int, high: int) -> bool:
-    if index.dtype != torch.int64 or index.device.type != "cpu":
-        return False
+def _within(index: torch.Tensor, high: int) -> bool:
     smallest, largest = torch.aminmax(index)
-    return low <= int(smallest) and int(largest) <= high
+    return 0 <= int(smallest) and int(largest) <= high
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
