@@ -7,7 +7,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
@@ -36,7 +36,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (2048, 512)   # per layer for the throughput figures, last repeats
     race_batch: int = 512                         # pretraining batch of the race and the SimCLR peer
     timed_steps: int = 20
-    layerwise_steps: tuple[int, ...] = (150, 300, 600, 1200)   # steps per layer of each greedy run
+    layerwise_steps: tuple[int, ...] = (150, 300, 600, 1200)   # steps per layer of the first greedy runs
     end2end_steps: tuple[int, ...] = (300, 600, 1200)    # steps of each end-to-end run
     probe_images: int = 2000
 
@@ -135,11 +135,12 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
 
     End-to-end runs of ``end2end_steps`` train the whole K-block network, as a user who wants the
     network must; their best probe accuracy at depth k, at the time of the first run that reaches it,
-    is the target. Greedy runs of ``layerwise_steps`` per layer train blocks 1..k only, shortest first,
-    and stop at the first that reaches the target; if none does, both accuracies are compared at
-    equal time (the longest greedy run and the end-to-end run closest to it in time), and
-    ``shortfall`` says by how much greedy's best run (``layerwise_best``) missed the target. ``say``
-    reports each run as it ends."""
+    is the target. Greedy runs train blocks 1..k only, ``layerwise_steps`` per layer shortest first,
+    then doubling the steps, and stop at the first that reaches the target or takes as long as
+    end-to-end's longest run (greedy gets the same time budget, whatever its steps cost); if none
+    reaches it, both accuracies are compared at equal time (the longest greedy run and the
+    end-to-end run closest to it in time), and ``shortfall`` says by how much greedy's best run
+    (``layerwise_best``) missed the target. ``say`` reports each run as it ends."""
     base = PretrainConfig(arch=config.arch, loss=LossConfig(name="infonce"), lr=0.003,
                           batch_size=config.race_batch, log_every=10 ** 9)
     depths = range(1, config.arch.num_blocks + 1)
@@ -149,20 +150,23 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
                                            source, target, target_test, device, depths))
         seconds, accs = end2end[-1]
         say(f"end-to-end, {steps} steps: {seconds:.0f} s, probe " + ", ".join(f"{100 * a:.1f}%" for a in accs))
+    budget = max(seconds for seconds, _ in end2end)
     races = []
     for k in depths:
         runs = [(seconds, accs[k - 1]) for seconds, accs in end2end]
         target_acc = max(acc for _, acc in runs)
         greedy: list[tuple[float, float]] = []
-        for steps in config.layerwise_steps:
+        greedy_steps: list[int] = []
+        for steps in _greedy_steps(config.layerwise_steps):
             greedy_config = dataclasses.replace(base, arch=config.arch.truncated(k), steps_per_layer=steps)
             seconds, (acc,) = _pretrain_and_probe(greedy_config, source, target, target_test, device, [k])
             greedy.append((seconds, acc))
+            greedy_steps.append(steps)
             say(f"greedy, blocks 1-{k}, {steps} steps per layer: {seconds:.0f} s, probe {100 * acc:.1f}%")
-            if acc >= target_acc:
+            if acc >= target_acc or seconds >= budget:
                 break
         reached = greedy[-1][1] >= target_acc
-        greedy_runs = _runs(config.layerwise_steps, greedy)
+        greedy_runs = _runs(greedy_steps, greedy)
         best = max(greedy_runs, key=lambda run: run["acc"])  # the first of the most accurate
         layerwise_s, layerwise_acc = greedy[-1]
         end2end_s, end2end_acc = (next(run for run in runs if run[1] == target_acc) if reached
@@ -279,7 +283,16 @@ def _pretrain_and_probe(config: PretrainConfig, source: torch.Tensor, target: Im
     return seconds, [probe_accuracy(net, target, target_test, k) for k in depths]
 
 
-def _runs(steps: tuple[int, ...], results: list[tuple[float, float]]) -> list[dict]:
+def _greedy_steps(grid: Sequence[int]) -> Iterator[int]:
+    """The steps per layer of each greedy run: ``grid``, then doubling its last entry."""
+    yield from grid
+    steps = grid[-1]
+    while True:
+        steps *= 2
+        yield steps
+
+
+def _runs(steps: Sequence[int], results: list[tuple[float, float]]) -> list[dict]:
     return [{"steps": n, "seconds": seconds, "acc": acc} for n, (seconds, acc) in zip(steps, results)]
 
 

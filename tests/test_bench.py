@@ -2,8 +2,11 @@ import json
 import math
 
 import pytest
+import torch
 
+from contrastive_lw import bench
 from contrastive_lw.cli import main
+from contrastive_lw.model import ArchConfig, LayerwiseNet
 
 
 def test_quick_bench_writes_every_figure(tmp_path, capsys):
@@ -46,13 +49,7 @@ def test_bench_refuses_bad_sizes(tmp_path, capsys, flags, message):
     assert not (tmp_path / "b.json").exists()
 
 
-
 def test_layer_fractions_pair_each_round_so_drift_cancels(monkeypatch):
-    import torch
-
-    from contrastive_lw import bench
-    from contrastive_lw.model import ArchConfig, LayerwiseNet
-
     base = {"matmul": 1.0, "step": 2.0, "views": 0.5}   # seconds of one timing at full speed
     slowdown = iter([1, 3, 1, 3, 3] * 3)               # the machine's speed drifts between rounds
     order = iter(["matmul", "step", "views"] * 5)
@@ -73,3 +70,24 @@ def test_layer_fractions_pair_each_round_so_drift_cancels(monkeypatch):
     # ratios of neighbouring measurements do not drift: each round's ratio is the full-speed ratio
     assert row["pipeline_ratio"] == (48 * 2 / 0.5) / (48 * 2 / 2.0)
     assert math.isclose(row["fraction_of_matmul"], row["gflops"] / row["matmul_gflops"])
+
+
+def test_greedy_doubles_its_steps_until_it_reaches_the_target_or_spends_end2end_time(monkeypatch):
+    """Simulated runs: end-to-end's longest takes 120 s. Block 1 alone reaches the target only at
+    2 400 steps per layer (24 s), past the grid's 1 200; blocks 1-2 never do, and stop at the first
+    run as long as end-to-end's longest."""
+
+    def fake_run(config, source, target, target_test, device, depths):
+        steps = config.steps_per_layer
+        if config.mode == "end2end":
+            return steps / 10, [steps / 1500 for _ in depths]  # best: 0.8 at 1 200 steps, 120 s
+        if config.arch.num_blocks == 1:
+            return steps / 100, [min(0.9, steps / 3000)]
+        return steps / 20, [0.5]
+    monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
+    config = bench.BenchConfig(arch=ArchConfig(widths=(8, 8)))
+    depth1, depth2 = bench.layerwise_vs_end2end(None, None, None, config, "cpu", say=lambda line: None)
+    assert [run["steps"] for run in depth1["layerwise_runs"]] == [150, 300, 600, 1200, 2400]
+    assert depth1["reached"] and depth1["layerwise_s"] == 24 and depth1["ratio"] == 24 / 120
+    assert [run["steps"] for run in depth2["layerwise_runs"]] == [150, 300, 600, 1200, 2400]
+    assert not depth2["reached"] and depth2["layerwise_s"] == 120 and depth2["shortfall"] == pytest.approx(0.3)
