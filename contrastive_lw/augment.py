@@ -2,7 +2,8 @@
 
 Two backends draw the same transforms (resized crop, rotation, colour jitter, grayscale): ``fused``
 (default) is one affine warp and one colour matrix per sample, a handful of tensor ops for the
-whole batch; ``kornia`` is the equivalent ``kornia.augmentation`` pipeline (HSV hue, random order
+whole batch (on the CPU, :meth:`Augmentation.cut` crops and augments in one pass of a C kernel);
+``kornia`` is the equivalent ``kornia.augmentation`` pipeline (HSV hue, random order
 of the colour steps), ~20x slower on 7x7 patches, kept as the reference and for extending."""
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ class Augmentation(nn.Module):
         augmented: ``self(to_float(crop(frames, where, size)))``, the same draws and values (to
         float rounding). On the CPU, with channels_last frames, one pass of a C kernel
         (:mod:`contrastive_lw.native`): sampler included, 2.4x faster on 7 x 7 patches, 3x on 13 x 13."""
-        kernel = native.cut_and_augment_kernel() if _kernel_applies(frames) and len(where.image) else None
+        applies = _kernel_applies(frames) and len(where.image) and self.kernel_settings.dtype == torch.float32
+        kernel = native.cut_and_augment_kernel() if applies and self.kernel_settings.device.type == "cpu" else None
         if kernel is None:
             return self(to_float(crop(frames, where, size)))
         n, (count, channels, height, width) = len(where.image), frames.shape

@@ -2,8 +2,8 @@
 first use, cached per machine, loaded with ctypes.
 
 Without a compiler (or with ``CONTRASTIVE_LW_NATIVE=0``) :func:`cut_and_augment_kernel` returns
-None and callers use their PyTorch path: the same values, slower. The cache lives in
-``$CONTRASTIVE_LW_CACHE``, else ``$XDG_CACHE_HOME/contrastive_lw``, else ``~/.cache/contrastive_lw``."""
+None and callers use their PyTorch path: the same values, slower. The library is cached beside
+the decoded datasets (:func:`contrastive_lw.data.cache_dir`)."""
 from __future__ import annotations
 
 import ctypes
@@ -27,12 +27,6 @@ _MATH = ("-O3", "-fno-math-errno", "-ffinite-math-only", "-fno-signed-zeros", "-
 FLAG_SETS = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURE = [_P, _I, _I, _I, _P, _P, _P, _I, _I, _P, _P, _P, ctypes.c_int, _P]
-
-
-def cache_dir() -> Path:
-    if "CONTRASTIVE_LW_CACHE" in os.environ:
-        return Path(os.environ["CONTRASTIVE_LW_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "contrastive_lw"
 
 
 @functools.cache
@@ -60,6 +54,8 @@ def cut_and_augment_kernel() -> Callable[..., int] | None:
 def _build(compiler: str, flags: list[str]) -> Path:
     """The shared library built from :data:`SOURCE` with ``flags``, from the cache when there (the
     key covers the source, the compiler, the flags and the machine, as -march=native is per CPU)."""
+    from .data import cache_dir  # the dataset cache's folder (importing data loads torchvision)
+
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, *(s.encode() for s in (compiler, *flags, *platform.uname()))]))
     target = cache_dir() / f"cut_and_augment-{key.hexdigest()[:16]}.so"
