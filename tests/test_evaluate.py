@@ -26,3 +26,16 @@ def test_block_features_pool_and_concatenate():
     features = block_features(net, images, 2, pool=99)   # eval mode (BatchNorm running stats) ...
     assert net.training                                   # ... and the mode is restored
     assert torch.allclose(features, net.eval()(images, 2).flatten(1))
+
+
+def test_linear_probe_does_not_depend_on_the_random_state():
+    """The fit stops short of the optimum; from a random start its accuracy would move with the seed."""
+    g = torch.Generator().manual_seed(0)
+    x, tx = torch.randn(400, 64, generator=g), torch.randn(400, 64, generator=g)
+    y, ty = x[:, :3].argmax(1), tx[:, :3].argmax(1)
+    x, tx = x + 2 * torch.randn(400, 64, generator=g), tx + 2 * torch.randn(400, 64, generator=g)
+    accuracies = set()
+    for seed in range(4):
+        torch.manual_seed(seed)
+        accuracies.add(linear_probe_accuracy(x, y, tx, ty, max_iter=3))
+    assert len(accuracies) == 1
