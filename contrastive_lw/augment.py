@@ -105,14 +105,14 @@ class Augmentation(nn.Module):
         augmented: ``self(to_float(crop(frames, where, size)))``, the same draws and values (to
         float rounding). On the CPU, with channels_last frames, one pass of a C kernel
         (:mod:`contrastive_lw.native`): sampler included, 2.4x faster on 7 x 7 patches, 3x on 13 x 13."""
-        applies = _kernel_applies(frames) and len(where.image) and self.kernel_settings.dtype == torch.float32
-        kernel = native.cut_and_augment_kernel() if applies and self.kernel_settings.device.type == "cpu" else None
+        applies = _kernel_applies(frames, self.kernel_settings) and len(where.image)
+        kernel = native.cut_and_augment_kernel() if applies else None
         if kernel is None:
             return self(to_float(crop(frames, where, size)))
         n, (count, channels, height, width) = len(where.image), frames.shape
         image, top, left = (index.to("cpu", torch.int64).contiguous() for index in where)
-        if size > min(height, width) or not all(_within(index, bound) for index, bound in zip(
-                (image, top, left), (count - 1, height - size, width - size))):
+        if not all(_within(index, bound) for index, bound in zip((image, top, left),
+                                                                 (count - 1, height - size, width - size))):
             raise ValueError(f"patch positions out of range for {size} x {size} patches of {height} x {width} images")
         geometry = self._draw(n, frames.device) if self.geometric else None
         colour = self._draw(n, frames.device) if self.colour else None
@@ -182,10 +182,12 @@ class Augmentation(nn.Module):
         return matrix, (1 - contrast) * brightness
 
 
-def _kernel_applies(frames: torch.Tensor) -> bool:
-    """Whether the C kernel takes these frames: uint8 channels_last on the CPU, up to 4 channels."""
-    return (frames.device.type == "cpu" and frames.dtype == torch.uint8 and frames.dim() == 4
-            and frames.shape[1] <= 4 and frames.is_contiguous(memory_format=torch.channels_last))
+def _kernel_applies(frames: torch.Tensor, settings: torch.Tensor) -> bool:
+    """Whether the C kernel takes these frames (uint8 channels_last on the CPU, up to 4 channels)
+    and settings (float32 on the CPU: not moved by ``.to``)."""
+    return (frames.device.type == settings.device.type == "cpu" and frames.dtype == torch.uint8
+            and settings.dtype == torch.float32 and frames.dim() == 4 and frames.shape[1] <= 4
+            and frames.is_contiguous(memory_format=torch.channels_last))
 
 
 def _within(index: torch.Tensor, high: int) -> bool:
