@@ -38,6 +38,7 @@ class BenchConfig:
     timed_steps: int = 20
     layerwise_steps: tuple[int, ...] = (150, 300, 600, 1200)   # steps per layer of the first greedy runs
     end2end_steps: tuple[int, ...] = (300, 600, 1200)    # steps of each end-to-end run
+    resolution: float = 0.25   # time-to-accuracy: steps of the first run reaching it, to this fraction
     probe_images: int = 2000
 
     def __post_init__(self) -> None:
@@ -45,6 +46,8 @@ class BenchConfig:
             raise ConfigError(f"probe_images must be at least 10, got {self.probe_images}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ConfigError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
+        if not 0 < self.resolution <= 1:
+            raise ConfigError(f"resolution must be in (0, 1], got {self.resolution}")
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -134,50 +137,66 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
     linear probe on blocks 1..k).
 
     End-to-end runs of ``end2end_steps`` train the whole K-block network, as a user who wants the
-    network must; their best probe accuracy at depth k, at the time of the first run that reaches it,
-    is the target. Greedy runs train blocks 1..k only, ``layerwise_steps`` per layer shortest first,
-    then doubling the steps, and stop at the first that reaches the target or takes as long as
-    end-to-end's longest run (greedy gets the same time budget, whatever its steps cost); if none
-    reaches it, both accuracies are compared at equal time (the longest greedy run and the
-    end-to-end run closest to it in time), and ``shortfall`` says by how much greedy's best run
-    (``layerwise_best``) missed the target. ``say`` reports each run as it ends."""
+    network must; their best probe accuracy at depth k is the target. Greedy runs train blocks 1..k
+    only, ``layerwise_steps`` per layer shortest first, then doubling the steps, and stop at the
+    first that reaches the target or takes as long as end-to-end's longest run (greedy gets the same
+    time budget, whatever its steps cost). Each side's time is that of its first (fewest steps) run
+    that reaches the target, found to the same resolution for both: between the longest run short of
+    it and the first reaching it, runs of the steps halfway between are added until the two differ
+    by at most ``resolution`` of the latter. If greedy never reaches the target, both accuracies are
+    compared at equal time (the longest greedy run and the end-to-end run closest to it in time),
+    and ``shortfall`` says by how much greedy's best run (``layerwise_best``) missed it. ``say``
+    reports each run as it ends."""
     base = PretrainConfig(arch=config.arch, loss=LossConfig(name="infonce"), lr=0.003,
                           batch_size=config.race_batch, log_every=10 ** 9)
     depths = range(1, config.arch.num_blocks + 1)
-    end2end = []
+    end2end: dict[int, tuple[float, list[float]]] = {}
+
+    def run_end2end(steps: int) -> tuple[float, list[float]]:
+        if steps not in end2end:
+            end2end[steps] = _pretrain_and_probe(dataclasses.replace(base, mode="end2end", steps_per_layer=steps),
+                                                 source, target, target_test, device, depths)
+            seconds, accs = end2end[steps]
+            say(f"end-to-end, {steps} steps: {seconds:.0f} s, probe " + ", ".join(f"{100 * a:.1f}%" for a in accs))
+        return end2end[steps]
+
     for steps in config.end2end_steps:
-        end2end.append(_pretrain_and_probe(dataclasses.replace(base, mode="end2end", steps_per_layer=steps),
-                                           source, target, target_test, device, depths))
-        seconds, accs = end2end[-1]
-        say(f"end-to-end, {steps} steps: {seconds:.0f} s, probe " + ", ".join(f"{100 * a:.1f}%" for a in accs))
-    budget = max(seconds for seconds, _ in end2end)
+        run_end2end(steps)
+    budget = max(seconds for seconds, _ in end2end.values())
+    targets = [max(accs[k - 1] for _, accs in end2end.values()) for k in depths]  # before any run is added
     races = []
-    for k in depths:
-        runs = [(seconds, accs[k - 1]) for seconds, accs in end2end]
-        target_acc = max(acc for _, acc in runs)
-        greedy: list[tuple[float, float]] = []
-        greedy_steps: list[int] = []
-        for steps in _greedy_steps(config.layerwise_steps):
+    for k, target_acc in zip(depths, targets):
+        def end2end_at_depth(steps: int, k: int = k) -> tuple[float, float]:
+            seconds, accs = run_end2end(steps)
+            return seconds, accs[k - 1]
+
+        def greedy_run(steps: int, k: int = k) -> tuple[float, float]:
             greedy_config = dataclasses.replace(base, arch=config.arch.truncated(k), steps_per_layer=steps)
             seconds, (acc,) = _pretrain_and_probe(greedy_config, source, target, target_test, device, [k])
-            greedy.append((seconds, acc))
-            greedy_steps.append(steps)
             say(f"greedy, blocks 1-{k}, {steps} steps per layer: {seconds:.0f} s, probe {100 * acc:.1f}%")
+            return seconds, acc
+
+        runs = {steps: end2end_at_depth(steps) for steps in end2end}
+        _refine(runs, target_acc, end2end_at_depth, config.resolution)
+        greedy: dict[int, tuple[float, float]] = {}
+        for steps in _greedy_steps(config.layerwise_steps):
+            greedy[steps] = seconds, acc = greedy_run(steps)
             if acc >= target_acc or seconds >= budget:
                 break
-        reached = greedy[-1][1] >= target_acc
-        greedy_runs = _runs(greedy_steps, greedy)
+        _refine(greedy, target_acc, greedy_run, config.resolution)
+        first_greedy = _first_reaching(greedy, target_acc)
+        reached = first_greedy is not None
+        greedy_runs = _runs(greedy)
         best = max(greedy_runs, key=lambda run: run["acc"])  # the first of the most accurate
-        layerwise_s, layerwise_acc = greedy[-1]
-        end2end_s, end2end_acc = (next(run for run in runs if run[1] == target_acc) if reached
-                                  else min(runs, key=lambda run: abs(run[0] - layerwise_s)))
+        layerwise_s, layerwise_acc = greedy[first_greedy if reached else max(greedy)]
+        end2end_s, end2end_acc = (runs[_first_reaching(runs, target_acc)] if reached
+                                  else min(runs.values(), key=lambda run: abs(run[0] - layerwise_s)))
         metric = f"linear probe, blocks 1-{k}" if k > 1 else "linear probe, block 1"
         races.append({"layers": k, "metric": metric, "target": target_acc, "reached": reached,
                       "layerwise_s": layerwise_s, "end2end_s": end2end_s, "ratio": layerwise_s / end2end_s,
                       "layerwise_acc": layerwise_acc, "end2end_acc": end2end_acc,
                       "shortfall": max(0.0, target_acc - best["acc"]), "layerwise_best": best,
-                      "layerwise_runs": greedy_runs,
-                      "end2end_runs": _runs(config.end2end_steps, runs)})
+                      "layerwise_runs": greedy_runs, "end2end_runs": _runs(runs)})
     return races
 
 
@@ -292,8 +311,26 @@ def _greedy_steps(grid: Sequence[int]) -> Iterator[int]:
         yield steps
 
 
-def _runs(steps: Sequence[int], results: list[tuple[float, float]]) -> list[dict]:
-    return [{"steps": n, "seconds": seconds, "acc": acc} for n, (seconds, acc) in zip(steps, results)]
+def _refine(runs: dict[int, tuple[float, float]], target: float, run: Callable[[int], tuple[float, float]],
+            resolution: float) -> None:
+    """Add to ``runs`` (steps -> (seconds, accuracy)) the ``run`` of the steps halfway between the
+    longest run short of ``target`` and the first reaching it, until they differ by at most
+    ``resolution`` of the latter's steps."""
+    while (hit := _first_reaching(runs, target)) is not None:
+        shorter = max((steps for steps in runs if steps < hit), default=0)
+        if not shorter or hit - shorter <= max(1.0, resolution * hit):
+            return
+        middle = (shorter + hit) // 2
+        runs[middle] = run(middle)
+
+
+def _first_reaching(runs: dict[int, tuple[float, float]], target: float) -> int | None:
+    """The fewest steps of the runs that reach ``target``, or None."""
+    return min((steps for steps, (_, acc) in runs.items() if acc >= target), default=None)
+
+
+def _runs(runs: dict[int, tuple[float, float]]) -> list[dict]:
+    return [{"steps": steps, "seconds": runs[steps][0], "acc": runs[steps][1]} for steps in sorted(runs)]
 
 
 def _seconds(step: Callable[[], object], steps: int, device: torch.device) -> float:

@@ -31,13 +31,16 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
         assert math.isclose(r["shortfall"], max(0.0, r["target"] - max(accs)), abs_tol=1e-9)
         assert (r["shortfall"] == 0) == r["reached"]
     # end-to-end trains the whole net once: its runs take the same time at every depth
-    assert [r["seconds"] for r in by_depth[0]["end2end_runs"]] == [r["seconds"] for r in race["end2end_runs"]]
+    seconds = [{run["steps"]: run["seconds"] for run in r["end2end_runs"]} for r in by_depth]
+    assert all(seconds[-1][steps] == s for steps, s in seconds[0].items())
     peer = result["peer_simclr"]
     assert peer["budget_s"] == race["layerwise_s"] and 0 <= peer["simclr_acc"] <= 1 and 0 <= peer["ours_acc"] <= 1
     printed = capsys.readouterr()
     assert "patches/s" in printed.out
     progress = printed.err.splitlines()  # one line per measurement as it ends, on stderr
-    assert sum("end-to-end, " in line for line in progress) == 2 and any("layer 2:" in line for line in progress)
+    end2end_runs = {run["steps"] for r in by_depth for run in r["end2end_runs"]}  # the grid and any midpoints
+    assert sum("end-to-end, " in line for line in progress) == len(end2end_runs) >= 2
+    assert any("layer 2:" in line for line in progress)
     assert any("greedy, blocks 1-2" in line for line in progress) and "SimCLR peer" in progress[-1]
 
 
@@ -87,7 +90,37 @@ def test_greedy_doubles_its_steps_until_it_reaches_the_target_or_spends_end2end_
     monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
     config = bench.BenchConfig(arch=ArchConfig(widths=(8, 8)))
     depth1, depth2 = bench.layerwise_vs_end2end(None, None, None, config, "cpu", say=lambda line: None)
-    assert [run["steps"] for run in depth1["layerwise_runs"]] == [150, 300, 600, 1200, 2400]
+    # one midpoint each (900 / 1 800 steps fall short) leaves both within a quarter of their steps
+    assert [run["steps"] for run in depth1["end2end_runs"]] == [300, 600, 900, 1200]
+    assert [run["steps"] for run in depth1["layerwise_runs"]] == [150, 300, 600, 1200, 1800, 2400]
     assert depth1["reached"] and depth1["layerwise_s"] == 24 and depth1["ratio"] == 24 / 120
     assert [run["steps"] for run in depth2["layerwise_runs"]] == [150, 300, 600, 1200, 2400]
     assert not depth2["reached"] and depth2["layerwise_s"] == 120 and depth2["shortfall"] == pytest.approx(0.3)
+
+
+def test_both_times_are_refined_to_the_same_resolution_between_a_miss_and_a_hit(monkeypatch):
+    """Simulated runs whose accuracy grows with the steps: end-to-end first reaches its 1 200-step
+    best at 750 steps, greedy block 1 at 1 700. Halving the gap between the longest miss and the
+    first hit finds 750 (after 900) and 1 800 (1 500 falls short), each within a quarter of its
+    steps of the last miss; the grid alone would have said 1 200 and 2 400."""
+    ran = []
+
+    def fake_run(config, source, target, target_test, device, depths):
+        steps = config.steps_per_layer
+        ran.append((config.mode, steps))
+        if config.mode == "end2end":
+            return steps / 10, [min(0.8, steps / 937.5) for _ in depths]
+        return steps / 100, [min(0.9, steps / 2125)]
+    monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
+    config = bench.BenchConfig(arch=ArchConfig(widths=(8,)))
+    (race,) = bench.layerwise_vs_end2end(None, None, None, config, "cpu", say=lambda line: None)
+    assert [run["steps"] for run in race["end2end_runs"]] == [300, 600, 750, 900, 1200]
+    assert [run["steps"] for run in race["layerwise_runs"]] == [150, 300, 600, 1200, 1500, 1800, 2400]
+    assert race["reached"] and race["end2end_s"] == 75 and race["layerwise_s"] == 18
+    assert race["ratio"] == 18 / 75 and race["target"] == 0.8
+    assert len(ran) == len(set(ran))  # no run twice
+
+
+def test_bench_refuses_a_resolution_outside_0_1():
+    with pytest.raises(bench.ConfigError, match="resolution"):
+        bench.BenchConfig(resolution=0)
