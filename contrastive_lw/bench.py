@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import median
+from statistics import mean, median
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ class BenchConfig:
     layerwise_steps: tuple[int, ...] = (150, 300, 600, 1200)   # steps per layer of the first greedy runs
     end2end_steps: tuple[int, ...] = (300, 600, 1200)    # steps of each end-to-end run
     resolution: float = 0.25   # time-to-accuracy: steps of the first run reaching it, to this fraction
+    seeds: int = 1             # pretraining seeds per race run: its time and accuracy are their means
     probe_images: int = 2000
 
     def __post_init__(self) -> None:
@@ -46,6 +47,8 @@ class BenchConfig:
             raise ConfigError(f"probe_images must be at least 10, got {self.probe_images}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ConfigError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
+        if self.seeds < 1:
+            raise ConfigError(f"seeds must be a positive integer, got {self.seeds}")
         if not 0 < self.resolution <= 1:
             raise ConfigError(f"resolution must be in (0, 1], got {self.resolution}")
 
@@ -145,8 +148,9 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
     it and the first reaching it, runs of the steps halfway between are added until the two differ
     by at most ``resolution`` of the latter. If greedy never reaches the target, both accuracies are
     compared at equal time (the longest greedy run and the end-to-end run closest to it in time),
-    and ``shortfall`` says by how much greedy's best run (``layerwise_best``) missed it. ``say``
-    reports each run as it ends."""
+    and ``shortfall`` says by how much greedy's best run (``layerwise_best``) missed it. Each run's
+    time and accuracy are the means over ``seeds`` pretraining seeds. ``say`` reports each run as it
+    ends."""
     base = PretrainConfig(arch=config.arch, loss=LossConfig(name="infonce"), lr=0.003,
                           batch_size=config.race_batch, log_every=10 ** 9)
     depths = range(1, config.arch.num_blocks + 1)
@@ -154,8 +158,8 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
 
     def run_end2end(steps: int) -> tuple[float, list[float]]:
         if steps not in end2end:
-            end2end[steps] = _pretrain_and_probe(dataclasses.replace(base, mode="end2end", steps_per_layer=steps),
-                                                 source, target, target_test, device, depths)
+            end2end[steps] = _over_seeds(dataclasses.replace(base, mode="end2end", steps_per_layer=steps), config.seeds,
+                                         source, target, target_test, device, depths)
             seconds, accs = end2end[steps]
             say(f"end-to-end, {steps} steps: {seconds:.0f} s, probe " + ", ".join(f"{100 * a:.1f}%" for a in accs))
         return end2end[steps]
@@ -172,7 +176,7 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
 
         def greedy_run(steps: int, k: int = k) -> tuple[float, float]:
             greedy_config = dataclasses.replace(base, arch=config.arch.truncated(k), steps_per_layer=steps)
-            seconds, (acc,) = _pretrain_and_probe(greedy_config, source, target, target_test, device, [k])
+            seconds, (acc,) = _over_seeds(greedy_config, config.seeds, source, target, target_test, device, [k])
             say(f"greedy, blocks 1-{k}, {steps} steps per layer: {seconds:.0f} s, probe {100 * acc:.1f}%")
             return seconds, acc
 
@@ -192,7 +196,7 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
         end2end_s, end2end_acc = (runs[_first_reaching(runs, target_acc)] if reached
                                   else min(runs.values(), key=lambda run: abs(run[0] - layerwise_s)))
         metric = f"linear probe, blocks 1-{k}" if k > 1 else "linear probe, block 1"
-        races.append({"layers": k, "metric": metric, "target": target_acc, "reached": reached,
+        races.append({"layers": k, "metric": metric, "seeds": config.seeds, "target": target_acc, "reached": reached,
                       "layerwise_s": layerwise_s, "end2end_s": end2end_s, "ratio": layerwise_s / end2end_s,
                       "layerwise_acc": layerwise_acc, "end2end_acc": end2end_acc,
                       "shortfall": max(0.0, target_acc - best["acc"]), "layerwise_best": best,
@@ -277,7 +281,8 @@ def format_table(result: dict) -> str:
     for race in result["layerwise_vs_end2end_by_depth"]:
         runs = {key: ", ".join(f"{r['steps']} steps {100 * r['acc']:.1f}% in {r['seconds']:.0f} s" for r in race[key])
                 for key in ("end2end_runs", "layerwise_runs")}
-        lines += ["", f"{race['metric']}:", f"  end-to-end runs (all blocks): {runs['end2end_runs']}",
+        seeds = f" (each run the mean of {race['seeds']} seeds)" if race["seeds"] > 1 else ""
+        lines += ["", f"{race['metric']}{seeds}:", f"  end-to-end runs (all blocks): {runs['end2end_runs']}",
                   f"  greedy runs ({race['layers']} block(s), steps per layer): {runs['layerwise_runs']}",
                   *([] if race["reached"] else [
                       f"  greedy's best, {100 * race['layerwise_best']['acc']:.2f}% in "
@@ -300,6 +305,15 @@ def _pretrain_and_probe(config: PretrainConfig, source: torch.Tensor, target: Im
         net = LayerwisePretrainer(config, Path(tmp), device, progress=False, tensorboard=False).fit(source)
         seconds = time.perf_counter() - start
     return seconds, [probe_accuracy(net, target, target_test, k) for k in depths]
+
+
+def _over_seeds(config: PretrainConfig, seeds: int, source: torch.Tensor, target: ImageData, target_test: ImageData,
+                device: str, depths: Sequence[int]) -> tuple[float, list[float]]:
+    """Mean wall time and mean probe accuracy at each depth of the runs of ``config`` with seeds
+    0..``seeds`` - 1."""
+    results = [_pretrain_and_probe(dataclasses.replace(config, seed=seed), source, target, target_test, device, depths)
+               for seed in range(seeds)]
+    return mean(seconds for seconds, _ in results), [mean(accs) for accs in zip(*(accs for _, accs in results))]
 
 
 def _greedy_steps(grid: Sequence[int]) -> Iterator[int]:

@@ -45,7 +45,8 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [(["--probe-images", "3"], "probe_images must be at least 10"),
-                                            (["--batch-sizes", "256,0"], "batch sizes must be positive")])
+                                            (["--batch-sizes", "256,0"], "batch sizes must be positive"),
+                                            (["--seeds", "0"], "seeds must be a positive integer")])
 def test_bench_refuses_bad_sizes(tmp_path, capsys, flags, message):
     assert main(["bench", "--quick", *flags, "--out", str(tmp_path / "b.json"), "--device", "cpu"]) == 2
     assert message in capsys.readouterr().err
@@ -124,3 +125,27 @@ def test_both_times_are_refined_to_the_same_resolution_between_a_miss_and_a_hit(
 def test_bench_refuses_a_resolution_outside_0_1():
     with pytest.raises(bench.ConfigError, match="resolution"):
         bench.BenchConfig(resolution=0)
+
+
+def test_each_race_run_is_the_mean_over_its_seeds(monkeypatch):
+    """Simulated runs whose time and accuracy depend on the seed: with two seeds every run of the
+    race is the mean of seeds 0 and 1, and the race's verdict follows the means."""
+    ran = []
+
+    def fake_run(config, source, target, target_test, device, depths):
+        ran.append((config.mode, config.steps_per_layer, config.seed))
+        steps, offset = config.steps_per_layer, 0.1 * config.seed
+        if config.mode == "end2end":
+            return steps / 10 + 10 * config.seed, [min(0.8, steps / 1500) + offset for _ in depths]
+        return steps / 100, [min(0.9, steps / 1500) + offset]
+    monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
+    config = bench.BenchConfig(arch=ArchConfig(widths=(8,)), seeds=2)
+    (race,) = bench.layerwise_vs_end2end(None, None, None, config, "cpu", say=lambda line: None)
+    assert race["seeds"] == 2 and {seed for *_, seed in ran} == {0, 1}
+    assert all((mode, steps, 1 - seed) in ran for mode, steps, seed in ran)  # every run with both seeds
+    assert race["target"] == pytest.approx(0.85)  # end-to-end's 1 200 steps: (0.8 + 0.9) / 2
+    assert race["end2end_s"] == pytest.approx(125)  # (120 + 130) / 2
+    assert race["reached"] and race["layerwise_s"] == pytest.approx(12) and race["layerwise_acc"] == pytest.approx(0.85)
+    assert "mean of 2 seeds" in bench.format_table({"device": "cpu", "load_avg_1min": {"start": 0, "end": 0},
+                                                    "matmul_gflops": 1.0, "layers": [], "layerwise_vs_end2end_by_depth": [race],
+                                                    "peer_simclr": {"budget_s": 1.0, "simclr_acc": 0.5, "ours_acc": 0.5}})

@@ -16,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-images", type=int, default=None,
                         help="target-class training images of the linear probe, half as many test images "
                              "(default 2000; the real CIFAR-10 allows 10000)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="pretraining seeds per race run, averaged (default 1; each one multiplies the race's time)")
     parser.add_argument("--dataset", default="sample", help="source of images (default: the bundled sample)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="auto")
@@ -34,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     config = BenchConfig.quick() if args.quick else BenchConfig()
     if args.batch_sizes:
         config = dataclasses.replace(config, batch_sizes=tuple(args.batch_sizes))
+    if args.seeds is not None:
+        config = dataclasses.replace(config, seeds=args.seeds)
     if args.probe_images is not None:
         config = dataclasses.replace(config, probe_images=args.probe_images)
     limit = config.probe_images
