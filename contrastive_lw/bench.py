@@ -180,8 +180,6 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
             say(f"greedy, blocks 1-{k}, {steps} steps per layer: {seconds:.0f} s, probe {100 * acc:.1f}%")
             return seconds, acc
 
-        runs = {steps: end2end_at_depth(steps) for steps in end2end}
-        _refine(runs, target_acc, end2end_at_depth, config.resolution)
         greedy: dict[int, tuple[float, float]] = {}
         for steps in _greedy_steps(config.layerwise_steps):
             greedy[steps] = seconds, acc = greedy_run(steps)
@@ -190,6 +188,9 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
         _refine(greedy, target_acc, greedy_run, config.resolution)
         first_greedy = _first_reaching(greedy, target_acc)
         reached = first_greedy is not None
+        runs = {steps: end2end_at_depth(steps) for steps in end2end}
+        if reached:  # end-to-end's time to the target matters only then
+            _refine(runs, target_acc, end2end_at_depth, config.resolution)
         greedy_runs = _runs(greedy)
         best = max(greedy_runs, key=lambda run: run["acc"])  # the first of the most accurate
         layerwise_s, layerwise_acc = greedy[first_greedy if reached else max(greedy)]
