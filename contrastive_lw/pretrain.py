@@ -41,8 +41,9 @@ class PretrainConfig:
     layer is saved as ``layerK.pt``.
     ``init_scale`` shrinks the conv weights' default initialisation, so that filter structure the
     loss does not act on (init noise) stays faint and the learned filters show.
-    A layer trains ``steps_per_layer`` steps, or if that is 0,
-    ``epochs_per_layer * images * patches_per_image / batch_size`` steps.
+    Layer k trains ``steps_per_layer[k]`` steps (per layer, last repeats; one int is every layer's),
+    or where that is empty or 0, ``epochs_per_layer * images * patches_per_image / batch_size`` steps.
+    End-to-end trains its one stage for the first entry.
     """
 
     arch: ArchConfig = field(default_factory=ArchConfig)
@@ -61,12 +62,14 @@ class PretrainConfig:
     warmup_fraction: float = 0.05
     epochs_per_layer: float = 1.0
     patches_per_image: int = 16
-    steps_per_layer: int = 0
+    steps_per_layer: tuple[int, ...] | int = ()
     log_every: int = 50
     save_every: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.steps_per_layer, int):
+            object.__setattr__(self, "steps_per_layer", (self.steps_per_layer,))
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
         bad = [p for p in self.positives if p not in POSITIVES]
@@ -78,7 +81,7 @@ class PretrainConfig:
         for name in ("lr", "epochs_per_layer", "init_scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.save_every < 0 or self.steps_per_layer < 0 or self.weight_decay < 0 or not 0 <= self.warmup_fraction < 1:
+        if self.save_every < 0 or min(self.steps_per_layer, default=0) < 0 or self.weight_decay < 0 or not 0 <= self.warmup_fraction < 1:
             raise ConfigError("steps_per_layer, save_every and weight_decay must be >= 0, warmup_fraction in [0, 1)")
         if any(p < 1 for p in self.patch_sizes):
             raise ConfigError(f"patch_sizes must be positive, got {list(self.patch_sizes)}")
@@ -91,9 +94,10 @@ class PretrainConfig:
         """Steps that sample ``patches_per_image`` anchors per image once."""
         return max(1, math.ceil(num_images * self.patches_per_image / self.batch_size))
 
-    def steps(self, num_images: int) -> int:
-        if self.steps_per_layer:
-            return self.steps_per_layer
+    def steps(self, num_images: int, k: int = 1) -> int:
+        """Steps of layer ``k`` (1-based; end-to-end's one stage is layer 1)."""
+        if self.steps_per_layer and per_layer(self.steps_per_layer, k):
+            return per_layer(self.steps_per_layer, k)
         return max(1, math.ceil(self.epochs_per_layer * self.epoch_steps(num_images)))
 
 
@@ -247,7 +251,7 @@ class LayerwisePretrainer:
                                                              cfg.head_hidden).to(device))
         set_trainable(stage, True)
         optimizer = adamw(stage.parameters(), cfg.lr, cfg.weight_decay, device)
-        steps = cfg.steps(len(images))
+        steps = cfg.steps(len(images), k if greedy else 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup_fraction))
         sampler = PatchSampler(patch, per_layer(cfg.positives, k), cfg.max_shift,
                                seed=cfg.seed * 1000 + k, device=device)
@@ -286,7 +290,7 @@ class LayerwisePretrainer:
         if not path.exists():
             return 0
         state = load_checkpoint(path, TRAIN_STATE)
-        if state["layer"] != k or state["config"] != to_dict(self.config):
+        if state["layer"] != k or not _same_config(state["config"], self.config):
             raise CheckpointError(f"{path} belongs to another layer or config: delete it to restart layer {k}")
         net.load_state_dict(state["backbone"])
         stage.head.load_state_dict(state["head"])
@@ -346,6 +350,15 @@ class LayerwisePretrainer:
         logger.image("filters/layer1", filter_grid(weight))
         how = "layer-wise" if self.config.mode == "greedy" else "end-to-end"
         save_filter_grid(weight, self.out_dir / "filters_layer1.png", f"block-1 filters ({how}, unsupervised)")
+
+
+def _same_config(saved: dict, config: PretrainConfig) -> bool:
+    """Whether a saved config dict describes ``config`` (older spellings, such as one int for
+    ``steps_per_layer``, read as today's)."""
+    try:
+        return PretrainConfig.from_dict(saved) == config
+    except ConfigError:
+        return False
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -27,6 +27,15 @@ def test_pretrain_command_writes_a_run(tmp_path, npz):
                                                 "tb", "filters_layer1.png"}
 
 
+def test_pretrain_steps_per_layer_per_layer(tmp_path, npz):
+    import torch
+
+    out = tmp_path / "run"
+    assert _pretrain(npz, out, "--steps-per-layer", "3,1") == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["pretrain"]["steps_per_layer"] == [3, 1]
+    assert [torch.load(out / f"layer{k}.pt", weights_only=True)["metrics"]["steps"] for k in (1, 2)] == [3, 1]
+
+
 def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "contrastive_lw", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "pretrain" in result.stdout

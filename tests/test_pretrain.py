@@ -104,8 +104,27 @@ def test_bad_images_are_rejected(tmp_path):
         _fit(tmp_path, torch.zeros(4, 3, 16, 16, dtype=torch.uint8), positives=("exemplar",))
 
 
+def test_steps_per_layer_is_per_layer_and_the_last_repeats(tmp_path, images):
+    _fit(tmp_path, images, steps_per_layer=(4, 2), log_every=10 ** 6)
+    steps = [torch.load(tmp_path / f"layer{k}.pt", weights_only=True)["metrics"]["steps"] for k in (1, 2, 3)]
+    assert steps == [4, 2, 2]
+
+
+def test_end2end_trains_the_first_entry_of_steps_per_layer(tmp_path, images):
+    _fit(tmp_path, images, mode="end2end", steps_per_layer=(4, 2), log_every=10 ** 6)
+    assert torch.load(tmp_path / "layer3.pt", weights_only=True)["metrics"]["steps"] == 4
+
+
+def test_steps_per_layer_reads_one_int_as_every_layers():
+    assert _config(steps_per_layer=5).steps_per_layer == (5,)
+    assert PretrainConfig.from_dict({"steps_per_layer": 5}) == PretrainConfig.from_dict({"steps_per_layer": [5]})
+    config = PretrainConfig.from_dict({"steps_per_layer": [0, 7]})  # 0: the epochs' steps
+    assert (config.steps(100, 1), config.steps(100, 2), config.steps(100, 5)) == (config.epoch_steps(100), 7, 7)
+
+
 @pytest.mark.parametrize("bad", [dict(batch_size=0), dict(lr=0.0), dict(mode="joint"),
-                                 dict(positives=("near",)), dict(steps_per_layer=-1)])
+                                 dict(positives=("near",)), dict(steps_per_layer=-1),
+                                 dict(steps_per_layer=(10, -1))])
 def test_bad_config_values(bad):
     with pytest.raises(ConfigError):
         _config(**bad)

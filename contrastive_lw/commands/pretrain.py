@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--widths", type=parse_int_list, help="filters per block, e.g. 64,128,256")
     group.add_argument("--mode", choices=("greedy", "end2end"), help="layer by layer (default) or all at once")
     group.add_argument("--epochs-per-layer", type=float)
-    group.add_argument("--steps-per-layer", type=int, help="overrides --epochs-per-layer")
+    group.add_argument("--steps-per-layer", type=parse_int_list,
+                       help="per layer, last repeats, e.g. 1200,300; overrides --epochs-per-layer")
     group.add_argument("--batch-size", type=int)
     group.add_argument("--lr", type=float)
     group.add_argument("--loss", choices=("triplet", "infonce"))
