@@ -36,7 +36,8 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (2048, 512)   # per layer for the throughput figures, last repeats
     race_batch: int = 512                         # pretraining batch of the race and the SimCLR peer
     timed_steps: int = 20
-    layerwise_steps: tuple[int, ...] = (150, 300, 600, 1200)   # steps per layer of the first greedy runs
+    layerwise_steps: tuple[int, ...] = (150, 300, 600, 1200)   # block 1's steps of the first greedy runs
+    deeper_steps: float = 0.25   # greedy's blocks 2..k train this fraction of block 1's steps
     end2end_steps: tuple[int, ...] = (300, 600, 1200)    # steps of each end-to-end run
     resolution: float = 0.25   # time-to-accuracy: steps of the first run reaching it, to this fraction
     seeds: int = 1             # pretraining seeds per race run: its time and accuracy are their means
@@ -51,6 +52,12 @@ class BenchConfig:
             raise ConfigError(f"seeds must be a positive integer, got {self.seeds}")
         if not 0 < self.resolution <= 1:
             raise ConfigError(f"resolution must be in (0, 1], got {self.resolution}")
+        if not self.deeper_steps > 0:
+            raise ConfigError(f"deeper_steps must be > 0 (1: every block block 1's steps), got {self.deeper_steps}")
+
+    def greedy_schedule(self, steps: int, k: int) -> tuple[int, ...]:
+        """Steps per layer of a greedy run of blocks 1..``k`` whose block 1 trains ``steps``."""
+        return (steps, max(1, round(self.deeper_steps * steps)))[:k]
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -141,12 +148,13 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
 
     End-to-end runs of ``end2end_steps`` train the whole K-block network, as a user who wants the
     network must; their best probe accuracy at depth k is the target. Greedy runs train blocks 1..k
-    only, ``layerwise_steps`` per layer shortest first, then doubling the steps, and stop at the
-    first that reaches the target or takes as long as end-to-end's longest run (greedy gets the same
+    only: block 1 ``layerwise_steps`` shortest first, then doubling the steps, blocks 2..k
+    ``deeper_steps`` of block 1's (a block on frozen features needs fewer), and stop at the first
+    that reaches the target or takes as long as end-to-end's longest run (greedy gets the same
     time budget, whatever its steps cost). Each side's time is that of its first (fewest steps) run
     that reaches the target, found to the same resolution for both: between the longest run short of
     it and the first reaching it, runs of the steps halfway between are added until the two differ
-    by at most ``resolution`` of the latter. If greedy never reaches the target, both accuracies are
+    by at most ``resolution`` of the latter (greedy's steps are block 1's). If greedy never reaches the target, both accuracies are
     compared at equal time (the longest greedy run and the end-to-end run closest to it in time),
     and ``shortfall`` says by how much greedy's best run (``layerwise_best``) missed it. Each run's
     time and accuracy are the means over ``seeds`` pretraining seeds. ``say`` reports each run as it
@@ -175,9 +183,11 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
             return seconds, accs[k - 1]
 
         def greedy_run(steps: int, k: int = k) -> tuple[float, float]:
-            greedy_config = dataclasses.replace(base, arch=config.arch.truncated(k), steps_per_layer=steps)
+            schedule = config.greedy_schedule(steps, k)
+            greedy_config = dataclasses.replace(base, arch=config.arch.truncated(k), steps_per_layer=schedule)
             seconds, (acc,) = _over_seeds(greedy_config, config.seeds, source, target, target_test, device, [k])
-            say(f"greedy, blocks 1-{k}, {steps} steps per layer: {seconds:.0f} s, probe {100 * acc:.1f}%")
+            say(f"greedy, blocks 1-{k}, {' / '.join(map(str, schedule))} steps per layer: {seconds:.0f} s, "
+                f"probe {100 * acc:.1f}%")
             return seconds, acc
 
         greedy: dict[int, tuple[float, float]] = {}
@@ -191,13 +201,14 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
         runs = {steps: end2end_at_depth(steps) for steps in end2end}
         if reached:  # end-to-end's time to the target matters only then
             _refine(runs, target_acc, end2end_at_depth, config.resolution)
-        greedy_runs = _runs(greedy)
+        greedy_runs = [{**run, "steps_per_layer": list(config.greedy_schedule(run["steps"], k))} for run in _runs(greedy)]
         best = max(greedy_runs, key=lambda run: run["acc"])  # the first of the most accurate
         layerwise_s, layerwise_acc = greedy[first_greedy if reached else max(greedy)]
         end2end_s, end2end_acc = (runs[_first_reaching(runs, target_acc)] if reached
                                   else min(runs.values(), key=lambda run: abs(run[0] - layerwise_s)))
         metric = f"linear probe, blocks 1-{k}" if k > 1 else "linear probe, block 1"
-        races.append({"layers": k, "metric": metric, "seeds": config.seeds, "target": target_acc, "reached": reached,
+        races.append({"layers": k, "metric": metric, "seeds": config.seeds, "deeper_steps": config.deeper_steps,
+                      "target": target_acc, "reached": reached,
                       "layerwise_s": layerwise_s, "end2end_s": end2end_s, "ratio": layerwise_s / end2end_s,
                       "layerwise_acc": layerwise_acc, "end2end_acc": end2end_acc,
                       "shortfall": max(0.0, target_acc - best["acc"]), "layerwise_best": best,
@@ -283,8 +294,9 @@ def format_table(result: dict) -> str:
         runs = {key: ", ".join(f"{r['steps']} steps {100 * r['acc']:.1f}% in {r['seconds']:.0f} s" for r in race[key])
                 for key in ("end2end_runs", "layerwise_runs")}
         seeds = f" (each run the mean of {race['seeds']} seeds)" if race["seeds"] > 1 else ""
+        deeper = f", deeper blocks {race['deeper_steps']:g} of them" if race["layers"] > 1 else ""
         lines += ["", f"{race['metric']}{seeds}:", f"  end-to-end runs (all blocks): {runs['end2end_runs']}",
-                  f"  greedy runs ({race['layers']} block(s), steps per layer): {runs['layerwise_runs']}",
+                  f"  greedy runs ({race['layers']} block(s), block 1's steps{deeper}): {runs['layerwise_runs']}",
                   *([] if race["reached"] else [
                       f"  greedy's best, {100 * race['layerwise_best']['acc']:.2f}% in "
                       f"{race['layerwise_best']['seconds']:.1f} s, is {100 * race['shortfall']:.2f} point short of "

@@ -46,7 +46,8 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
 
 @pytest.mark.parametrize("flags, message", [(["--probe-images", "3"], "probe_images must be at least 10"),
                                             (["--batch-sizes", "256,0"], "batch sizes must be positive"),
-                                            (["--seeds", "0"], "seeds must be a positive integer")])
+                                            (["--seeds", "0"], "seeds must be a positive integer"),
+                                            (["--deeper-steps", "0"], "deeper_steps must be > 0")])
 def test_bench_refuses_bad_sizes(tmp_path, capsys, flags, message):
     assert main(["bench", "--quick", *flags, "--out", str(tmp_path / "b.json"), "--device", "cpu"]) == 2
     assert message in capsys.readouterr().err
@@ -82,7 +83,7 @@ def test_greedy_doubles_its_steps_until_it_reaches_the_target_or_spends_end2end_
     run as long as end-to-end's longest."""
 
     def fake_run(config, source, target, target_test, device, depths):
-        steps = config.steps_per_layer
+        steps = config.steps_per_layer[0]
         if config.mode == "end2end":
             return steps / 10, [steps / 1500 for _ in depths]  # best: 0.8 at 1 200 steps, 120 s
         if config.arch.num_blocks == 1:
@@ -107,7 +108,7 @@ def test_both_times_are_refined_to_the_same_resolution_between_a_miss_and_a_hit(
     ran = []
 
     def fake_run(config, source, target, target_test, device, depths):
-        steps = config.steps_per_layer
+        steps = config.steps_per_layer[0]
         ran.append((config.mode, steps))
         if config.mode == "end2end":
             return steps / 10, [min(0.8, steps / 937.5) for _ in depths]
@@ -122,6 +123,25 @@ def test_both_times_are_refined_to_the_same_resolution_between_a_miss_and_a_hit(
     assert len(ran) == len(set(ran))  # no run twice
 
 
+def test_greedy_deeper_blocks_train_a_fraction_of_block_one_steps(monkeypatch):
+    """Greedy runs of blocks 1-2 train block 2 for ``deeper_steps`` of block 1's steps, and each
+    run's schedule is in the JSON; end-to-end's runs are unchanged, and 1 gives every block the same."""
+    ran = []
+
+    def fake_run(config, source, target, target_test, device, depths):
+        ran.append((config.mode, config.arch.num_blocks, config.steps_per_layer))
+        steps = config.steps_per_layer[0]
+        return steps / 10, [min(0.8, steps / 1500) for _ in depths]
+    monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
+    config = bench.BenchConfig(arch=ArchConfig(widths=(8, 8)), layerwise_steps=(600, 1200), end2end_steps=(600, 1200))
+    _, depth2 = bench.layerwise_vs_end2end(None, None, None, config, "cpu", say=lambda line: None)
+    assert ("greedy", 2, (600, 150)) in ran and ("greedy", 1, (600,)) in ran and ("end2end", 2, (600,)) in ran
+    assert depth2["deeper_steps"] == 0.25
+    assert [run["steps_per_layer"] for run in depth2["layerwise_runs"]][:2] == [[600, 150], [900, 225]]
+    assert bench.BenchConfig(deeper_steps=1).greedy_schedule(300, 3) == (300, 300)
+    assert bench.BenchConfig(deeper_steps=0.001).greedy_schedule(300, 2) == (300, 1)
+
+
 def test_bench_refuses_a_resolution_outside_0_1():
     with pytest.raises(bench.ConfigError, match="resolution"):
         bench.BenchConfig(resolution=0)
@@ -134,7 +154,7 @@ def test_each_race_run_is_the_mean_over_its_seeds(monkeypatch):
 
     def fake_run(config, source, target, target_test, device, depths):
         ran.append((config.mode, config.steps_per_layer, config.seed))
-        steps, offset = config.steps_per_layer, 0.1 * config.seed
+        steps, offset = config.steps_per_layer[0], 0.1 * config.seed
         if config.mode == "end2end":
             return steps / 10 + 10 * config.seed, [min(0.8, steps / 1500) + offset for _ in depths]
         return steps / 100, [min(0.9, steps / 1500) + offset]

@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 2000; the real CIFAR-10 allows 10000)")
     parser.add_argument("--seeds", type=int, default=None,
                         help="pretraining seeds per race run, averaged (default 1; each one multiplies the race's time)")
+    parser.add_argument("--deeper-steps", type=float, default=None,
+                        help="greedy's blocks 2..k train this fraction of block 1's steps (default 0.25; "
+                             "1: the same steps for every block)")
     parser.add_argument("--dataset", default="sample", help="source of images (default: the bundled sample)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="auto")
@@ -38,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, batch_sizes=tuple(args.batch_sizes))
     if args.seeds is not None:
         config = dataclasses.replace(config, seeds=args.seeds)
+    if args.deeper_steps is not None:
+        config = dataclasses.replace(config, deeper_steps=args.deeper_steps)
     if args.probe_images is not None:
         config = dataclasses.replace(config, probe_images=args.probe_images)
     limit = config.probe_images
