@@ -156,7 +156,10 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
     it and the first reaching it, runs of the steps halfway between are added until the two differ
     by at most ``resolution`` of the latter (greedy's steps are block 1's). If greedy never reaches the target, both accuracies are
     compared at equal time (the longest greedy run and the end-to-end run closest to it in time),
-    and ``shortfall`` says by how much greedy's best run (``layerwise_best``) missed it. Each run's
+    and ``shortfall`` says by how much greedy's best run (``layerwise_best``) missed it.
+    ``within_noise`` reads the same runs against the target less the probe's standard error (a
+    binomial one over the test images): runs that close to end-to-end's best are not told apart
+    by the probe. Each run's
     time and accuracy are the means over ``seeds`` pretraining seeds. ``say`` reports each run as it
     ends."""
     base = PretrainConfig(arch=config.arch, loss=LossConfig(name="infonce"), lr=0.003,
@@ -212,6 +215,7 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
                       "layerwise_s": layerwise_s, "end2end_s": end2end_s, "ratio": layerwise_s / end2end_s,
                       "layerwise_acc": layerwise_acc, "end2end_acc": end2end_acc,
                       "shortfall": max(0.0, target_acc - best["acc"]), "layerwise_best": best,
+                      "within_noise": _within_noise(greedy, runs, target_acc, len(target_test)),
                       "layerwise_runs": greedy_runs, "end2end_runs": _runs(runs)})
     return races
 
@@ -304,10 +308,18 @@ def format_table(result: dict) -> str:
                   (f"  greedy {'reached' if race['reached'] else 'did not reach'} end-to-end's best "
                    f"({100 * race['target']:.1f}%): greedy {100 * race['layerwise_acc']:.1f}% in "
                    f"{race['layerwise_s']:.1f} s, end-to-end {100 * race['end2end_acc']:.1f}% in "
-                   f"{race['end2end_s']:.1f} s, time ratio {race['ratio']:.2f}")]
+                   f"{race['end2end_s']:.1f} s, time ratio {race['ratio']:.2f}"),
+                  _noise_line(race["within_noise"])]
     lines += ["", f"SimCLR peer, same backbone, {peer['budget_s']:.1f} s: {100 * peer['simclr_acc']:.1f}% "
                   f"(ours, all blocks: {100 * peer['ours_acc']:.1f}%)"]
     return "\n".join(lines)
+
+
+def _noise_line(noise: dict) -> str:
+    reading = (f"greedy in {noise['layerwise_s']:.1f} s, end-to-end in {noise['end2end_s']:.1f} s, time ratio "
+               f"{noise['ratio']:.2f}" if noise["ratio"] is not None else "greedy never reached it")
+    return (f"  within the probe's standard error ({100 * noise['standard_error']:.2f} point) of that best, "
+            f"{100 * noise['target']:.1f}%: {reading}")
 
 
 def _pretrain_and_probe(config: PretrainConfig, source: torch.Tensor, target: ImageData, target_test: ImageData,
@@ -349,6 +361,18 @@ def _refine(runs: dict[int, tuple[float, float]], target: float, run: Callable[[
             return
         middle = (shorter + hit) // 2
         runs[middle] = run(middle)
+
+
+def _within_noise(greedy: dict[int, tuple[float, float]], end2end: dict[int, tuple[float, float]],
+                  target: float, test_images: int) -> dict:
+    """Each side's time to the first of its runs within one probe standard error of ``target``
+    (None for greedy if none is), and their ratio."""
+    error = (target * (1 - target) / test_images) ** 0.5
+    greedy_steps, end2end_steps = _first_reaching(greedy, target - error), _first_reaching(end2end, target - error)
+    layerwise_s = None if greedy_steps is None else greedy[greedy_steps][0]
+    end2end_s = end2end[end2end_steps][0]
+    return {"standard_error": error, "target": target - error, "layerwise_s": layerwise_s, "end2end_s": end2end_s,
+            "ratio": None if layerwise_s is None else layerwise_s / end2end_s}
 
 
 def _first_reaching(runs: dict[int, tuple[float, float]], target: float) -> int | None:

@@ -6,7 +6,10 @@ import torch
 
 from contrastive_lw import bench
 from contrastive_lw.cli import main
+from contrastive_lw.data import ImageData
 from contrastive_lw.model import ArchConfig, LayerwiseNet
+
+PROBE_TEST = ImageData(torch.zeros(5000, 1, 1, 1, dtype=torch.uint8), torch.zeros(5000, dtype=torch.int64), ["a"])
 
 
 def test_quick_bench_writes_every_figure(tmp_path, capsys):
@@ -30,6 +33,7 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
         assert r["layerwise_best"] == r["layerwise_runs"][accs.index(max(accs))]
         assert math.isclose(r["shortfall"], max(0.0, r["target"] - max(accs)), abs_tol=1e-9)
         assert (r["shortfall"] == 0) == r["reached"]
+        assert 0 < r["within_noise"]["standard_error"] < 1 and r["within_noise"]["target"] < r["target"]
     # end-to-end trains the whole net once: its runs take the same time at every depth
     seconds = [{run["steps"]: run["seconds"] for run in r["end2end_runs"]} for r in by_depth]
     assert all(seconds[-1][steps] == s for steps, s in seconds[0].items())
@@ -91,7 +95,7 @@ def test_greedy_doubles_its_steps_until_it_reaches_the_target_or_spends_end2end_
         return steps / 20, [0.5]
     monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
     config = bench.BenchConfig(arch=ArchConfig(widths=(8, 8)))
-    depth1, depth2 = bench.layerwise_vs_end2end(None, None, None, config, "cpu", say=lambda line: None)
+    depth1, depth2 = bench.layerwise_vs_end2end(None, None, PROBE_TEST, config, "cpu", say=lambda line: None)
     # one midpoint each (900 / 1 800 steps fall short) leaves both within a quarter of their steps
     assert [run["steps"] for run in depth1["end2end_runs"]] == [300, 600, 900, 1200]
     assert [run["steps"] for run in depth1["layerwise_runs"]] == [150, 300, 600, 1200, 1800, 2400]
@@ -115,7 +119,7 @@ def test_both_times_are_refined_to_the_same_resolution_between_a_miss_and_a_hit(
         return steps / 100, [min(0.9, steps / 2125)]
     monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
     config = bench.BenchConfig(arch=ArchConfig(widths=(8,)))
-    (race,) = bench.layerwise_vs_end2end(None, None, None, config, "cpu", say=lambda line: None)
+    (race,) = bench.layerwise_vs_end2end(None, None, PROBE_TEST, config, "cpu", say=lambda line: None)
     assert [run["steps"] for run in race["end2end_runs"]] == [300, 600, 750, 900, 1200]
     assert [run["steps"] for run in race["layerwise_runs"]] == [150, 300, 600, 1200, 1500, 1800, 2400]
     assert race["reached"] and race["end2end_s"] == 75 and race["layerwise_s"] == 18
@@ -134,12 +138,35 @@ def test_greedy_deeper_blocks_train_a_fraction_of_block_one_steps(monkeypatch):
         return steps / 10, [min(0.8, steps / 1500) for _ in depths]
     monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
     config = bench.BenchConfig(arch=ArchConfig(widths=(8, 8)), layerwise_steps=(600, 1200), end2end_steps=(600, 1200))
-    _, depth2 = bench.layerwise_vs_end2end(None, None, None, config, "cpu", say=lambda line: None)
+    _, depth2 = bench.layerwise_vs_end2end(None, None, PROBE_TEST, config, "cpu", say=lambda line: None)
     assert ("greedy", 2, (600, 150)) in ran and ("greedy", 1, (600,)) in ran and ("end2end", 2, (600,)) in ran
     assert depth2["deeper_steps"] == 0.25
     assert [run["steps_per_layer"] for run in depth2["layerwise_runs"]][:2] == [[600, 150], [900, 225]]
     assert bench.BenchConfig(deeper_steps=1).greedy_schedule(300, 3) == (300, 300)
     assert bench.BenchConfig(deeper_steps=0.001).greedy_schedule(300, 2) == (300, 1)
+
+
+def test_within_noise_reads_the_runs_against_the_target_less_one_standard_error(monkeypatch):
+    """End-to-end's best, 0.8 at 1 200 steps, is 0.005 above its 600-step run; the probe's standard
+    error on 5 000 test images is sqrt(0.8 * 0.2 / 5000) = 0.0057, so within the noise end-to-end
+    is done at 600 steps (60 s) and greedy at its 300 steps (0.797, 3 s); the race itself still
+    times both to the best (12 s against 120 s)."""
+
+    def fake_run(config, source, target, target_test, device, depths):
+        steps = config.steps_per_layer[0]
+        if config.mode == "end2end":
+            return steps / 10, [0.8 if steps >= 1200 else 0.795 if steps >= 600 else 0.7 for _ in depths]
+        return steps / 100, [0.81 if steps >= 1200 else 0.797 if steps >= 300 else 0.7]
+    monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
+    config = bench.BenchConfig(arch=ArchConfig(widths=(8,)))
+    (race,) = bench.layerwise_vs_end2end(None, None, PROBE_TEST, config, "cpu", say=lambda line: None)
+    assert race["ratio"] == 12 / 120
+    noise = race["within_noise"]
+    assert noise["standard_error"] == pytest.approx((0.8 * 0.2 / 5000) ** 0.5)
+    assert noise["target"] == pytest.approx(0.8 - noise["standard_error"])
+    assert (noise["layerwise_s"], noise["end2end_s"], noise["ratio"]) == (3, 60, 3 / 60)
+    assert "standard error" in bench._noise_line(noise)
+    assert "never" in bench._noise_line({**noise, "layerwise_s": None, "ratio": None})
 
 
 def test_bench_refuses_a_resolution_outside_0_1():
@@ -160,7 +187,7 @@ def test_each_race_run_is_the_mean_over_its_seeds(monkeypatch):
         return steps / 100, [min(0.9, steps / 1500) + offset]
     monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
     config = bench.BenchConfig(arch=ArchConfig(widths=(8,)), seeds=2)
-    (race,) = bench.layerwise_vs_end2end(None, None, None, config, "cpu", say=lambda line: None)
+    (race,) = bench.layerwise_vs_end2end(None, None, PROBE_TEST, config, "cpu", say=lambda line: None)
     assert race["seeds"] == 2 and {seed for *_, seed in ran} == {0, 1}
     assert all((mode, steps, 1 - seed) in ran for mode, steps, seed in ran)  # every run with both seeds
     assert race["target"] == pytest.approx(0.85)  # end-to-end's 1 200 steps: (0.8 + 0.9) / 2
