@@ -53,7 +53,7 @@ class BenchConfig:
         if not 0 < self.resolution <= 1:
             raise ConfigError(f"resolution must be in (0, 1], got {self.resolution}")
         if not self.deeper_steps > 0:
-            raise ConfigError(f"deeper_steps must be > 0 (1: every block block 1's steps), got {self.deeper_steps}")
+            raise ConfigError(f"deeper_steps must be > 0 (1: the same steps for every block), got {self.deeper_steps}")
 
     def greedy_schedule(self, steps: int, k: int) -> tuple[int, ...]:
         """Steps per layer of a greedy run of blocks 1..``k`` whose block 1 trains ``steps``."""
@@ -154,14 +154,13 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
     time budget, whatever its steps cost). Each side's time is that of its first (fewest steps) run
     that reaches the target, found to the same resolution for both: between the longest run short of
     it and the first reaching it, runs of the steps halfway between are added until the two differ
-    by at most ``resolution`` of the latter (greedy's steps are block 1's). If greedy never reaches the target, both accuracies are
-    compared at equal time (the longest greedy run and the end-to-end run closest to it in time),
-    and ``shortfall`` says by how much greedy's best run (``layerwise_best``) missed it.
-    ``within_noise`` reads the same runs against the target less the probe's standard error (a
-    binomial one over the test images): runs that close to end-to-end's best are not told apart
-    by the probe. Each run's
-    time and accuracy are the means over ``seeds`` pretraining seeds. ``say`` reports each run as it
-    ends."""
+    by at most ``resolution`` of the latter (greedy's steps are block 1's). If greedy never reaches
+    the target, both accuracies are compared at equal time (the longest greedy run and the
+    end-to-end run closest to it in time), and ``shortfall`` says by how much greedy's best run
+    (``layerwise_best``) missed it. ``within_noise`` reads the same runs against the target less
+    the probe's binomial standard error over the test images: the probe does not tell runs that
+    close to end-to-end's best apart. Each run's time and accuracy are the means over ``seeds``
+    pretraining seeds. ``say`` reports each run as it ends."""
     base = PretrainConfig(arch=config.arch, loss=LossConfig(name="infonce"), lr=0.003,
                           batch_size=config.race_batch, log_every=10 ** 9)
     depths = range(1, config.arch.num_blocks + 1)
@@ -204,7 +203,8 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
         runs = {steps: end2end_at_depth(steps) for steps in end2end}
         if reached:  # end-to-end's time to the target matters only then
             _refine(runs, target_acc, end2end_at_depth, config.resolution)
-        greedy_runs = [{**run, "steps_per_layer": list(config.greedy_schedule(run["steps"], k))} for run in _runs(greedy)]
+        greedy_runs = [{**run, "steps_per_layer": list(config.greedy_schedule(run["steps"], k))}
+                       for run in _runs(greedy)]
         best = max(greedy_runs, key=lambda run: run["acc"])  # the first of the most accurate
         layerwise_s, layerwise_acc = greedy[first_greedy if reached else max(greedy)]
         end2end_s, end2end_acc = (runs[_first_reaching(runs, target_acc)] if reached

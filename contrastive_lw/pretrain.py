@@ -41,7 +41,7 @@ class PretrainConfig:
     layer is saved as ``layerK.pt``.
     ``init_scale`` shrinks the conv weights' default initialisation, so that filter structure the
     loss does not act on (init noise) stays faint and the learned filters show.
-    Layer k trains ``steps_per_layer[k]`` steps (per layer, last repeats; one int is every layer's),
+    Layer k trains the k-th entry of ``steps_per_layer`` (last repeats; one int is every layer's),
     or where that is empty or 0, ``epochs_per_layer * images * patches_per_image / batch_size`` steps.
     End-to-end trains its one stage for the first entry.
     """
@@ -81,7 +81,8 @@ class PretrainConfig:
         for name in ("lr", "epochs_per_layer", "init_scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.save_every < 0 or min(self.steps_per_layer, default=0) < 0 or self.weight_decay < 0 or not 0 <= self.warmup_fraction < 1:
+        if (self.save_every < 0 or min(self.steps_per_layer, default=0) < 0 or self.weight_decay < 0
+                or not 0 <= self.warmup_fraction < 1):
             raise ConfigError("steps_per_layer, save_every and weight_decay must be >= 0, warmup_fraction in [0, 1)")
         if any(p < 1 for p in self.patch_sizes):
             raise ConfigError(f"patch_sizes must be positive, got {list(self.patch_sizes)}")

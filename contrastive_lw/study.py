@@ -162,11 +162,12 @@ class Study:
         cfg, setup = self.config, self.setup
         widths = ", ".join(map(str, cfg.pretrain.arch.widths))
         steps = [cfg.pretrain.steps(setup["source_train"], k) for k in range(1, cfg.pretrain.arch.num_blocks + 1)]
+        steps_text = str(steps[0]) if len(set(steps)) == 1 else " / ".join(map(str, steps))
         return (f"source (pretraining, supervised baseline): `{cfg.source.dataset}` classes {cfg.source.classes or 'all'}, "
                 f"{setup['source_train']} train images; target: `{cfg.target.dataset}` classes "
                 f"{cfg.target.classes or 'all'} ({', '.join(setup['classes'])}), {setup['target_train']} train / "
                 f"{setup['target_test']} test images. Block widths {widths}; pretraining "
-                f"{cfg.pretrain.loss.name} loss, {steps[0] if len(set(steps)) == 1 else ' / '.join(map(str, steps))} steps per layer of "
+                f"{cfg.pretrain.loss.name} loss, {steps_text} steps per layer of "
                 f"batch {cfg.pretrain.batch_size}; supervised baseline {cfg.supervised.epochs} epochs; transfer "
                 f"{cfg.transfer.epochs} epochs, Adam lr {cfg.transfer.lr}, new blocks {list(cfg.transfer.new_widths)}, "
                 f"fc {cfg.transfer.hidden}; seeds {list(cfg.seeds)}.")

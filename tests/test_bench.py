@@ -58,6 +58,21 @@ def test_bench_refuses_bad_sizes(tmp_path, capsys, flags, message):
     assert not (tmp_path / "b.json").exists()
 
 
+def test_bench_source_and_target_classes_can_be_swapped(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def fake_bench(source, target, target_test, config, device, say):
+        seen.update(source=len(source), target=target.class_names, test=target_test.class_names)
+        return {}
+    monkeypatch.setattr(bench, "run_bench", fake_bench)
+    monkeypatch.setattr(bench, "format_table", lambda result: "")
+    out = tmp_path / "b.json"
+    assert main(["bench", "--source-classes", "5-9", "--target-classes", "0-4", "--out", str(out)]) == 0
+    names = ["airplane", "automobile", "bird", "cat", "deer"]
+    assert seen["target"] == seen["test"] == names and seen["source"] > 0
+    assert json.loads(out.read_text())["setup"]["target_classes"] == names
+
+
 def test_layer_fractions_pair_each_round_so_drift_cancels(monkeypatch):
     base = {"matmul": 1.0, "step": 2.0, "views": 0.5}   # seconds of one timing at full speed
     slowdown = iter([1, 3, 1, 3, 3] * 3)               # the machine's speed drifts between rounds

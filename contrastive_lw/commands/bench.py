@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="greedy's blocks 2..k train this fraction of block 1's steps (default 0.25; "
                              "1: the same steps for every block)")
     parser.add_argument("--dataset", default="sample", help="source of images (default: the bundled sample)")
+    parser.add_argument("--source-classes", default="0-4", help="classes the race pretrains on (default 0-4)")
+    parser.add_argument("--target-classes", default="5-9",
+                        help="classes of the linear probe (default 5-9; swap the two to check a verdict on other data)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="auto")
 
@@ -46,15 +49,16 @@ def run(args: argparse.Namespace) -> int:
     if args.probe_images is not None:
         config = dataclasses.replace(config, probe_images=args.probe_images)
     limit = config.probe_images
-    source = load_dataset(args.dataset, "train", args.data_root, "0-4").images
-    target = load_dataset(args.dataset, "train", args.data_root, "5-9", limit)
-    target_test = load_dataset(args.dataset, "test", args.data_root, "5-9", limit // 2)
+    source = load_dataset(args.dataset, "train", args.data_root, args.source_classes).images
+    target = load_dataset(args.dataset, "train", args.data_root, args.target_classes, limit)
+    target_test = load_dataset(args.dataset, "test", args.data_root, args.target_classes, limit // 2)
     start = time.perf_counter()
 
     def say(message: str) -> None:
         print(f"[{time.perf_counter() - start:5.0f} s] {message}", file=sys.stderr, flush=True)
     result = run_bench(source, target, target_test, config, args.device, say)
-    result["setup"] = {"dataset": args.dataset, "source_images": len(source), "probe_train": len(target),
+    result["setup"] = {"dataset": args.dataset, "source_classes": args.source_classes,
+                       "target_classes": target.class_names, "source_images": len(source), "probe_train": len(target),
                        "probe_test": len(target_test), "quick": args.quick}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(format_table(result))
