@@ -368,10 +368,11 @@ def _within_noise(greedy: dict[int, tuple[float, float]], end2end: dict[int, tup
     """Each side's time to the first of its runs within one probe standard error of ``target``
     (None for greedy if none is), and their ratio."""
     error = (target * (1 - target) / test_images) ** 0.5
-    greedy_steps, end2end_steps = _first_reaching(greedy, target - error), _first_reaching(end2end, target - error)
+    within = target - error
+    greedy_steps = _first_reaching(greedy, within)
     layerwise_s = None if greedy_steps is None else greedy[greedy_steps][0]
-    end2end_s = end2end[end2end_steps][0]
-    return {"standard_error": error, "target": target - error, "layerwise_s": layerwise_s, "end2end_s": end2end_s,
+    end2end_s = end2end[_first_reaching(end2end, within)][0]
+    return {"standard_error": error, "target": within, "layerwise_s": layerwise_s, "end2end_s": end2end_s,
             "ratio": None if layerwise_s is None else layerwise_s / end2end_s}
 
 

@@ -97,9 +97,8 @@ class PretrainConfig:
 
     def steps(self, num_images: int, k: int = 1) -> int:
         """Steps of layer ``k`` (1-based; end-to-end's one stage is layer 1)."""
-        if self.steps_per_layer and per_layer(self.steps_per_layer, k):
-            return per_layer(self.steps_per_layer, k)
-        return max(1, math.ceil(self.epochs_per_layer * self.epoch_steps(num_images)))
+        given = per_layer(self.steps_per_layer, k) if self.steps_per_layer else 0
+        return given or max(1, math.ceil(self.epochs_per_layer * self.epoch_steps(num_images)))
 
 
 def warmup_cosine(steps: int, warmup_fraction: float):
