@@ -1,5 +1,9 @@
-"""Forward + backward time of the InfoNCE loss: this project's ``nt_xent`` against lightly's
-``NTXentLoss`` (the same value and gradient), for several numbers of pairs. Writes JSON::
+"""Forward + backward time of the InfoNCE loss: this project's ``nt_xent`` (its symmetric path at
+temperature 0.1, and its log-softmax path, which temperatures below 0.025 take and every
+temperature took before 2026-12-02: timed at 0.02, the same work) against lightly's
+``NTXentLoss`` (the same value and gradient), for several numbers of pairs; and the greedy
+block-1 training step with each path (``contrastive_lw.bench.layer_step``, batch = pairs).
+Writes JSON::
 
     python experiments/loss_timing.py --out loss_timing.json [--pairs 256,512,1024] [--device cpu]
 """
@@ -13,24 +17,42 @@ from pathlib import Path
 import torch
 from lightly.loss import NTXentLoss
 
-from contrastive_lw.bench import describe_device
-from contrastive_lw.losses import nt_xent
+from contrastive_lw.bench import describe_device, layer_step
+from contrastive_lw.losses import SYMMETRIC_MIN_TEMPERATURE, LossConfig, nt_xent
+from contrastive_lw.model import ArchConfig, LayerwiseNet
 from contrastive_lw.memory import keep_freed_memory
 
 
-def milliseconds(loss, pairs: int, dim: int, repeats: int, device: torch.device) -> float:
-    """Best-of-three mean time of one forward + backward of ``loss`` on ``pairs`` random pairs."""
-    anchor = torch.randn(pairs, dim, device=device, requires_grad=True)
-    positive = torch.randn(pairs, dim, device=device, requires_grad=True)
+COLD = 0.02  # below SYMMETRIC_MIN_TEMPERATURE: nt_xent's log-softmax path
+assert COLD < SYMMETRIC_MIN_TEMPERATURE
+
+
+def milliseconds(call, repeats: int, device: torch.device) -> float:
+    """Best-of-three mean time of ``call()``."""
     best = float("inf")
     for _ in range(4):  # the first round warms up
         start = time.perf_counter()
         for _ in range(repeats):
-            loss(anchor, positive).backward()
+            call()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, (time.perf_counter() - start) / repeats * 1e3)
     return best
+
+
+def loss_milliseconds(loss, pairs: int, dim: int, repeats: int, device: torch.device) -> float:
+    """Time of one forward + backward of ``loss`` on ``pairs`` random pairs."""
+    anchor = torch.randn(pairs, dim, device=device, requires_grad=True)
+    positive = torch.randn(pairs, dim, device=device, requires_grad=True)
+    return milliseconds(lambda: loss(anchor, positive).backward(), repeats, device)
+
+
+def step_milliseconds(temperature: float, pairs: int, repeats: int, device: torch.device) -> float:
+    """Time of one greedy block-1 step (the bench's 64-filter net) with InfoNCE at ``temperature``."""
+    torch.manual_seed(0)
+    net = LayerwiseNet(ArchConfig(widths=(64,))).to(device, memory_format=torch.channels_last)
+    step, _, _ = layer_step(net, 1, pairs, device, LossConfig(name="infonce", temperature=temperature))
+    return milliseconds(step, repeats, device)
 
 
 def main() -> None:
@@ -46,10 +68,18 @@ def main() -> None:
     lightly_loss = NTXentLoss(temperature=0.1)
     rows = []
     for pairs in (int(p) for p in args.pairs.split(",")):
-        ours = milliseconds(nt_xent, pairs, args.dim, args.repeats, device)
-        theirs = milliseconds(lightly_loss, pairs, args.dim, args.repeats, device)
-        rows.append({"pairs": pairs, "nt_xent_ms": ours, "lightly_ms": theirs, "speedup": theirs / ours})
-        print(f"{pairs:>5} pairs: nt_xent {ours:.2f} ms, lightly NTXentLoss {theirs:.2f} ms ({theirs / ours:.1f}x)")
+        row = {"pairs": pairs,
+               "nt_xent_ms": loss_milliseconds(nt_xent, pairs, args.dim, args.repeats, device),
+               "log_softmax_path_ms": loss_milliseconds(lambda a, p: nt_xent(a, p, COLD), pairs, args.dim,
+                                                        args.repeats, device),
+               "lightly_ms": loss_milliseconds(lightly_loss, pairs, args.dim, args.repeats, device),
+               "block1_step_ms": step_milliseconds(0.1, pairs, args.repeats, device),
+               "block1_step_log_softmax_path_ms": step_milliseconds(COLD, pairs, args.repeats, device)}
+        row["speedup"] = row["lightly_ms"] / row["nt_xent_ms"]
+        rows.append(row)
+        print(f"{pairs:>5} pairs: nt_xent {row['nt_xent_ms']:.2f} ms (log-softmax path {row['log_softmax_path_ms']:.2f}), "
+              f"lightly NTXentLoss {row['lightly_ms']:.2f} ms ({row['speedup']:.1f}x); greedy block-1 step "
+              f"{row['block1_step_ms']:.2f} ms (log-softmax path {row['block1_step_log_softmax_path_ms']:.2f})")
     Path(args.out).write_text(json.dumps({"device": describe_device(device), "dim": args.dim, "rows": rows}, indent=1))
     print(f"-> {args.out}")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from contrastive_lw.errors import ConfigError
-from contrastive_lw.losses import InfoNCELoss, LossConfig, TripletLoss, build_loss, nt_xent, paired_distance
+from contrastive_lw.losses import SYMMETRIC_MIN_TEMPERATURE, InfoNCELoss, LossConfig, TripletLoss, build_loss, nt_xent, paired_distance
 
 
 def test_cosine_triplet_values_on_hand_made_vectors():
@@ -55,7 +55,7 @@ def test_paired_cosine_distance_matches_torch_in_value_and_gradient():
         assert torch.allclose(mine.grad, theirs.grad, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("temperature", [0.1, 0.5])
+@pytest.mark.parametrize("temperature", [0.01, 0.1, 0.5])  # 0.01: below SYMMETRIC_MIN_TEMPERATURE
 def test_nt_xent_equals_lightly_in_value_and_gradient(temperature):
     from lightly.loss import NTXentLoss
 
@@ -69,6 +69,22 @@ def test_nt_xent_equals_lightly_in_value_and_gradient(temperature):
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-10)
     for mine, reference in zip(ours_inputs, theirs_inputs):
         assert torch.allclose(mine.grad, reference.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_nt_xent_stays_exact_in_float32_at_its_coldest_symmetric_temperature():
+    # the first anchor is opposite every other embedding, its partner too: its row of
+    # exp(logit - 1 / t) is ~exp(-2 / t) throughout (at t = 0.02 its gradient is already NaN)
+    torch.manual_seed(0)
+    v = torch.randn(16, dtype=torch.float64)
+    a, p = (-v + 1e-2 * torch.randn(8, 16, dtype=torch.float64) for _ in range(2))
+    a[0] = v
+    inputs32, inputs64 = [t.float().requires_grad_() for t in (a, p)], [t.clone().requires_grad_() for t in (a, p)]
+    value32, value64 = (nt_xent(*inputs, SYMMETRIC_MIN_TEMPERATURE) for inputs in (inputs32, inputs64))
+    value32.backward()
+    value64.backward()
+    assert value32.item() == pytest.approx(value64.item(), rel=1e-5)
+    for mine, exact in zip(inputs32, inputs64):
+        assert torch.allclose(mine.grad.double(), exact.grad, rtol=1e-3, atol=1e-4)
 
 
 def test_infonce_is_lightly_ntxent_and_ignores_negatives():
