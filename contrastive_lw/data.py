@@ -131,18 +131,23 @@ def select_classes(data: ImageData, classes: str | Sequence[int | str]) -> Image
 
 def balanced_limit(data: ImageData, limit: int) -> ImageData:
     """The first ``limit`` images taking classes in turn (each class's images in their order)."""
+    return balanced_split(data, limit)[0]
+
+
+def balanced_split(data: ImageData, limit: int) -> tuple[ImageData, ImageData]:
+    """:func:`balanced_limit`'s ``limit`` images, and the others (both in the data's order)."""
     if limit < 1:
         raise DataError(f"--limit must be a positive number of images, got {limit}")
     if data.labels is None:
-        return data.subset(torch.arange(min(limit, len(data))))
-    # rank of each image within its class, then order by (rank, class): round-robin
-    order = torch.argsort(data.labels, stable=True)
-    sorted_labels = data.labels[order]
-    starts = torch.searchsorted(sorted_labels, sorted_labels, right=False)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order)) - starts
-    key = rank * len(data.class_names) + data.labels
-    return data.subset(torch.argsort(key)[:limit].sort().values)
+        order = torch.arange(len(data))
+    else:  # rank of each image within its class, then order by (rank, class): round-robin
+        by_class = torch.argsort(data.labels, stable=True)
+        sorted_labels = data.labels[by_class]
+        starts = torch.searchsorted(sorted_labels, sorted_labels, right=False)
+        rank = torch.empty_like(by_class)
+        rank[by_class] = torch.arange(len(by_class)) - starts
+        order = torch.argsort(rank * len(data.class_names) + data.labels)
+    return data.subset(order[:limit].sort().values), data.subset(order[limit:].sort().values)
 
 
 def _load_cifar(name: str, split: str, root: Path, download: bool) -> ImageData:

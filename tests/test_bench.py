@@ -6,7 +6,7 @@ import torch
 
 from contrastive_lw import bench
 from contrastive_lw.cli import main
-from contrastive_lw.data import ImageData
+from contrastive_lw.data import ImageData, load_dataset
 from contrastive_lw.model import ArchConfig, LayerwiseNet
 
 PROBE_TEST = ImageData(torch.zeros(5000, 1, 1, 1, dtype=torch.uint8), torch.zeros(5000, dtype=torch.int64), ["a"])
@@ -211,3 +211,20 @@ def test_each_race_run_is_the_mean_over_its_seeds(monkeypatch):
     assert "mean of 2 seeds" in bench.format_table({"device": "cpu", "load_avg_1min": {"start": 0, "end": 0},
                                                     "matmul_gflops": 1.0, "layers": [], "layerwise_vs_end2end_by_depth": [race],
                                                     "peer_simclr": {"budget_s": 1.0, "simclr_acc": 0.5, "ours_acc": 0.5}})
+
+
+def test_heldout_test_adds_the_target_training_images_the_probe_does_not_train_on(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench, "run_bench", lambda source, target, target_test, *rest: seen.append((target, target_test)) or {})
+    monkeypatch.setattr(bench, "format_table", lambda result: "")
+    for flags in ([], ["--heldout-test"]):
+        out = tmp_path / "b.json"
+        assert main(["bench", "--probe-images", "1000", *flags, "--out", str(out)]) == 0
+        assert json.loads(out.read_text())["setup"]["heldout_test"] == bool(flags)
+    (target, test), (heldout_target, heldout_test) = seen
+    train_images = len(load_dataset("sample", "train", classes="5-9"))
+    assert torch.equal(heldout_target.images, target.images) and len(test) == 500
+    assert len(heldout_test) == 500 + train_images - 1000 and torch.equal(heldout_test.images[:500], test.images)
+    probe_train = {image.numpy().tobytes() for image in target.images}
+    assert not any(image.numpy().tobytes() in probe_train for image in heldout_test.images)
+    assert heldout_test.class_names == test.class_names and set(heldout_test.labels[500:].tolist()) == set(range(5))

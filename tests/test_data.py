@@ -7,7 +7,7 @@ from PIL import Image
 from torchvision import datasets
 
 from contrastive_lw import data as data_module
-from contrastive_lw.data import load_dataset, parse_classes
+from contrastive_lw.data import balanced_limit, balanced_split, load_dataset, parse_classes
 from contrastive_lw.errors import DataError
 
 
@@ -66,6 +66,14 @@ def test_classes_relabel_and_balanced_limit(tmp_path):
     assert both.class_names == ["emu", "dog"] and _ids(both) == [(1, 0), (2, 0), (2, 1)]
     assert both.labels.tolist() == [1, 0, 0]
     assert len(load_dataset(name, limit=100)) == 12
+
+
+def test_balanced_split_keeps_the_limit_and_returns_the_rest(tmp_path):
+    data = load_dataset(f"folder:{_tree(tmp_path / 't', per_class=4)}")
+    first, rest = balanced_split(data, 5)
+    assert _ids(first) == _ids(balanced_limit(data, 5))
+    assert sorted(_ids(first) + _ids(rest)) == sorted(_ids(data)) and len(rest) == 7
+    assert rest.labels.tolist() == [0, 0, 1, 1, 2, 2, 2] and rest.class_names == data.class_names
 
 
 def test_parse_classes():
