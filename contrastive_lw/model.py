@@ -126,7 +126,9 @@ class _MatmulReluMaxPool(torch.autograd.Function):
 
 
 class ConvBlock(nn.Sequential):
-    """conv (stride 1, no padding) -> [BatchNorm] -> ReLU -> [max-pool]."""
+    """conv (stride 1, no padding) -> [BatchNorm] -> ReLU -> [max-pool]. The forward pass pools
+    before the ReLU: max-pool and ReLU commute, and the ReLU and its backward then run on the
+    pooled map (the end-to-end pretraining step 1.04x faster, docs/PERFORMANCE.md)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
                  pool: int = 2, batch_norm: bool = False) -> None:
@@ -143,12 +145,12 @@ class ConvBlock(nn.Sequential):
         if self._fused(x):
             windows, weight = self.conv.im2col(x)
             return _MatmulReluMaxPool.apply(windows, weight, self.conv.bias, self.pool).view(x.shape[0], -1, 1, 1)
-        for layer in self:
-            if isinstance(layer, nn.ReLU) and x._base is not None and torch.is_grad_enabled():
-                x = F.relu(x)  # not in place on Conv2d's matmul-path view: its backward would copy the base
-            else:
-                x = layer(x)
-        return x
+        x = self.pre_activation(x)
+        if self.pool > 1:  # pool, then ReLU: the same map and gradient (ReLU is monotone), on a 4x smaller map
+            x = self[-1](x)
+        if x._base is not None and torch.is_grad_enabled():
+            return F.relu(x)  # not in place on Conv2d's matmul-path view: its backward would copy the base
+        return F.relu_(x)
 
     def _fused(self, x: torch.Tensor) -> bool:
         """Conv, ReLU and a pool over the whole (<= 2 x 2) convolution output run as one matmul and

@@ -2,8 +2,8 @@
 temperature 0.1, and its log-softmax path, which temperatures below 0.025 take and every
 temperature took before 2026-12-02: timed at 0.02, the same work) against lightly's
 ``NTXentLoss`` (the same value and gradient), for several numbers of pairs; and the greedy
-block-1 training step with each path (``contrastive_lw.bench.layer_step``, batch = pairs).
-Writes JSON::
+block-1 training step with each path (``contrastive_lw.bench.layer_step``, batch = pairs), in
+alternating rounds (this machine's speed drifts between minutes). Writes JSON::
 
     python experiments/loss_timing.py --out loss_timing.json [--pairs 256,512,1024] [--device cpu]
 """
@@ -13,6 +13,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 from lightly.loss import NTXentLoss
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--pairs", default="256,512,1024")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (medians, per-round ratios)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     keep_freed_memory()  # as the command line does
@@ -68,18 +70,27 @@ def main() -> None:
     lightly_loss = NTXentLoss(temperature=0.1)
     rows = []
     for pairs in (int(p) for p in args.pairs.split(",")):
-        row = {"pairs": pairs,
-               "nt_xent_ms": loss_milliseconds(nt_xent, pairs, args.dim, args.repeats, device),
-               "log_softmax_path_ms": loss_milliseconds(lambda a, p: nt_xent(a, p, COLD), pairs, args.dim,
-                                                        args.repeats, device),
-               "lightly_ms": loss_milliseconds(lightly_loss, pairs, args.dim, args.repeats, device),
-               "block1_step_ms": step_milliseconds(0.1, pairs, args.repeats, device),
-               "block1_step_log_softmax_path_ms": step_milliseconds(COLD, pairs, args.repeats, device)}
+        timings = {
+            "nt_xent_ms": lambda: loss_milliseconds(nt_xent, pairs, args.dim, args.repeats, device),
+            "log_softmax_path_ms": lambda: loss_milliseconds(lambda a, p: nt_xent(a, p, COLD), pairs, args.dim,
+                                                             args.repeats, device),
+            "lightly_ms": lambda: loss_milliseconds(lightly_loss, pairs, args.dim, args.repeats, device),
+            "block1_step_ms": lambda: step_milliseconds(0.1, pairs, args.repeats, device),
+            "block1_step_log_softmax_path_ms": lambda: step_milliseconds(COLD, pairs, args.repeats, device)}
+        rounds = [{name: time_it() for name, time_it in timings.items()} for _ in range(args.rounds)]
+        row = {"pairs": pairs, **{name: median(r[name] for r in rounds) for name in timings}, "rounds": rounds}
         row["speedup"] = row["lightly_ms"] / row["nt_xent_ms"]
+        for what, ours, path in (("loss", "nt_xent_ms", "log_softmax_path_ms"),
+                                 ("block1_step", "block1_step_ms", "block1_step_log_softmax_path_ms")):
+            ratios = [r[path] / r[ours] for r in rounds]  # symmetric against log-softmax path, per round
+            row[f"{what}_symmetric_speedup_per_round"] = ratios
         rows.append(row)
-        print(f"{pairs:>5} pairs: nt_xent {row['nt_xent_ms']:.2f} ms (log-softmax path {row['log_softmax_path_ms']:.2f}), "
-              f"lightly NTXentLoss {row['lightly_ms']:.2f} ms ({row['speedup']:.1f}x); greedy block-1 step "
-              f"{row['block1_step_ms']:.2f} ms (log-softmax path {row['block1_step_log_softmax_path_ms']:.2f})")
+        spread = {what: f"{min(row[f'{what}_symmetric_speedup_per_round']):.2f}-"
+                        f"{max(row[f'{what}_symmetric_speedup_per_round']):.2f}x" for what in ("loss", "block1_step")}
+        print(f"{pairs:>5} pairs (medians of {args.rounds} rounds): nt_xent {row['nt_xent_ms']:.2f} ms (log-softmax "
+              f"path {row['log_softmax_path_ms']:.2f}, {spread['loss']} per round), lightly NTXentLoss "
+              f"{row['lightly_ms']:.2f} ms ({row['speedup']:.1f}x); greedy block-1 step {row['block1_step_ms']:.2f} "
+              f"ms (log-softmax path {row['block1_step_log_softmax_path_ms']:.2f}, {spread['block1_step']})")
     Path(args.out).write_text(json.dumps({"device": describe_device(device), "dim": args.dim, "rows": rows}, indent=1))
     print(f"-> {args.out}")
 

@@ -142,3 +142,20 @@ def test_block_gives_the_same_output_and_gradients_on_both_convolution_paths(poo
     assert (results[0][0] == 0).any() and (results[0][0] > 0).any()  # both sides of the ReLU
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+@pytest.mark.parametrize("pool", [1, 2])
+def test_block_pooling_before_its_relu_gives_the_relu_then_pool_output_and_gradients(batch_norm, pool):
+    torch.manual_seed(0)
+    block = ConvBlock(3, 8, 3, pool=pool, batch_norm=batch_norm).double()
+    x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
+    results = []
+    for forward in (ConvBlock.forward, torch.nn.Sequential.forward):  # the modules' order: conv, [BN], ReLU, pool
+        block.zero_grad()
+        out = forward(block, x)
+        (out * torch.arange(out[0].numel()).view_as(out[0])).square().sum().backward()
+        results.append((out.detach(), *(p.grad.clone() for p in block.parameters())))
+    assert (results[0][0] == 0).any() and (results[0][0] > 0).any()  # both sides of the ReLU
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
