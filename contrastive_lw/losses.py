@@ -132,7 +132,7 @@ class _SymmetricNTXent(torch.autograd.Function):
     in (0, 1]: loss = mean_i(log sum_j E_ij + shift - z_i . z_partner). With u = 1 / E's row sums
     the gradient is (u * (E z) + E (u * z) - 2 z_partner) / 2B, one matmul of E with [z, u * z];
     autograd's log-softmax path takes two matmuls and more passes over the 2B x 2B matrix (the
-    greedy block-1 step with InfoNCE at batch 512 is 1.1-1.3x faster, docs/PERFORMANCE.md)."""
+    greedy block-1 step with InfoNCE at batch 512: about 1.1x faster, docs/PERFORMANCE.md)."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, shift: float) -> torch.Tensor:

@@ -281,7 +281,8 @@ class Classifier(nn.Module):
     """A transferred backbone (blocks 1..k) -> new conv blocks -> fc -> fc: the paper's downstream net.
 
     New blocks are conv 3x3 (padding 1) -> BatchNorm -> ReLU -> max-pool 2x2 (no pooling once the
-    map is 1x1), so they fit above any backbone; ``hidden=0`` drops the middle fc layer.
+    map is 1x1), so they fit above any backbone; ``hidden=0`` drops the middle fc layer. They pool
+    before the ReLU, as :class:`ConvBlock` does: the same map, the ReLU on a 4x smaller one.
 
     Example:
         >>> clf = Classifier(LayerwiseNet().prefix(1), num_classes=10, new_widths=(512,), hidden=512)
@@ -301,7 +302,7 @@ class Classifier(nn.Module):
         for width in new_widths:
             pool = 2 if side >= 2 else 1
             layers.append(nn.Sequential(nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                                        nn.ReLU(inplace=True), nn.MaxPool2d(pool)))
+                                        nn.MaxPool2d(pool), nn.ReLU(inplace=True)))
             channels, side = width, side // pool
         self.new_blocks = nn.Sequential(*layers)
         fc: list[nn.Module] = [nn.Flatten()]

@@ -20,8 +20,8 @@ from lightly.loss import NTXentLoss
 
 from contrastive_lw.bench import describe_device, layer_step
 from contrastive_lw.losses import SYMMETRIC_MIN_TEMPERATURE, LossConfig, nt_xent
-from contrastive_lw.model import ArchConfig, LayerwiseNet
 from contrastive_lw.memory import keep_freed_memory
+from contrastive_lw.model import ArchConfig, LayerwiseNet
 
 
 COLD = 0.02  # below SYMMETRIC_MIN_TEMPERATURE: nt_xent's log-softmax path
@@ -80,13 +80,13 @@ def main() -> None:
         rounds = [{name: time_it() for name, time_it in timings.items()} for _ in range(args.rounds)]
         row = {"pairs": pairs, **{name: median(r[name] for r in rounds) for name in timings}, "rounds": rounds}
         row["speedup"] = row["lightly_ms"] / row["nt_xent_ms"]
+        spread = {}
         for what, ours, path in (("loss", "nt_xent_ms", "log_softmax_path_ms"),
                                  ("block1_step", "block1_step_ms", "block1_step_log_softmax_path_ms")):
             ratios = [r[path] / r[ours] for r in rounds]  # symmetric against log-softmax path, per round
             row[f"{what}_symmetric_speedup_per_round"] = ratios
+            spread[what] = f"{min(ratios):.2f}-{max(ratios):.2f}x"
         rows.append(row)
-        spread = {what: f"{min(row[f'{what}_symmetric_speedup_per_round']):.2f}-"
-                        f"{max(row[f'{what}_symmetric_speedup_per_round']):.2f}x" for what in ("loss", "block1_step")}
         print(f"{pairs:>5} pairs (medians of {args.rounds} rounds): nt_xent {row['nt_xent_ms']:.2f} ms (log-softmax "
               f"path {row['log_softmax_path_ms']:.2f}, {spread['loss']} per round), lightly NTXentLoss "
               f"{row['lightly_ms']:.2f} ms ({row['speedup']:.1f}x); greedy block-1 step {row['block1_step_ms']:.2f} "

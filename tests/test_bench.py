@@ -215,7 +215,11 @@ def test_each_race_run_is_the_mean_over_its_seeds(monkeypatch):
 
 def test_heldout_test_adds_the_target_training_images_the_probe_does_not_train_on(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(bench, "run_bench", lambda source, target, target_test, *rest: seen.append((target, target_test)) or {})
+
+    def fake_bench(source, target, target_test, *rest):
+        seen.append((target, target_test))
+        return {}
+    monkeypatch.setattr(bench, "run_bench", fake_bench)
     monkeypatch.setattr(bench, "format_table", lambda result: "")
     for flags in ([], ["--heldout-test"]):
         out = tmp_path / "b.json"

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from contrastive_lw.errors import ConfigError
-from contrastive_lw.losses import SYMMETRIC_MIN_TEMPERATURE, InfoNCELoss, LossConfig, TripletLoss, build_loss, nt_xent, paired_distance
+from contrastive_lw.losses import (SYMMETRIC_MIN_TEMPERATURE, InfoNCELoss, LossConfig, TripletLoss, build_loss, nt_xent,
+                                   paired_distance)
 
 
 def test_cosine_triplet_values_on_hand_made_vectors():

@@ -3,7 +3,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from contrastive_lw.errors import ConfigError
-from contrastive_lw.model import ArchConfig, Conv2d, ConvBlock, LayerwiseNet, ProjectionHead
+from contrastive_lw.model import ArchConfig, Classifier, Conv2d, ConvBlock, LayerwiseNet, ProjectionHead
 
 
 def test_default_receptive_fields_are_the_seeds_patch_sizes():
@@ -159,3 +159,14 @@ def test_block_pooling_before_its_relu_gives_the_relu_then_pool_output_and_gradi
     assert (results[0][0] == 0).any() and (results[0][0] > 0).any()  # both sides of the ReLU
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_classifier_new_blocks_pool_before_their_relu_with_the_relu_then_pool_output():
+    torch.manual_seed(0)
+    clf = Classifier(LayerwiseNet(ArchConfig(widths=(8,))), num_classes=3, new_widths=(6, 5), hidden=0).double().eval()
+    x = clf.backbone(torch.rand(2, 3, 32, 32, dtype=torch.float64))
+    expected = x
+    for conv, norm, pool, relu in clf.new_blocks:
+        assert isinstance(pool, torch.nn.MaxPool2d) and isinstance(relu, torch.nn.ReLU)
+        expected = pool(torch.relu(norm(conv(expected))))
+    torch.testing.assert_close(clf.new_blocks(x), expected, rtol=1e-12, atol=1e-12)
