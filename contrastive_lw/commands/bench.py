@@ -68,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_bench(source, target, target_test, config, args.device, say)
     result["setup"] = {"dataset": args.dataset, "source_classes": args.source_classes,
                        "target_classes": target.class_names, "source_images": len(source), "probe_train": len(target),
-                       "probe_test": len(target_test),
-                       "heldout_test": args.heldout_test, "quick": args.quick}
+                       "probe_test": len(target_test), "heldout_test": args.heldout_test, "quick": args.quick}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(format_table(result))
     print(f"-> {args.out}")
