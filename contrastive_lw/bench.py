@@ -48,6 +48,9 @@ class BenchConfig:
             raise ConfigError(f"probe_images must be at least 10, got {self.probe_images}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ConfigError(f"batch sizes must be positive integers, got {list(self.batch_sizes)}")
+        if self.race_batch < 2:
+            raise ConfigError(f"race_batch must be at least 2 (the in-batch loss needs negatives), "
+                              f"got {self.race_batch}")
         if self.seeds < 1:
             raise ConfigError(f"seeds must be a positive integer, got {self.seeds}")
         if not 0 < self.resolution <= 1:
@@ -271,7 +274,7 @@ def run_bench(source: torch.Tensor, target: ImageData, target_test: ImageData, c
         "device": describe_device(device_), "load_avg_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
         "matmul_gflops": median(row["matmul_gflops"] for row in layers), "layers": layers,
         "pipeline": {"patches_per_s": layers[0]["pipeline_patches_per_s"], "ratio_to_model": layers[0]["pipeline_ratio"]},
-        "layerwise_vs_end2end": race, "layerwise_vs_end2end_by_depth": races,
+        "race_batch": config.race_batch, "layerwise_vs_end2end": race, "layerwise_vs_end2end_by_depth": races,
         "peer_simclr": {"budget_s": race["layerwise_s"], "ours_acc": race["layerwise_acc"], "simclr_acc": simclr},
     }
 

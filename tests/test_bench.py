@@ -17,6 +17,7 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
     assert main(["bench", "--quick", "--out", str(out), "--device", "cpu"]) == 0
     result = json.loads(out.read_text())
     assert result["matmul_gflops"] > 0 and isinstance(result["device"], str)
+    assert result["race_batch"] == bench.BenchConfig.quick().race_batch
     assert [row["k"] for row in result["layers"]] == [1, 2]
     for row in result["layers"]:
         assert row["patch"] in (7, 13) and row["batch"] > 0
@@ -51,6 +52,7 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [(["--probe-images", "3"], "probe_images must be at least 10"),
                                             (["--batch-sizes", "256,0"], "batch sizes must be positive"),
                                             (["--seeds", "0"], "seeds must be a positive integer"),
+                                            (["--race-batch", "1"], "race_batch must be at least 2"),
                                             (["--deeper-steps", "0"], "deeper_steps must be > 0")])
 def test_bench_refuses_bad_sizes(tmp_path, capsys, flags, message):
     assert main(["bench", "--quick", *flags, "--out", str(tmp_path / "b.json"), "--device", "cpu"]) == 2
@@ -71,6 +73,18 @@ def test_bench_source_and_target_classes_can_be_swapped(tmp_path, monkeypatch, c
     names = ["airplane", "automobile", "bird", "cat", "deer"]
     assert seen["target"] == seen["test"] == names and seen["source"] > 0
     assert json.loads(out.read_text())["setup"]["target_classes"] == names
+
+
+def test_bench_race_batch_reaches_the_race(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_bench(source, target, target_test, config, device, say):
+        seen["race_batch"] = config.race_batch
+        return {}
+    monkeypatch.setattr(bench, "run_bench", fake_bench)
+    monkeypatch.setattr(bench, "format_table", lambda result: "")
+    assert main(["bench", "--race-batch", "256", "--out", str(tmp_path / "b.json")]) == 0
+    assert seen["race_batch"] == 256
 
 
 def test_layer_fractions_pair_each_round_so_drift_cancels(monkeypatch):

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "half the probe's noise)")
     parser.add_argument("--seeds", type=int, default=None,
                         help="pretraining seeds per race run, averaged (default 1; each one multiplies the race's time)")
+    parser.add_argument("--race-batch", type=int, default=None,
+                        help="pretraining batch of the race and the SimCLR peer, both sides alike (default 512; "
+                             "a GPU wants several thousand)")
     parser.add_argument("--deeper-steps", type=float, default=None,
                         help="greedy's blocks 2..k train this fraction of block 1's steps (default 0.25; "
                              "1: the same steps for every block)")
@@ -50,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, batch_sizes=tuple(args.batch_sizes))
     if args.seeds is not None:
         config = dataclasses.replace(config, seeds=args.seeds)
+    if args.race_batch is not None:
+        config = dataclasses.replace(config, race_batch=args.race_batch)
     if args.deeper_steps is not None:
         config = dataclasses.replace(config, deeper_steps=args.deeper_steps)
     if args.probe_images is not None:
