@@ -93,7 +93,7 @@ def layer_step(net: LayerwiseNet, k: int, batch: int, device: torch.device,
     x = torch.rand(views * batch, net.arch.in_channels, patch, patch, device=device)
 
     def step() -> None:
-        train_step(stage, loss_fn, optimizer, frozen_features(net, x, k - 1), views)
+        train_step(stage, loss_fn, optimizer, frozen_features(net, x, k - 1), views, head)
     with FlopCounterMode(display=False) as counter:
         step()
     return step, views * batch, float(counter.get_total_flops())

@@ -77,6 +77,11 @@ class TripletLoss(nn.Module):
         self.margin, self.distance, self.mining = margin, distance, mining
         self.gather_distributed = gather_distributed
 
+    @property
+    def compares_all_pairs(self) -> bool:
+        """Whether the loss's cost is quadratic in the batch (in-batch mining)."""
+        return self.mining != "none"
+
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         d_pos = paired_distance(anchor, positive, self.distance)
         if self.mining == "none":
@@ -160,6 +165,7 @@ class InfoNCELoss(nn.Module):
     processes) it is lightly's ``NTXentLoss``, which gathers the candidates of every rank."""
 
     uses_negatives = False
+    compares_all_pairs = True  # its cost is quadratic in the batch
 
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = False) -> None:
         super().__init__()

@@ -137,16 +137,20 @@ def frozen_features(net: LayerwiseNet, x: torch.Tensor, prefix: int) -> torch.Te
 
 
 def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-               views: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+               views: int, head: ProjectionHead | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """One optimisation step on ``views`` stacked views (anchor, positive[, negative]) of a batch;
-    returns the loss and the embeddings of each view."""
+    returns the loss and the embeddings of each view. Given the model's ``head``, a loss that
+    compares all pairs of the batch runs on the embeddings' coordinates in the head's output space
+    where that is smaller (:meth:`ProjectionHead.output_basis`: the same loss and gradient)."""
     with autocast(x.device):
-        embeddings = model(x).float().chunk(views)
-    loss = loss_fn(*embeddings)  # in float32: similarities / temperature lose digits in bf16
+        embeddings = model(x).float()  # the loss in float32: similarities / temperature lose digits in bf16
+    compact = head is not None and getattr(loss_fn, "compares_all_pairs", False)  # a loss of one's own: False
+    basis = head.output_basis() if compact else None
+    loss = loss_fn(*(embeddings if basis is None else embeddings @ basis).chunk(views))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss, embeddings
+    return loss, embeddings.chunk(views)
 
 
 def std_of_l2_normalized(z: torch.Tensor) -> torch.Tensor:
@@ -269,7 +273,7 @@ class LayerwisePretrainer:
         for step in bar:
             where = [PatchIndex(*map(distributed.shard, w)) for w in draw(images.shape, cfg.batch_size, device)[:views]]
             x = frozen_features(net, augmented_views(frames, where, patch, augment), prefix)
-            loss, embeddings = train_step(model, self.loss_fn, optimizer, x, views)
+            loss, embeddings = train_step(model, self.loss_fn, optimizer, x, views, stage.head)
             scheduler.step()
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 self._log(logger, k, step, loss, embeddings, scheduler.get_last_lr()[0],

@@ -62,6 +62,18 @@ def test_projection_head():
     assert ProjectionHead(64 * 4, 16, hidden=32)(torch.rand(3, 64, 2, 2)).shape == (3, 16)
 
 
+def test_output_basis_of_a_widening_linear_head_spans_its_outputs():
+    torch.manual_seed(0)
+    head = ProjectionHead(8, 32)
+    basis = head.output_basis()
+    assert basis.shape == (32, 9) and not basis.requires_grad
+    torch.testing.assert_close(basis.T @ basis, torch.eye(9), atol=1e-5, rtol=0)
+    z = head(torch.randn(50, 8, 1, 1))
+    torch.testing.assert_close(z @ basis @ basis.T, z, atol=1e-5, rtol=1e-5)  # outputs lie in the space
+    # no smaller space: as wide as its input + bias, or a hidden layer (Linear -> BN -> ReLU -> Linear)
+    assert ProjectionHead(31, 32).output_basis() is None and ProjectionHead(8, 32, hidden=4).output_basis() is None
+
+
 @pytest.mark.parametrize("bad", [dict(widths=()), dict(widths=(0,)), dict(kernel_sizes=(-1,)), dict(pools=(0,))])
 def test_bad_arch_is_rejected(bad):
     with pytest.raises(ConfigError):

@@ -5,8 +5,9 @@ import torch
 
 from contrastive_lw import load_backbone
 from contrastive_lw.errors import CheckpointError, ConfigError, TrainingDiverged
-from contrastive_lw.model import ArchConfig
-from contrastive_lw.pretrain import LayerwisePretrainer, PretrainConfig
+from contrastive_lw.losses import InfoNCELoss, LossConfig, TripletLoss
+from contrastive_lw.model import ArchConfig, ProjectionHead
+from contrastive_lw.pretrain import LayerwisePretrainer, PretrainConfig, train_step
 
 
 def _config(**kw):
@@ -177,3 +178,44 @@ def test_collapse_measure_matches_lightly_and_the_run_does_not_import_lightly(tm
               "assert 'lightly' not in sys.modules, 'lightly was imported'\n")
     subprocess.run([sys.executable, "-c", script], check=True)
     assert (tmp_path / "layer1.pt").is_file()
+
+
+class _Recording(torch.nn.Module):
+    """A loss that records the width of the embeddings it is given."""
+
+    def __init__(self, loss):
+        super().__init__()
+        self.loss, self.uses_negatives, self.widths = loss, loss.uses_negatives, []
+        self.compares_all_pairs = loss.compares_all_pairs
+
+    def forward(self, *embeddings):
+        self.widths.append(embeddings[0].shape[1])
+        return self.loss(*embeddings)
+
+
+@pytest.mark.parametrize("loss", [InfoNCELoss(0.1), TripletLoss(mining="semihard"), TripletLoss(distance="sqeuclidean")])
+def test_all_pairs_losses_run_in_the_heads_output_space_with_the_same_loss_and_gradient(loss):
+    torch.manual_seed(0)
+    views = 3 if loss.uses_negatives else 2
+    x = torch.randn(views * 24, 6, 1, 1)
+    grads, losses, recording = [], [], _Recording(loss)
+    for head in (None, "given"):
+        torch.manual_seed(1)
+        model = ProjectionHead(6, 32)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the weights for the comparison
+        step_loss, embeddings = train_step(model, recording, optimizer, x, views, model if head else None)
+        losses.append(step_loss.detach())
+        grads.append([p.grad for p in model.parameters()])
+        assert [e.shape[1] for e in embeddings] == [32] * views  # what is logged: the embeddings themselves
+    assert recording.widths == ([32, 7] if loss.compares_all_pairs else [32, 32])
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for without, within in zip(*grads):
+        torch.testing.assert_close(within, without, atol=1e-5, rtol=1e-4)
+
+
+def test_greedy_infonce_stage_runs_its_loss_in_the_heads_output_space(tmp_path, images):
+    trainer = LayerwisePretrainer(_config(loss=LossConfig(name="infonce")), tmp_path, device="cpu", progress=False)
+    trainer.loss_fn = recording = _Recording(trainer.loss_fn)
+    trainer.fit(images)
+    # blocks of 4, 6, 8 channels (1 x 1 outputs on their receptive field) -> 128-dim embeddings
+    assert recording.widths == [5] * 3 + [7] * 3 + [9] * 3
