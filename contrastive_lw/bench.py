@@ -77,15 +77,17 @@ def matmul_step(device: torch.device, size: int = 2048) -> tuple[Callable[[], ob
     return (lambda: a @ b), 2.0 * size ** 3
 
 
-def layer_step(net: LayerwiseNet, k: int, batch: int, device: torch.device,
-               loss: LossConfig | None = None) -> tuple[Callable[[], None], int, float]:
+def layer_step(net: LayerwiseNet, k: int, batch: int, device: torch.device, loss: LossConfig | None = None,
+               first: int | None = None) -> tuple[Callable[[], None], int, float]:
     """Greedy training step of layer ``k`` alone (frozen prefix forward, block k + head forward and
-    backward, AdamW) on ready-made patches; the patches it takes and its FLOPs (counted by
-    ``torch.utils.flop_counter`` on one step)."""
+    backward, AdamW) on ready-made patches, or of blocks ``first``..k together (``first=1``: the
+    end-to-end step); the patches it takes and its FLOPs (counted by ``torch.utils.flop_counter``
+    on one step)."""
+    first = k if first is None else first
     patch = net.receptive_field(k)
-    set_trainable(net.blocks[: k - 1], False)
+    set_trainable(net.blocks[: first - 1], False)
     head = ProjectionHead(net.out_channels(k) * net.output_size(patch, k) ** 2).to(device)
-    stage = nn.Sequential(net.blocks[k - 1], head)
+    stage = nn.Sequential(*net.blocks[first - 1: k], head)
     set_trainable(stage, True)
     optimizer = adamw(stage.parameters(), 1e-3, 0.0, device)
     loss_fn = build_loss(loss or LossConfig())
@@ -93,7 +95,7 @@ def layer_step(net: LayerwiseNet, k: int, batch: int, device: torch.device,
     x = torch.rand(views * batch, net.arch.in_channels, patch, patch, device=device)
 
     def step() -> None:
-        train_step(stage, loss_fn, optimizer, frozen_features(net, x, k - 1), views, head)
+        train_step(stage, loss_fn, optimizer, frozen_features(net, x, first - 1), views, head)
     with FlopCounterMode(display=False) as counter:
         step()
     return step, views * batch, float(counter.get_total_flops())
@@ -144,6 +146,18 @@ def probe_accuracy(net: LayerwiseNet, target: ImageData, target_test: ImageData,
                                  block_features(net, target_test.images, blocks), target_test.labels)
 
 
+RACE_LOSS = LossConfig(name="infonce")  # the race's pretraining loss, both sides
+
+
+def race_step_gflop(config: BenchConfig, device: torch.device) -> tuple[list[float], float]:
+    """GFLOPs of one step of the race at its batch: of each greedy block k (frozen prefix forward,
+    block k and its head trained) and of the end-to-end step (every block trained)."""
+    net = LayerwiseNet(config.arch).to(device, memory_format=torch.channels_last)
+    blocks = config.arch.num_blocks
+    greedy = [layer_step(net, k, config.race_batch, device, RACE_LOSS)[2] / 1e9 for k in range(1, blocks + 1)]
+    return greedy, layer_step(net, blocks, config.race_batch, device, RACE_LOSS, first=1)[2] / 1e9
+
+
 def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: ImageData,
                          config: BenchConfig, device: str, say: Callable[[str], None] = print) -> list[dict]:
     """Time-to-accuracy races, one per depth k = 1..K of blocks transferred (in-batch softmax loss,
@@ -163,10 +177,12 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
     (``layerwise_best``) missed it. ``within_noise`` reads the same runs against the target less
     the probe's binomial standard error over the test images: the probe does not tell runs that
     close to end-to-end's best apart. Each run's time and accuracy are the means over ``seeds``
-    pretraining seeds. ``say`` reports each run as it ends."""
-    base = PretrainConfig(arch=config.arch, loss=LossConfig(name="infonce"), lr=0.003,
-                          batch_size=config.race_batch, log_every=10 ** 9)
+    pretraining seeds. ``work`` gives the FLOPs of the two runs compared (steps times each step's
+    counted FLOPs) and their ratio: the time ratio if both sides ran at the same GFLOP/s. ``say``
+    reports each run as it ends."""
+    base = PretrainConfig(arch=config.arch, loss=RACE_LOSS, lr=0.003, batch_size=config.race_batch, log_every=10 ** 9)
     depths = range(1, config.arch.num_blocks + 1)
+    greedy_step_gflop, end2end_step_gflop = race_step_gflop(config, resolve_device(device))
     end2end: dict[int, tuple[float, list[float]]] = {}
 
     def run_end2end(steps: int) -> tuple[float, list[float]]:
@@ -209,16 +225,23 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
         greedy_runs = [{**run, "steps_per_layer": list(config.greedy_schedule(run["steps"], k))}
                        for run in _runs(greedy)]
         best = max(greedy_runs, key=lambda run: run["acc"])  # the first of the most accurate
-        layerwise_s, layerwise_acc = greedy[first_greedy if reached else max(greedy)]
-        end2end_s, end2end_acc = (runs[_first_reaching(runs, target_acc)] if reached
-                                  else min(runs.values(), key=lambda run: abs(run[0] - layerwise_s)))
+        greedy_steps = first_greedy if reached else max(greedy)
+        layerwise_s, layerwise_acc = greedy[greedy_steps]
+        end2end_steps = (_first_reaching(runs, target_acc) if reached
+                         else min(runs, key=lambda steps: abs(runs[steps][0] - layerwise_s)))
+        end2end_s, end2end_acc = runs[end2end_steps]
+        layerwise_gflop = sum(steps * gflop for steps, gflop in
+                              zip(config.greedy_schedule(greedy_steps, k), greedy_step_gflop))
+        work = {"layerwise_gflop": layerwise_gflop, "end2end_gflop": end2end_steps * end2end_step_gflop,
+                "ratio": layerwise_gflop / (end2end_steps * end2end_step_gflop),
+                "step_gflop": {"layerwise": greedy_step_gflop[:k], "end2end": end2end_step_gflop}}
         metric = f"linear probe, blocks 1-{k}" if k > 1 else "linear probe, block 1"
         races.append({"layers": k, "metric": metric, "seeds": config.seeds, "deeper_steps": config.deeper_steps,
                       "target": target_acc, "reached": reached,
                       "layerwise_s": layerwise_s, "end2end_s": end2end_s, "ratio": layerwise_s / end2end_s,
                       "layerwise_acc": layerwise_acc, "end2end_acc": end2end_acc,
                       "shortfall": max(0.0, target_acc - best["acc"]), "layerwise_best": best,
-                      "within_noise": _within_noise(greedy, runs, target_acc, len(target_test)),
+                      "within_noise": _within_noise(greedy, runs, target_acc, len(target_test)), "work": work,
                       "layerwise_runs": greedy_runs, "end2end_runs": _runs(runs)})
     return races
 
@@ -312,7 +335,9 @@ def format_table(result: dict) -> str:
                    f"({100 * race['target']:.1f}%): greedy {100 * race['layerwise_acc']:.1f}% in "
                    f"{race['layerwise_s']:.1f} s, end-to-end {100 * race['end2end_acc']:.1f}% in "
                    f"{race['end2end_s']:.1f} s, time ratio {race['ratio']:.2f}"),
-                  _noise_line(race["within_noise"])]
+                  _noise_line(race["within_noise"]),
+                  (f"  work of those runs (FLOPs counted): greedy {race['work']['layerwise_gflop']:,.0f} GFLOP, "
+                   f"end-to-end {race['work']['end2end_gflop']:,.0f} GFLOP, ratio {race['work']['ratio']:.2f}")]
     lines += ["", f"SimCLR peer, same backbone, {peer['budget_s']:.1f} s: {100 * peer['simclr_acc']:.1f}% "
                   f"(ours, all blocks: {100 * peer['ours_acc']:.1f}%)"]
     return "\n".join(lines)

@@ -35,6 +35,8 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
         assert math.isclose(r["shortfall"], max(0.0, r["target"] - max(accs)), abs_tol=1e-9)
         assert (r["shortfall"] == 0) == r["reached"]
         assert 0 < r["within_noise"]["standard_error"] < 1 and r["within_noise"]["target"] < r["target"]
+        assert r["work"]["layerwise_gflop"] > 0 and r["work"]["end2end_gflop"] > 0
+        assert math.isclose(r["work"]["ratio"], r["work"]["layerwise_gflop"] / r["work"]["end2end_gflop"])
     # end-to-end trains the whole net once: its runs take the same time at every depth
     seconds = [{run["steps"]: run["seconds"] for run in r["end2end_runs"]} for r in by_depth]
     assert all(seconds[-1][steps] == s for steps, s in seconds[0].items())
@@ -173,6 +175,33 @@ def test_greedy_deeper_blocks_train_a_fraction_of_block_one_steps(monkeypatch):
     assert [run["steps_per_layer"] for run in depth2["layerwise_runs"]][:2] == [[600, 150], [900, 225]]
     assert bench.BenchConfig(deeper_steps=1).greedy_schedule(300, 3) == (300, 300)
     assert bench.BenchConfig(deeper_steps=0.001).greedy_schedule(300, 2) == (300, 1)
+
+
+def test_race_work_is_each_compared_runs_steps_times_its_steps_flops(monkeypatch):
+    """Simulated runs reaching 0.8 from 1 200 steps on both sides (900 falls short), each step's
+    GFLOPs given: greedy's 1 200 / 300 steps of 1 and 3 GFLOP against end-to-end's 1 200 of 5."""
+    def fake_run(config, source, target, target_test, device, depths):
+        steps = config.steps_per_layer[0]
+        return steps / 10, [min(0.8, steps / 1500) for _ in depths]
+    monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
+    monkeypatch.setattr(bench, "race_step_gflop", lambda config, device: ([1.0, 3.0], 5.0))
+    config = bench.BenchConfig(arch=ArchConfig(widths=(8, 8)), layerwise_steps=(600, 1200), end2end_steps=(600, 1200))
+    depth1, depth2 = bench.layerwise_vs_end2end(None, None, PROBE_TEST, config, "cpu", say=lambda line: None)
+    assert depth2["work"] == {"layerwise_gflop": 1200 + 300 * 3, "end2end_gflop": 1200 * 5, "ratio": 2100 / 6000,
+                              "step_gflop": {"layerwise": [1.0, 3.0], "end2end": 5.0}}
+    assert depth1["work"]["layerwise_gflop"] == 1200 and depth1["work"]["step_gflop"]["layerwise"] == [1.0]
+
+
+def test_race_step_flops_count_what_each_side_trains():
+    config = bench.BenchConfig(arch=ArchConfig(widths=(8, 16)), race_batch=32)
+    (block1, block2), end2end = bench.race_step_gflop(config, torch.device("cpu"))
+    patches = 2 * 32  # two views
+    conv1 = 2 * patches * 8 * 8 * (6 * 6 * 3) * 8 / 1e9   # block 1's forward on 13 x 13 patches (8 x 8 outputs)
+    conv2 = 2 * patches * 2 * 2 * (3 * 3 * 8) * 16 / 1e9  # block 2's forward (2 x 2 outputs)
+    # greedy block 2: block 1's forward, block 2's forward and weight gradient; end-to-end also
+    # block 1's weight gradient and block 2's input gradient (each as many FLOPs as the forward)
+    assert math.isclose(end2end - block2, conv1 + conv2, rel_tol=1e-9)
+    assert 0 < block1 < block2
 
 
 def test_within_noise_reads_the_runs_against_the_target_less_one_standard_error(monkeypatch):
