@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import mean, median
+from statistics import mean, median, variance
 
 import torch
 import torch.nn.functional as F
@@ -177,19 +177,22 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
     (``layerwise_best``) missed it. ``within_noise`` reads the same runs against the target less
     the probe's binomial standard error over the test images: the probe does not tell runs that
     close to end-to-end's best apart. Each run's time and accuracy are the means over ``seeds``
-    pretraining seeds. ``work`` gives the FLOPs of the two runs compared (steps times each step's
+    pretraining seeds; each run keeps its seeds' accuracies (``seed_accs``), and ``seed_spread``
+    pools their spread over the race's runs (None with one seed). ``work`` gives the FLOPs of the two runs compared (steps times each step's
     counted FLOPs) and their ratio: the time ratio if both sides ran at the same GFLOP/s. ``say``
     reports each run as it ends."""
     base = PretrainConfig(arch=config.arch, loss=RACE_LOSS, lr=0.003, batch_size=config.race_batch, log_every=10 ** 9)
     depths = range(1, config.arch.num_blocks + 1)
     greedy_step_gflop, end2end_step_gflop = race_step_gflop(config, resolve_device(device))
     end2end: dict[int, tuple[float, list[float]]] = {}
+    end2end_seed_accs: dict[int, list[list[float]]] = {}  # steps -> each depth's accuracy of each seed
 
     def run_end2end(steps: int) -> tuple[float, list[float]]:
         if steps not in end2end:
-            end2end[steps] = _over_seeds(dataclasses.replace(base, mode="end2end", steps_per_layer=steps), config.seeds,
-                                         source, target, target_test, device, depths)
-            seconds, accs = end2end[steps]
+            seconds, accs, end2end_seed_accs[steps] = _over_seeds(
+                dataclasses.replace(base, mode="end2end", steps_per_layer=steps), config.seeds,
+                source, target, target_test, device, depths)
+            end2end[steps] = seconds, accs
             say(f"end-to-end, {steps} steps: {seconds:.0f} s, probe " + ", ".join(f"{100 * a:.1f}%" for a in accs))
         return end2end[steps]
 
@@ -206,12 +209,14 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
         def greedy_run(steps: int, k: int = k) -> tuple[float, float]:
             schedule = config.greedy_schedule(steps, k)
             greedy_config = dataclasses.replace(base, arch=config.arch.truncated(k), steps_per_layer=schedule)
-            seconds, (acc,) = _over_seeds(greedy_config, config.seeds, source, target, target_test, device, [k])
+            seconds, (acc,), (greedy_seed_accs[steps],) = _over_seeds(greedy_config, config.seeds, source, target,
+                                                                      target_test, device, [k])
             say(f"greedy, blocks 1-{k}, {' / '.join(map(str, schedule))} steps per layer: {seconds:.0f} s, "
                 f"probe {100 * acc:.1f}%")
             return seconds, acc
 
         greedy: dict[int, tuple[float, float]] = {}
+        greedy_seed_accs: dict[int, list[float]] = {}
         for steps in _greedy_steps(config.layerwise_steps):
             greedy[steps] = seconds, acc = greedy_run(steps)
             if acc >= target_acc or seconds >= budget:
@@ -222,8 +227,9 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
         runs = {steps: end2end_at_depth(steps) for steps in end2end}
         if reached:  # end-to-end's time to the target matters only then
             _refine(runs, target_acc, end2end_at_depth, config.resolution)
-        greedy_runs = [{**run, "steps_per_layer": list(config.greedy_schedule(run["steps"], k))}
-                       for run in _runs(greedy)]
+        greedy_runs = [{**run, "steps_per_layer": list(config.greedy_schedule(run["steps"], k)),
+                        "seed_accs": greedy_seed_accs[run["steps"]]} for run in _runs(greedy)]
+        end2end_runs = [{**run, "seed_accs": end2end_seed_accs[run["steps"]][k - 1]} for run in _runs(runs)]
         best = max(greedy_runs, key=lambda run: run["acc"])  # the first of the most accurate
         greedy_steps = first_greedy if reached else max(greedy)
         layerwise_s, layerwise_acc = greedy[greedy_steps]
@@ -242,7 +248,8 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
                       "layerwise_acc": layerwise_acc, "end2end_acc": end2end_acc,
                       "shortfall": max(0.0, target_acc - best["acc"]), "layerwise_best": best,
                       "within_noise": _within_noise(greedy, runs, target_acc, len(target_test)), "work": work,
-                      "layerwise_runs": greedy_runs, "end2end_runs": _runs(runs)})
+                      "seed_spread": _seed_spread([run["seed_accs"] for run in greedy_runs + end2end_runs]),
+                      "layerwise_runs": greedy_runs, "end2end_runs": end2end_runs})
     return races
 
 
@@ -335,12 +342,19 @@ def format_table(result: dict) -> str:
                    f"({100 * race['target']:.1f}%): greedy {100 * race['layerwise_acc']:.1f}% in "
                    f"{race['layerwise_s']:.1f} s, end-to-end {100 * race['end2end_acc']:.1f}% in "
                    f"{race['end2end_s']:.1f} s, time ratio {race['ratio']:.2f}"),
-                  _noise_line(race["within_noise"]),
+                  _noise_line(race["within_noise"]), *_seed_lines(race["seed_spread"]),
                   (f"  work of those runs (FLOPs counted): greedy {race['work']['layerwise_gflop']:,.0f} GFLOP, "
                    f"end-to-end {race['work']['end2end_gflop']:,.0f} GFLOP, ratio {race['work']['ratio']:.2f}")]
     lines += ["", f"SimCLR peer, same backbone, {peer['budget_s']:.1f} s: {100 * peer['simclr_acc']:.1f}% "
                   f"(ours, all blocks: {100 * peer['ours_acc']:.1f}%)"]
     return "\n".join(lines)
+
+
+def _seed_lines(spread: dict | None) -> list[str]:
+    if spread is None:
+        return []
+    return [f"  pretraining seeds: a run's accuracy moves by {100 * spread['std']:.2f} point between seeds (pooled "
+            f"over {spread['runs']} runs), its mean of {spread['seeds']} by +-{100 * spread['standard_error']:.2f}"]
 
 
 def _noise_line(noise: dict) -> str:
@@ -361,12 +375,24 @@ def _pretrain_and_probe(config: PretrainConfig, source: torch.Tensor, target: Im
 
 
 def _over_seeds(config: PretrainConfig, seeds: int, source: torch.Tensor, target: ImageData, target_test: ImageData,
-                device: str, depths: Sequence[int]) -> tuple[float, list[float]]:
+                device: str, depths: Sequence[int]) -> tuple[float, list[float], list[list[float]]]:
     """Mean wall time and mean probe accuracy at each depth of the runs of ``config`` with seeds
-    0..``seeds`` - 1."""
+    0..``seeds`` - 1, and each depth's accuracy of each seed."""
     results = [_pretrain_and_probe(dataclasses.replace(config, seed=seed), source, target, target_test, device, depths)
                for seed in range(seeds)]
-    return mean(seconds for seconds, _ in results), [mean(accs) for accs in zip(*(accs for _, accs in results))]
+    per_depth = [list(accs) for accs in zip(*(accs for _, accs in results))]
+    return mean(seconds for seconds, _ in results), [mean(accs) for accs in per_depth], per_depth
+
+
+def _seed_spread(seed_accs: Sequence[Sequence[float]]) -> dict | None:
+    """How far a run's accuracy moves with its pretraining seed: the standard deviation over seeds
+    pooled over ``seed_accs`` (each run's accuracy of each seed), and the standard error of a run's
+    mean over its seeds. None with one seed."""
+    seeds = len(seed_accs[0])
+    if seeds < 2:
+        return None
+    std = mean(variance(accs) for accs in seed_accs) ** 0.5
+    return {"seeds": seeds, "runs": len(seed_accs), "std": std, "standard_error": std / seeds ** 0.5}
 
 
 def _greedy_steps(grid: Sequence[int]) -> Iterator[int]:

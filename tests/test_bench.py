@@ -251,9 +251,17 @@ def test_each_race_run_is_the_mean_over_its_seeds(monkeypatch):
     assert race["target"] == pytest.approx(0.85)  # end-to-end's 1 200 steps: (0.8 + 0.9) / 2
     assert race["end2end_s"] == pytest.approx(125)  # (120 + 130) / 2
     assert race["reached"] and race["layerwise_s"] == pytest.approx(12) and race["layerwise_acc"] == pytest.approx(0.85)
-    assert "mean of 2 seeds" in bench.format_table({"device": "cpu", "load_avg_1min": {"start": 0, "end": 0},
-                                                    "matmul_gflops": 1.0, "layers": [], "layerwise_vs_end2end_by_depth": [race],
-                                                    "peer_simclr": {"budget_s": 1.0, "simclr_acc": 0.5, "ours_acc": 0.5}})
+    # each run keeps its seeds' accuracies; every run's two differ by 0.1: std 0.1 / sqrt(2), its mean +-0.05
+    assert [run["seed_accs"] for run in race["end2end_runs"] if run["steps"] == 1200] == [[0.8, pytest.approx(0.9)]]
+    assert all(len(run["seed_accs"]) == 2 for run in race["layerwise_runs"])
+    spread = race["seed_spread"]
+    assert spread["runs"] == len(race["layerwise_runs"]) + len(race["end2end_runs"]) and spread["seeds"] == 2
+    assert spread["std"] == pytest.approx(0.1 / 2 ** 0.5) and spread["standard_error"] == pytest.approx(0.05)
+    assert bench._seed_spread([[0.5], [0.6]]) is None  # one seed: no spread to read
+    table = bench.format_table({"device": "cpu", "load_avg_1min": {"start": 0, "end": 0},
+                                "matmul_gflops": 1.0, "layers": [], "layerwise_vs_end2end_by_depth": [race],
+                                "peer_simclr": {"budget_s": 1.0, "simclr_acc": 0.5, "ours_acc": 0.5}})
+    assert "mean of 2 seeds" in table and "its mean of 2 by +-5.00" in table
 
 
 def test_heldout_test_adds_the_target_training_images_the_probe_does_not_train_on(tmp_path, monkeypatch):
