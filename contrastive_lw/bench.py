@@ -178,9 +178,9 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
     the probe's binomial standard error over the test images: the probe does not tell runs that
     close to end-to-end's best apart. Each run's time and accuracy are the means over ``seeds``
     pretraining seeds; each run keeps its seeds' accuracies (``seed_accs``), and ``seed_spread``
-    pools their spread over the race's runs (None with one seed). ``work`` gives the FLOPs of the two runs compared (steps times each step's
-    counted FLOPs) and their ratio: the time ratio if both sides ran at the same GFLOP/s. ``say``
-    reports each run as it ends."""
+    pools their spread over the race's runs (None with one seed). ``work`` gives the FLOPs of the
+    two runs compared (steps times each step's counted FLOPs) and their ratio: the time ratio if
+    both sides ran at the same GFLOP/s. ``say`` reports each run as it ends."""
     base = PretrainConfig(arch=config.arch, loss=RACE_LOSS, lr=0.003, batch_size=config.race_batch, log_every=10 ** 9)
     depths = range(1, config.arch.num_blocks + 1)
     greedy_step_gflop, end2end_step_gflop = race_step_gflop(config, resolve_device(device))
@@ -238,8 +238,9 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
         end2end_s, end2end_acc = runs[end2end_steps]
         layerwise_gflop = sum(steps * gflop for steps, gflop in
                               zip(config.greedy_schedule(greedy_steps, k), greedy_step_gflop))
-        work = {"layerwise_gflop": layerwise_gflop, "end2end_gflop": end2end_steps * end2end_step_gflop,
-                "ratio": layerwise_gflop / (end2end_steps * end2end_step_gflop),
+        end2end_gflop = end2end_steps * end2end_step_gflop
+        work = {"layerwise_gflop": layerwise_gflop, "end2end_gflop": end2end_gflop,
+                "ratio": layerwise_gflop / end2end_gflop,
                 "step_gflop": {"layerwise": greedy_step_gflop[:k], "end2end": end2end_step_gflop}}
         metric = f"linear probe, blocks 1-{k}" if k > 1 else "linear probe, block 1"
         races.append({"layers": k, "metric": metric, "seeds": config.seeds, "deeper_steps": config.deeper_steps,

@@ -277,8 +277,8 @@ class ProjectionHead(nn.Sequential):
         respect to each output is a combination of outputs: it lies in the space too); a loss that
         compares all pairs of the batch costs fewer FLOPs on the coordinates. The greedy block-1 head
         (64 -> 128) has 65 of them: its InfoNCE step ~1.2-1.3x faster at batch 512 (docs/PERFORMANCE.md)."""
-        linear = self[-1]
-        if len(self) > 2 or linear.in_features + (linear.bias is not None) >= linear.out_features:
+        linear, hidden = self[-1], len(self) > 2  # Flatten, [Linear, BatchNorm, ReLU,] Linear
+        if hidden or linear.in_features + (linear.bias is not None) >= linear.out_features:
             return None
         with torch.no_grad():
             columns = linear.weight if linear.bias is None else torch.cat([linear.weight, linear.bias[:, None]], 1)

@@ -193,7 +193,8 @@ class _Recording(torch.nn.Module):
         return self.loss(*embeddings)
 
 
-@pytest.mark.parametrize("loss", [InfoNCELoss(0.1), TripletLoss(mining="semihard"), TripletLoss(distance="sqeuclidean")])
+@pytest.mark.parametrize("loss", [InfoNCELoss(0.1), TripletLoss(mining="semihard"),
+                                  TripletLoss(distance="sqeuclidean")])
 def test_all_pairs_losses_run_in_the_heads_output_space_with_the_same_loss_and_gradient(loss):
     torch.manual_seed(0)
     views = 3 if loss.uses_negatives else 2
