@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .augment import AugmentConfig, build_augmentation, to_float
-from .data import ImageData
+from .data import ImageData, balanced_split, load_dataset
 from .device import autocast, resolve_device
 from .errors import ConfigError
 from .evaluate import block_features, linear_probe_accuracy
@@ -189,7 +189,7 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
 
     def run_end2end(steps: int) -> tuple[float, list[float]]:
         if steps not in end2end:
-            seconds, accs, end2end_seed_accs[steps] = _over_seeds(
+            seconds, accs, end2end_seed_accs[steps] = over_seeds(
                 dataclasses.replace(base, mode="end2end", steps_per_layer=steps), config.seeds,
                 source, target, target_test, device, depths)
             end2end[steps] = seconds, accs
@@ -209,7 +209,7 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
         def greedy_run(steps: int, k: int = k) -> tuple[float, float]:
             schedule = config.greedy_schedule(steps, k)
             greedy_config = dataclasses.replace(base, arch=config.arch.truncated(k), steps_per_layer=schedule)
-            seconds, (acc,), (greedy_seed_accs[steps],) = _over_seeds(greedy_config, config.seeds, source, target,
+            seconds, (acc,), (greedy_seed_accs[steps],) = over_seeds(greedy_config, config.seeds, source, target,
                                                                       target_test, device, [k])
             say(f"greedy, blocks 1-{k}, {' / '.join(map(str, schedule))} steps per layer: {seconds:.0f} s, "
                 f"probe {100 * acc:.1f}%")
@@ -365,6 +365,20 @@ def _noise_line(noise: dict) -> str:
             f"{100 * noise['target']:.1f}%: {reading}")
 
 
+def race_data(dataset: str, data_root: str | Path | None, source_classes: str, target_classes: str,
+              probe_images: int, heldout_test: bool = False) -> tuple[torch.Tensor, ImageData, ImageData]:
+    """The race's images: the source classes' training images (pretraining, no labels), the probe's
+    ``probe_images`` class-balanced training images of the target classes, and its test images: half
+    as many of their test images, with ``heldout_test`` also their training images it does not train on."""
+    source = load_dataset(dataset, "train", data_root, source_classes).images
+    target, heldout = balanced_split(load_dataset(dataset, "train", data_root, target_classes), probe_images)
+    target_test = load_dataset(dataset, "test", data_root, target_classes, probe_images // 2)
+    if heldout_test:
+        target_test = ImageData(torch.cat([target_test.images, heldout.images]),
+                                torch.cat([target_test.labels, heldout.labels]), target_test.class_names)
+    return source, target, target_test
+
+
 def _pretrain_and_probe(config: PretrainConfig, source: torch.Tensor, target: ImageData, target_test: ImageData,
                         device: str, depths: Sequence[int]) -> tuple[float, list[float]]:
     """Pretraining wall time, and the probe accuracy at each depth of ``depths``."""
@@ -375,7 +389,7 @@ def _pretrain_and_probe(config: PretrainConfig, source: torch.Tensor, target: Im
     return seconds, [probe_accuracy(net, target, target_test, k) for k in depths]
 
 
-def _over_seeds(config: PretrainConfig, seeds: int, source: torch.Tensor, target: ImageData, target_test: ImageData,
+def over_seeds(config: PretrainConfig, seeds: int, source: torch.Tensor, target: ImageData, target_test: ImageData,
                 device: str, depths: Sequence[int]) -> tuple[float, list[float], list[list[float]]]:
     """Mean wall time and mean probe accuracy at each depth of the runs of ``config`` with seeds
     0..``seeds`` - 1, and each depth's accuracy of each seed."""

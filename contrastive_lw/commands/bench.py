@@ -43,10 +43,7 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    import torch
-
-    from ..bench import BenchConfig, format_table, run_bench
-    from ..data import ImageData, balanced_split, load_dataset
+    from ..bench import BenchConfig, format_table, race_data, run_bench
 
     config = BenchConfig.quick() if args.quick else BenchConfig()
     if args.batch_sizes:
@@ -59,13 +56,8 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, deeper_steps=args.deeper_steps)
     if args.probe_images is not None:
         config = dataclasses.replace(config, probe_images=args.probe_images)
-    limit = config.probe_images
-    source = load_dataset(args.dataset, "train", args.data_root, args.source_classes).images
-    target, heldout = balanced_split(load_dataset(args.dataset, "train", args.data_root, args.target_classes), limit)
-    target_test = load_dataset(args.dataset, "test", args.data_root, args.target_classes, limit // 2)
-    if args.heldout_test:
-        target_test = ImageData(torch.cat([target_test.images, heldout.images]),
-                                torch.cat([target_test.labels, heldout.labels]), target_test.class_names)
+    source, target, target_test = race_data(args.dataset, args.data_root, args.source_classes, args.target_classes,
+                                            config.probe_images, args.heldout_test)
     start = time.perf_counter()
 
     def say(message: str) -> None:
