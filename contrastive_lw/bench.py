@@ -210,7 +210,7 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
             schedule = config.greedy_schedule(steps, k)
             greedy_config = dataclasses.replace(base, arch=config.arch.truncated(k), steps_per_layer=schedule)
             seconds, (acc,), (greedy_seed_accs[steps],) = over_seeds(greedy_config, config.seeds, source, target,
-                                                                      target_test, device, [k])
+                                                                     target_test, device, [k])
             say(f"greedy, blocks 1-{k}, {' / '.join(map(str, schedule))} steps per layer: {seconds:.0f} s, "
                 f"probe {100 * acc:.1f}%")
             return seconds, acc
@@ -390,7 +390,7 @@ def _pretrain_and_probe(config: PretrainConfig, source: torch.Tensor, target: Im
 
 
 def over_seeds(config: PretrainConfig, seeds: int, source: torch.Tensor, target: ImageData, target_test: ImageData,
-                device: str, depths: Sequence[int]) -> tuple[float, list[float], list[list[float]]]:
+               device: str, depths: Sequence[int]) -> tuple[float, list[float], list[list[float]]]:
     """Mean wall time and mean probe accuracy at each depth of the runs of ``config`` with seeds
     0..``seeds`` - 1, and each depth's accuracy of each seed."""
     results = [_pretrain_and_probe(dataclasses.replace(config, seed=seed), source, target, target_test, device, depths)

@@ -28,7 +28,7 @@ def parse_run(text: str) -> tuple[str, float, tuple[int, ...]]:
         mode, lr, steps = text.split(":")
         parsed = mode, float(lr), tuple(int(s) for s in steps.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MODE:LR:STEPS such as greedy:0.003:1800,450, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected MODE:LR:STEPS such as greedy:0.003:1800,450, got {text!r}") from None
     if mode not in MODES:
         raise argparse.ArgumentTypeError(f"mode must be one of {list(MODES)}, got {mode!r}")
     return parsed
