@@ -41,6 +41,7 @@ class BenchConfig:
     end2end_steps: tuple[int, ...] = (300, 600, 1200)    # steps of each end-to-end run
     resolution: float = 0.25   # time-to-accuracy: steps of the first run reaching it, to this fraction
     seeds: int = 1             # pretraining seeds per race run: its time and accuracy are their means
+    paired_rounds: int = 3     # the two runs a race compares, re-timed back to back this many times
     probe_images: int = 2000
 
     def __post_init__(self) -> None:
@@ -53,6 +54,8 @@ class BenchConfig:
                               f"got {self.race_batch}")
         if self.seeds < 1:
             raise ConfigError(f"seeds must be a positive integer, got {self.seeds}")
+        if self.paired_rounds < 0:
+            raise ConfigError(f"paired_rounds must be >= 0 (0: no re-timing), got {self.paired_rounds}")
         if not 0 < self.resolution <= 1:
             raise ConfigError(f"resolution must be in (0, 1], got {self.resolution}")
         if not self.deeper_steps > 0:
@@ -65,7 +68,7 @@ class BenchConfig:
     @classmethod
     def quick(cls) -> BenchConfig:
         return cls(arch=ArchConfig(widths=(16, 32)), batch_sizes=(256, 64), race_batch=64, timed_steps=3,
-                   layerwise_steps=(10, 20), end2end_steps=(20, 40), probe_images=200)
+                   layerwise_steps=(10, 20), end2end_steps=(20, 40), probe_images=200, paired_rounds=1)
 
 
 MATMUL_REPEATS = 5  # 2048^3 matmuls per round: ~0.1 s each on 2 CPU cores
@@ -180,7 +183,10 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
     pretraining seeds; each run keeps its seeds' accuracies (``seed_accs``), and ``seed_spread``
     pools their spread over the race's runs (None with one seed). ``work`` gives the FLOPs of the
     two runs compared (steps times each step's counted FLOPs) and their ratio: the time ratio if
-    both sides ran at the same GFLOP/s. ``say`` reports each run as it ends."""
+    both sides ran at the same GFLOP/s. Where greedy reached the target, ``paired`` re-times the two
+    runs compared (seed 0, pretraining only) back to back in ``paired_rounds`` rounds
+    (:func:`paired_times`): a time ratio this machine's drift between minutes hardly moves. ``say``
+    reports each run as it ends."""
     base = PretrainConfig(arch=config.arch, loss=RACE_LOSS, lr=0.003, batch_size=config.race_batch, log_every=10 ** 9)
     depths = range(1, config.arch.num_blocks + 1)
     greedy_step_gflop, end2end_step_gflop = race_step_gflop(config, resolve_device(device))
@@ -206,13 +212,15 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
             seconds, accs = run_end2end(steps)
             return seconds, accs[k - 1]
 
+        def greedy_config(steps: int, k: int = k) -> PretrainConfig:
+            return dataclasses.replace(base, arch=config.arch.truncated(k),
+                                       steps_per_layer=config.greedy_schedule(steps, k))
+
         def greedy_run(steps: int, k: int = k) -> tuple[float, float]:
-            schedule = config.greedy_schedule(steps, k)
-            greedy_config = dataclasses.replace(base, arch=config.arch.truncated(k), steps_per_layer=schedule)
-            seconds, (acc,), (greedy_seed_accs[steps],) = over_seeds(greedy_config, config.seeds, source, target,
+            seconds, (acc,), (greedy_seed_accs[steps],) = over_seeds(greedy_config(steps), config.seeds, source, target,
                                                                      target_test, device, [k])
-            say(f"greedy, blocks 1-{k}, {' / '.join(map(str, schedule))} steps per layer: {seconds:.0f} s, "
-                f"probe {100 * acc:.1f}%")
+            say(f"greedy, blocks 1-{k}, {' / '.join(map(str, config.greedy_schedule(steps, k)))} steps per layer: "
+                f"{seconds:.0f} s, probe {100 * acc:.1f}%")
             return seconds, acc
 
         greedy: dict[int, tuple[float, float]] = {}
@@ -236,6 +244,11 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
         end2end_steps = (_first_reaching(runs, target_acc) if reached
                          else min(runs, key=lambda steps: abs(runs[steps][0] - layerwise_s)))
         end2end_s, end2end_acc = runs[end2end_steps]
+        paired = None
+        if reached and config.paired_rounds:
+            paired = paired_times(greedy_config(greedy_steps), dataclasses.replace(
+                base, mode="end2end", steps_per_layer=end2end_steps), config.paired_rounds, source, device)
+            say(f"blocks 1-{k} re-timed in {config.paired_rounds} round(s): time ratio {paired['ratio']:.2f}")
         layerwise_gflop = sum(steps * gflop for steps, gflop in
                               zip(config.greedy_schedule(greedy_steps, k), greedy_step_gflop))
         end2end_gflop = end2end_steps * end2end_step_gflop
@@ -248,7 +261,8 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
                       "layerwise_s": layerwise_s, "end2end_s": end2end_s, "ratio": layerwise_s / end2end_s,
                       "layerwise_acc": layerwise_acc, "end2end_acc": end2end_acc,
                       "shortfall": max(0.0, target_acc - best["acc"]), "layerwise_best": best,
-                      "within_noise": _within_noise(greedy, runs, target_acc, len(target_test)), "work": work,
+                      "paired": paired, "within_noise": _within_noise(greedy, runs, target_acc, len(target_test)),
+                      "work": work,
                       "seed_spread": _seed_spread([run["seed_accs"] for run in greedy_runs + end2end_runs]),
                       "layerwise_runs": greedy_runs, "end2end_runs": end2end_runs})
     return races
@@ -343,12 +357,20 @@ def format_table(result: dict) -> str:
                    f"({100 * race['target']:.1f}%): greedy {100 * race['layerwise_acc']:.1f}% in "
                    f"{race['layerwise_s']:.1f} s, end-to-end {100 * race['end2end_acc']:.1f}% in "
                    f"{race['end2end_s']:.1f} s, time ratio {race['ratio']:.2f}"),
-                  _noise_line(race["within_noise"]), *_seed_lines(race["seed_spread"]),
+                  *_paired_lines(race["paired"]), _noise_line(race["within_noise"]), *_seed_lines(race["seed_spread"]),
                   (f"  work of those runs (FLOPs counted): greedy {race['work']['layerwise_gflop']:,.0f} GFLOP, "
                    f"end-to-end {race['work']['end2end_gflop']:,.0f} GFLOP, ratio {race['work']['ratio']:.2f}")]
     lines += ["", f"SimCLR peer, same backbone, {peer['budget_s']:.1f} s: {100 * peer['simclr_acc']:.1f}% "
                   f"(ours, all blocks: {100 * peer['ours_acc']:.1f}%)"]
     return "\n".join(lines)
+
+
+def _paired_lines(paired: dict | None) -> list[str]:
+    if paired is None:
+        return []
+    rounds = ", ".join(f"{g:.1f} / {e:.1f} s" for g, e in zip(paired["layerwise_s"], paired["end2end_s"]))
+    return [f"  the two re-timed back to back, greedy / end-to-end: {rounds}; time ratio {paired['ratio']:.2f} "
+            f"(median of {paired['rounds']} round(s))"]
 
 
 def _seed_lines(spread: dict | None) -> list[str]:
@@ -379,9 +401,9 @@ def race_data(dataset: str, data_root: str | Path | None, source_classes: str, t
     return source, target, target_test
 
 
-def _pretrain_and_probe(config: PretrainConfig, source: torch.Tensor, target: ImageData, target_test: ImageData,
-                        device: str, depths: Sequence[int]) -> tuple[float, list[float]]:
-    """Pretraining wall time, and the probe accuracy at each depth of ``depths``."""
+def _pretrain_and_probe(config: PretrainConfig, source: torch.Tensor, target: ImageData | None,
+                        target_test: ImageData | None, device: str, depths: Sequence[int]) -> tuple[float, list[float]]:
+    """Pretraining wall time, and the probe accuracy at each depth of ``depths`` (none: no probe)."""
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         net = LayerwisePretrainer(config, Path(tmp), device, progress=False, tensorboard=False).fit(source)
@@ -397,6 +419,18 @@ def over_seeds(config: PretrainConfig, seeds: int, source: torch.Tensor, target:
                for seed in range(seeds)]
     per_depth = [list(accs) for accs in zip(*(accs for _, accs in results))]
     return mean(seconds for seconds, _ in results), [mean(accs) for accs in per_depth], per_depth
+
+
+def paired_times(greedy: PretrainConfig, end2end: PretrainConfig, rounds: int, source: torch.Tensor,
+                 device: str) -> dict:
+    """Pretraining wall time of ``greedy`` and ``end2end`` (seed 0, no probe), timed back to back in
+    each of ``rounds`` rounds; ``ratio`` is the median of each round's own ratio. This machine's speed
+    drifts by up to 2x between minutes, which moves the ratio of two runs timed minutes apart, as the
+    race's are; it moves two neighbouring runs alike."""
+    times = [[_pretrain_and_probe(dataclasses.replace(config, seed=0), source, None, None, device, ())[0]
+              for config in (greedy, end2end)] for _ in range(rounds)]
+    return {"rounds": rounds, "layerwise_s": [g for g, _ in times], "end2end_s": [e for _, e in times],
+            "ratio": median(g / e for g, e in times)}
 
 
 def _seed_spread(seed_accs: Sequence[Sequence[float]]) -> dict | None:

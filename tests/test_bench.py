@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -36,6 +37,10 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
         assert (r["shortfall"] == 0) == r["reached"]
         assert 0 < r["within_noise"]["standard_error"] < 1 and r["within_noise"]["target"] < r["target"]
         assert r["work"]["layerwise_gflop"] > 0 and r["work"]["end2end_gflop"] > 0
+        if r["reached"]:  # the two runs compared, re-timed back to back
+            assert r["paired"]["rounds"] == 1 and r["paired"]["ratio"] > 0
+        else:
+            assert r["paired"] is None
         assert math.isclose(r["work"]["ratio"], r["work"]["layerwise_gflop"] / r["work"]["end2end_gflop"])
     # end-to-end trains the whole net once: its runs take the same time at every depth
     seconds = [{run["steps"]: run["seconds"] for run in r["end2end_runs"]} for r in by_depth]
@@ -55,7 +60,8 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
                                             (["--batch-sizes", "256,0"], "batch sizes must be positive"),
                                             (["--seeds", "0"], "seeds must be a positive integer"),
                                             (["--race-batch", "1"], "race_batch must be at least 2"),
-                                            (["--deeper-steps", "0"], "deeper_steps must be > 0")])
+                                            (["--deeper-steps", "0"], "deeper_steps must be > 0"),
+                                            (["--paired-rounds", "-1"], "paired_rounds must be >= 0")])
 def test_bench_refuses_bad_sizes(tmp_path, capsys, flags, message):
     assert main(["bench", "--quick", *flags, "--out", str(tmp_path / "b.json"), "--device", "cpu"]) == 2
     assert message in capsys.readouterr().err
@@ -77,16 +83,16 @@ def test_bench_source_and_target_classes_can_be_swapped(tmp_path, monkeypatch, c
     assert json.loads(out.read_text())["setup"]["target_classes"] == names
 
 
-def test_bench_race_batch_reaches_the_race(tmp_path, monkeypatch):
+def test_bench_race_batch_and_paired_rounds_reach_the_race(tmp_path, monkeypatch):
     seen = {}
 
     def fake_bench(source, target, target_test, config, device, say):
-        seen["race_batch"] = config.race_batch
+        seen.update(race_batch=config.race_batch, paired_rounds=config.paired_rounds)
         return {}
     monkeypatch.setattr(bench, "run_bench", fake_bench)
     monkeypatch.setattr(bench, "format_table", lambda result: "")
-    assert main(["bench", "--race-batch", "256", "--out", str(tmp_path / "b.json")]) == 0
-    assert seen["race_batch"] == 256
+    assert main(["bench", "--race-batch", "256", "--paired-rounds", "5", "--out", str(tmp_path / "b.json")]) == 0
+    assert seen == {"race_batch": 256, "paired_rounds": 5}
 
 
 def test_layer_fractions_pair_each_round_so_drift_cancels(monkeypatch):
@@ -144,7 +150,8 @@ def test_both_times_are_refined_to_the_same_resolution_between_a_miss_and_a_hit(
 
     def fake_run(config, source, target, target_test, device, depths):
         steps = config.steps_per_layer[0]
-        ran.append((config.mode, steps))
+        if depths:  # not the re-timing of the two runs compared
+            ran.append((config.mode, steps))
         if config.mode == "end2end":
             return steps / 10, [min(0.8, steps / 937.5) for _ in depths]
         return steps / 100, [min(0.9, steps / 2125)]
@@ -190,6 +197,41 @@ def test_race_work_is_each_compared_runs_steps_times_its_steps_flops(monkeypatch
     assert depth2["work"] == {"layerwise_gflop": 1200 + 300 * 3, "end2end_gflop": 1200 * 5, "ratio": 2100 / 6000,
                               "step_gflop": {"layerwise": [1.0, 3.0], "end2end": 5.0}}
     assert depth1["work"]["layerwise_gflop"] == 1200 and depth1["work"]["step_gflop"]["layerwise"] == [1.0]
+
+
+def test_the_two_runs_compared_are_re_timed_back_to_back_so_drift_cancels(monkeypatch):
+    """Simulated runs reaching 0.8 at 1 200 steps on both sides (greedy 10x cheaper a step) on a
+    machine 3x slower while end-to-end's runs of the race ran: the race's ratio reads 1/30. The
+    re-timing runs greedy, then end-to-end, in each round, seed 0 and no probe, and the median of
+    each round's ratio is the full-speed 1/10 even though the speed drifts between rounds."""
+    slowdown = iter([1, 1, 3, 3, 2, 2, 3, 3])  # one factor per re-timed run: both runs of a round alike
+    retimed = []
+
+    def fake_run(config, source, target, target_test, device, depths):
+        steps = config.steps_per_layer[0]
+        if not depths:
+            retimed.append((config.mode, config.steps_per_layer, config.seed))
+            return steps / (100 if config.mode == "greedy" else 10) * next(slowdown), []
+        if config.mode == "end2end":
+            return 3 * steps / 10, [min(0.8, steps / 1500) for _ in depths]
+        return steps / 100, [min(0.8, steps / 1500)]
+    monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
+    config = bench.BenchConfig(arch=ArchConfig(widths=(8,)), layerwise_steps=(600, 1200), end2end_steps=(600, 1200),
+                               seeds=2, paired_rounds=3)
+    (race,) = bench.layerwise_vs_end2end(None, None, PROBE_TEST, config, "cpu", say=lambda line: None)
+    assert race["ratio"] == pytest.approx(1 / 30)
+    assert retimed == [("greedy", (1200,), 0), ("end2end", (1200,), 0)] * 3
+    paired = race["paired"]
+    assert paired["rounds"] == 3 and paired["layerwise_s"] == [12, 36, 24] and paired["end2end_s"] == [120, 360, 240]
+    assert paired["ratio"] == pytest.approx(1 / 10)
+    assert "time ratio 0.10 (median of 3 round(s))" in bench._paired_lines(paired)[0]
+    # no re-timing with no rounds
+    retimed.clear()
+    (race,) = bench.layerwise_vs_end2end(None, None, PROBE_TEST, dataclasses.replace(config, paired_rounds=0),
+                                         "cpu", say=lambda line: None)
+    assert race["paired"] is None and retimed == [] and bench._paired_lines(None) == []
+    with pytest.raises(bench.ConfigError, match="paired_rounds"):
+        bench.BenchConfig(paired_rounds=-1)
 
 
 def test_race_step_flops_count_what_each_side_trains():

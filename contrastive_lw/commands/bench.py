@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "half the probe's noise)")
     parser.add_argument("--seeds", type=int, default=None,
                         help="pretraining seeds per race run, averaged (default 1; each one multiplies the race's time)")
+    parser.add_argument("--paired-rounds", type=int, default=None,
+                        help="re-time the two runs each race compares back to back this many times (default 3; "
+                             "0: no re-timing): a time ratio the machine's drift between minutes hardly moves")
     parser.add_argument("--race-batch", type=int, default=None,
                         help="pretraining batch of the race and the SimCLR peer, both sides alike (default 512; "
                              "a GPU wants several thousand)")
@@ -50,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, batch_sizes=tuple(args.batch_sizes))
     if args.seeds is not None:
         config = dataclasses.replace(config, seeds=args.seeds)
+    if args.paired_rounds is not None:
+        config = dataclasses.replace(config, paired_rounds=args.paired_rounds)
     if args.race_batch is not None:
         config = dataclasses.replace(config, race_batch=args.race_batch)
     if args.deeper_steps is not None:
