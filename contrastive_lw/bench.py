@@ -325,10 +325,24 @@ def run_bench(source: torch.Tensor, target: ImageData, target_test: ImageData, c
 
 
 def describe_device(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model, cores and threads: benches on two machines compare only
+    where these match."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} "
+    return (f"{cpu_model()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} "
             f"threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}")
+
+
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name from Linux's ``cpuinfo``, else what :mod:`platform` knows (often only
+    the architecture)."""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def format_table(result: dict) -> str:

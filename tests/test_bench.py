@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+import platform
 
 import pytest
 import torch
@@ -325,3 +326,11 @@ def test_heldout_test_adds_the_target_training_images_the_probe_does_not_train_o
     probe_train = {image.numpy().tobytes() for image in target.images}
     assert not any(image.numpy().tobytes() in probe_train for image in heldout_test.images)
     assert heldout_test.class_names == test.class_names and set(heldout_test.labels[500:].tolist()) == set(range(5))
+
+
+def test_the_device_names_the_cpu_model(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t: fpu\n")
+    assert bench.cpu_model(cpuinfo) == "AMD EPYC 7B13"
+    assert bench.cpu_model(tmp_path / "missing") == (platform.processor() or platform.machine())
+    assert bench.describe_device(torch.device("cpu")).startswith(f"{bench.cpu_model()} CPU, ")
