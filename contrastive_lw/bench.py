@@ -217,9 +217,10 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
                                        steps_per_layer=config.greedy_schedule(steps, k))
 
         def greedy_run(steps: int, k: int = k) -> tuple[float, float]:
-            seconds, (acc,), (greedy_seed_accs[steps],) = over_seeds(greedy_config(steps), config.seeds, source, target,
+            run_config = greedy_config(steps)
+            seconds, (acc,), (greedy_seed_accs[steps],) = over_seeds(run_config, config.seeds, source, target,
                                                                      target_test, device, [k])
-            say(f"greedy, blocks 1-{k}, {' / '.join(map(str, config.greedy_schedule(steps, k)))} steps per layer: "
+            say(f"greedy, blocks 1-{k}, {' / '.join(map(str, run_config.steps_per_layer))} steps per layer: "
                 f"{seconds:.0f} s, probe {100 * acc:.1f}%")
             return seconds, acc
 
