@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
+from contrastive_lw import native
 from contrastive_lw.errors import ConfigError
-from contrastive_lw.losses import (SYMMETRIC_MIN_TEMPERATURE, InfoNCELoss, LossConfig, TripletLoss, build_loss, nt_xent,
-                                   paired_distance)
+from contrastive_lw.losses import (SYMMETRIC_MIN_TEMPERATURE, InfoNCELoss, LossConfig, TripletLoss, _CosineTriplet,
+                                   build_loss, nt_xent, paired_distance)
 
 
 def test_cosine_triplet_values_on_hand_made_vectors():
@@ -54,6 +55,45 @@ def test_paired_cosine_distance_matches_torch_in_value_and_gradient():
     assert torch.allclose(value, expected, rtol=1e-12, atol=1e-12)
     for mine, theirs in zip(ours, reference):
         assert torch.allclose(mine.grad, theirs.grad, rtol=1e-10, atol=1e-12)
+
+
+def triplets_with_edge_cases(batch: int = 300, dim: int = 128) -> list[torch.Tensor]:
+    """Random triplets, some past the margin (no gradient), a zero anchor and a zero negative."""
+    rows = [torch.randn(batch, dim, dtype=torch.float32, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    rows[1][:100] = rows[0][:100] + 0.1 * rows[1][:100]  # close positives: d(a, p) - d(a, n) + margin < 0
+    rows[0][100] = 0
+    rows[2][101] = 0
+    return rows
+
+
+def loss_and_grads(loss: TripletLoss, rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    leaves = [x.clone().requires_grad_() for x in rows]
+    value = loss(*leaves)
+    value.backward()
+    return value.detach(), [x.grad for x in leaves]
+
+
+def test_cosine_triplet_kernel_equals_the_pytorch_path_in_value_and_gradient(monkeypatch):
+    if native.cosine_triplet_kernel() is None:
+        pytest.skip("no C compiler here: the PyTorch path is the one in use")
+    rows, loss = triplets_with_edge_cases(), TripletLoss(margin=0.5)
+    assert _CosineTriplet.applies(*rows)
+    got, got_grads = loss_and_grads(loss, rows)
+    with torch.no_grad():
+        assert loss(*rows) == got  # no gradient wanted: the same value
+    monkeypatch.setattr(native, "cosine_triplet_kernel", lambda: None)
+    expected, expected_grads = loss_and_grads(loss, rows)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-10)
+    assert (got_grads[0][:100] == 0).float().mean() > 0.5  # rows past the margin: no gradient
+    assert all(torch.isfinite(g).all() for g in got_grads)  # the zero rows' too, as PyTorch's
+
+
+def test_cosine_triplet_kernel_keeps_a_nan_embedding_visible():
+    rows = triplets_with_edge_cases()
+    rows[2][7, 3] = float("nan")
+    assert torch.isnan(TripletLoss()(*rows))
 
 
 @pytest.mark.parametrize("temperature", [0.01, 0.1, 0.5])  # 0.01: below SYMMETRIC_MIN_TEMPERATURE
