@@ -117,8 +117,8 @@ class _CosineTriplet(torch.autograd.Function):
     """:class:`TripletLoss` with the cosine distance and no mining on the CPU, loss and gradient in
     one pass of the C kernel ``csrc/cosine_triplet.c`` (:mod:`contrastive_lw.native`); the same
     values as the PyTorch path up to float32 rounding (tested). The PyTorch path is ~30 element-wise
-    ops over the embeddings, forward and backward: 3.0 -> 1.0 ms for 2 048 triplets of 128-dim
-    embeddings on 2 CPU cores, a sixth of the greedy layer-1 step (docs/PERFORMANCE.md)."""
+    ops over the embeddings, forward and backward: 2.9 -> 1.2 ms for 2 048 triplets of 128-dim
+    embeddings on 2 CPU cores, the greedy layer-1 step 1.14x faster (docs/PERFORMANCE.md)."""
 
     @staticmethod
     def applies(*rows: torch.Tensor) -> bool:
