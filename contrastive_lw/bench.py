@@ -128,9 +128,9 @@ def measure_layer(net: LayerwiseNet, images: torch.Tensor, k: int, batch: int, s
     matmul, matmul_flops = matmul_step(device)
     for warm_up in (step, views, matmul):
         warm_up()
-    per_round = [(matmul_flops * MATMUL_REPEATS / _seconds(matmul, MATMUL_REPEATS, device) / 1e9,
-                  patches * steps / _seconds(step, steps, device),
-                  view_patches * steps / _seconds(views, steps, device)) for _ in range(rounds)]
+    per_round = [(matmul_flops * MATMUL_REPEATS / wall_seconds(matmul, MATMUL_REPEATS, device) / 1e9,
+                  patches * steps / wall_seconds(step, steps, device),
+                  view_patches * steps / wall_seconds(views, steps, device)) for _ in range(rounds)]
     matmul_rates, step_rates, view_rates = zip(*per_round)
     gflops_per_patch = flops / patches / 1e9
     return {"k": k, "patch": net.receptive_field(k), "batch": batch, "rounds": rounds,
@@ -503,7 +503,7 @@ def _runs(runs: dict[int, tuple[float, float]]) -> list[dict]:
     return [{"steps": steps, "seconds": runs[steps][0], "acc": runs[steps][1]} for steps in sorted(runs)]
 
 
-def _seconds(step: Callable[[], object], steps: int, device: torch.device) -> float:
+def wall_seconds(step: Callable[[], object], steps: int, device: torch.device) -> float:
     """Wall time of ``steps`` calls of ``step``."""
     _sync(device)
     start = time.perf_counter()

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from statistics import median
 
 import torch
 
 from contrastive_lw import native
-from contrastive_lw.bench import describe_device, layer_step, matmul_step
+from contrastive_lw.bench import describe_device, layer_step, matmul_step, wall_seconds
 from contrastive_lw.losses import TripletLoss
 from contrastive_lw.memory import keep_freed_memory
 from contrastive_lw.model import ArchConfig, LayerwiseNet
@@ -26,12 +25,9 @@ STEPS, MATMULS = 20, 5
 
 
 def seconds(call, repeats: int) -> float:
-    """Mean time of ``call()`` over ``repeats`` calls, after one more."""
+    """Mean time of ``call()`` over ``repeats`` calls on the CPU, after one more."""
     call()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        call()
-    return (time.perf_counter() - start) / repeats
+    return wall_seconds(call, repeats, torch.device("cpu")) / repeats
 
 
 def main() -> None:

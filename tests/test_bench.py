@@ -107,7 +107,7 @@ def test_layer_fractions_pair_each_round_so_drift_cancels(monkeypatch):
         if kind == "matmul":
             factors.append(next(slowdown))
         return base[kind] * factors[-1]
-    monkeypatch.setattr(bench, "_seconds", fake_seconds)
+    monkeypatch.setattr(bench, "wall_seconds", fake_seconds)
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
     row = bench.measure_layer(LayerwiseNet(ArchConfig(widths=(8,))), images, 1, 16, 2, torch.device("cpu"))
     assert row["rounds"] == 5 and factors == [1, 3, 1, 3, 3]

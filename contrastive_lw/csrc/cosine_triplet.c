@@ -17,6 +17,7 @@ static float dot(const float *restrict x, const float *restrict y, int64_t n) {
  * not NULL, grad_a, grad_p and grad_n receive the gradient of the mean loss (d loss / d row). */
 void cosine_triplet(int64_t batch, int64_t dim, const float *a, const float *p, const float *n, float margin,
                     float *hinge, float *grad_a, float *grad_p, float *grad_n) {
+  const float g = 1.0f / (float)batch; /* d mean / d hinge */
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < batch; ++i) {
     const float *restrict ai = a + i * dim, *restrict pi = p + i * dim, *restrict ni = n + i * dim;
@@ -32,7 +33,6 @@ void cosine_triplet(int64_t batch, int64_t dim, const float *a, const float *p, 
       continue;
     }
     /* d cos(x, y) / dx = y / (|x| |y|) - cos x / |x|^2 (the second term is 0 where |x| < eps) */
-    const float g = 1.0f / (float)batch;
     const float sa = na >= EPS ? g * (cos_p - cos_n) / (ca * ca) : 0;
     const float sp = np >= EPS ? g * cos_p / (cp * cp) : 0, sn = nn >= EPS ? g * cos_n / (cn * cn) : 0;
     const float wp = g / (ca * cp), wn = g / (ca * cn);
