@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .config import per_layer
 from .errors import ConfigError
 
@@ -98,30 +99,42 @@ class Conv2d(nn.Conv2d):
 
 class _MatmulReluMaxPool(torch.autograd.Function):
     """ReLU of the max-pool over a whole ``side`` x ``side`` convolution output computed as
-    windows @ weight.T + bias (rows in (image, row, column) order): one matmul, one max-pool over
-    the result's channels_last view, the bias added after the pool (a per-channel constant does not
-    move the max) to the 4x smaller map, and a backward that scatters the gradient to the winning
-    position (the first on ties, as ``max_pool2d``), computes the weight's gradient as
-    windows.T @ gradient (the faster operand order here) and no gradient of the windows.
-    Unfused, ReLU, max-pool, their backward passes and layout copies each move the 4x larger
-    convolution output through memory: the greedy layer-1 step is ~1.2x faster fused."""
+    windows @ weight.T + bias (rows in (image, row, column) order): one matmul, one max over the
+    positions with the bias added after it (a per-channel constant does not move the max) and the
+    ReLU, and a backward that scatters the gradient to the winning position (the first on ties, as
+    ``max_pool2d``), computes the weight's gradient as windows.T @ gradient (the faster operand order
+    here) and no gradient of the windows. Unfused, ReLU, max-pool, their backward passes and layout
+    copies each move the 4x larger convolution output through memory: the greedy layer-1 step is
+    ~1.2x faster fused. On the CPU the max and the scatter are the C kernels of
+    ``csrc/max_pool_relu.c`` (:mod:`contrastive_lw.native`), PyTorch's max-pool and scatter elsewhere."""
 
     @staticmethod
     def forward(ctx, windows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, side: int) -> torch.Tensor:
         out = windows @ weight.t()
         n, channels = out.shape[0] // side ** 2, out.shape[1]
-        best, where = F.max_pool2d_with_indices(out.view(n, side, side, channels).permute(0, 3, 1, 2), side)
-        best = torch.add(best.view(n, channels), bias).clamp_min_(0)  # channels_last N x C x 1 x 1: a view
-        ctx.save_for_backward(windows, where.view(n, 1, channels), best)
+        kernels = native.max_pool_relu_kernels() if out.device.type == "cpu" and out.dtype == torch.float32 else None
+        if kernels is not None:
+            best, where = out.new_empty(n, channels), torch.empty(n, channels, dtype=torch.uint8)
+            kernels[0](n, side * side, channels, out.data_ptr(), bias.detach().contiguous().data_ptr(),
+                       best.data_ptr(), where.data_ptr())
+        else:
+            best, where = F.max_pool2d_with_indices(out.view(n, side, side, channels).permute(0, 3, 1, 2), side)
+            best = torch.add(best.view(n, channels), bias).clamp_min_(0)  # channels_last N x C x 1 x 1: a view
+        ctx.save_for_backward(windows, where.view(n, channels), best)
         ctx.positions = side * side
         return best
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         windows, where, best = ctx.saved_tensors
-        grad = grad * best.sign()  # ReLU: no gradient where the max was <= 0
-        grad_out = grad.new_zeros(grad.shape[0], ctx.positions, grad.shape[1])
-        grad_out.scatter_(1, where, grad.unsqueeze(1))
+        grad = (grad * best.sign()).contiguous()  # ReLU: no gradient where the max was <= 0
+        n, channels = grad.shape
+        if where.dtype == torch.uint8:  # the C kernel's
+            grad_out = grad.new_empty(n, ctx.positions, channels)
+            native.max_pool_relu_kernels()[1](n, ctx.positions, channels, grad.data_ptr(), where.data_ptr(),
+                                              grad_out.data_ptr())
+        else:
+            grad_out = grad.new_zeros(n, ctx.positions, channels).scatter_(1, where.unsqueeze(1), grad.unsqueeze(1))
         return None, (windows.t() @ grad_out.view(windows.shape[0], -1)).t(), grad.sum(0), None
 
 

@@ -2,7 +2,8 @@
 use, cached per machine, loaded with ctypes.
 
 - ``cut_and_augment``: the augmentation's cut + warp + colour of uint8 patches on the CPU;
-- ``cosine_triplet``: the cosine triplet loss and its gradient in one pass over the rows.
+- ``cosine_triplet``: the cosine triplet loss and its gradient in one pass over the rows;
+- ``max_pool_relu``: the greedy first block's max-pool + bias + ReLU and its backward scatter.
 
 Without a compiler (or with ``CONTRASTIVE_LW_NATIVE=0``) each loader returns None and callers use
 their PyTorch path: the same values, slower. The libraries are cached beside the decoded datasets
@@ -49,9 +50,22 @@ def cosine_triplet_kernel() -> Callable[..., None] | None:
                    "the triplet loss")
 
 
+@functools.cache
+def max_pool_relu_kernels() -> tuple[Callable[..., None], Callable[..., None]] | None:
+    """The C functions ``max_pool_relu`` and ``max_pool_relu_backward`` (arguments: see their
+    source), or None where they cannot be built here (a warning says why, once). Built without
+    -ffinite-math-only: a NaN stays NaN."""
+    forward = _kernel("max_pool_relu", [_I, _I, _I, _P, _P, _P, _P], None, (), "the max-pool")
+    if forward is None:
+        return None
+    return forward, _kernel("max_pool_relu", [_I, _I, _I, _P, _P, _P], None, (), "the max-pool",
+                            "max_pool_relu_backward")
+
+
 def _kernel(name: str, argtypes: list, restype: type | None, extra_flags: Sequence[str],
-            purpose: str) -> Callable | None:
-    """Function ``name`` of ``csrc/<name>.c``, built with the first flag set that compiles."""
+            purpose: str, function_name: str | None = None) -> Callable | None:
+    """Function ``function_name`` (default ``name``) of ``csrc/<name>.c``, built with the first flag
+    set that compiles."""
     if os.environ.get("CONTRASTIVE_LW_NATIVE", "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -64,7 +78,7 @@ def _kernel(name: str, argtypes: list, restype: type | None, extra_flags: Sequen
         except (OSError, subprocess.CalledProcessError) as err:
             error = getattr(err, "stderr", None) or str(err)
             continue
-        function = getattr(library, name)
+        function = getattr(library, function_name or name)
         function.argtypes, function.restype = argtypes, restype
         return function
     return _unavailable(purpose, f"{compiler} could not build {source.name}: {error.strip()[-500:]}")

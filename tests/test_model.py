@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from contrastive_lw import native
 from contrastive_lw.errors import ConfigError
 from contrastive_lw.model import ArchConfig, Classifier, Conv2d, ConvBlock, LayerwiseNet, ProjectionHead
 
@@ -154,6 +155,36 @@ def test_block_gives_the_same_output_and_gradients_on_both_convolution_paths(poo
     assert (results[0][0] == 0).any() and (results[0][0] > 0).any()  # both sides of the ReLU
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def fused_block_results(block: ConvBlock, patch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    block.zero_grad()
+    out = block(patch)
+    (out * torch.arange(out[0].numel()).view_as(out[0])).square().sum().backward()
+    return out.detach(), block.conv.weight.grad.clone(), block.conv.bias.grad.clone()
+
+
+def test_max_pool_relu_kernel_gives_the_pytorch_paths_output_and_gradients_exactly(monkeypatch):
+    if native.max_pool_relu_kernels() is None:
+        pytest.skip("no C compiler here: the PyTorch path is the one in use")
+    torch.manual_seed(0)
+    block = ConvBlock(3, 16, 6, pool=2)
+    flat = torch.rand(8, 3, 1, 1).expand(8, 3, 7, 7)  # all four windows equal: the max ties
+    patch = torch.cat([torch.rand(56, 3, 7, 7), flat]).contiguous(memory_format=torch.channels_last)
+    assert block._fused(patch)
+    got = fused_block_results(block, patch)
+    monkeypatch.setattr(native, "max_pool_relu_kernels", lambda: None)
+    expected = fused_block_results(block, patch)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)  # the same max, sum and scatter: the same float32 values
+    assert (got[0] == 0).any() and (got[0] > 0).any()
+
+
+def test_max_pool_relu_kernel_keeps_a_nan_visible():
+    block, patch = ConvBlock(3, 16, 6, pool=2), torch.rand(4, 3, 7, 7)
+    patch[2, 1, 3, 3] = float("nan")  # every window holds it
+    out = block(patch)
+    assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3]]).all()
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
