@@ -3,7 +3,8 @@ use, cached per machine, loaded with ctypes.
 
 - ``cut_and_augment``: the augmentation's cut + warp + colour of uint8 patches on the CPU;
 - ``cosine_triplet``: the cosine triplet loss and its gradient in one pass over the rows;
-- ``max_pool_relu``: the greedy first block's max-pool + bias + ReLU and its backward scatter.
+- ``max_pool_relu``: the greedy first block's max-pool + bias + ReLU and its backward scatter;
+- ``normalize``: the network's per-channel input normalisation, written channels_last.
 
 Without a compiler (or with ``CONTRASTIVE_LW_NATIVE=0``) each loader returns None and callers use
 their PyTorch path: the same values, slower. The libraries are cached beside the decoded datasets
@@ -60,6 +61,13 @@ def max_pool_relu_kernels() -> tuple[Callable[..., None], Callable[..., None]] |
         return None
     return forward, _kernel("max_pool_relu", [_I, _I, _I, _P, _P, _P], None, (), "the max-pool",
                             "max_pool_relu_backward")
+
+
+@functools.cache
+def normalize_kernel() -> Callable[..., None] | None:
+    """The C function ``normalize`` (arguments: see its source), or None where it cannot be built
+    here (a warning says why, once). Built without -ffinite-math-only: a NaN pixel stays NaN."""
+    return _kernel("normalize", [_I, _I, _I, _I, _P, _P, ctypes.c_int, _P, _P, _P], None, (), "the normalisation")
 
 
 def _kernel(name: str, argtypes: list, restype: type | None, extra_flags: Sequence[str],

@@ -58,6 +58,31 @@ def test_normalize_is_per_channel_standardisation_for_uint8_and_float_input():
     torch.testing.assert_close(net(images.contiguous(memory_format=torch.channels_last), 1), net(images, 1))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "crop", "uint8"])
+def test_normalize_kernel_gives_the_pytorch_paths_values_exactly(monkeypatch, layout):
+    if native.normalize_kernel() is None:
+        pytest.skip("no C compiler here: the PyTorch path is the one in use")
+    net = LayerwiseNet()
+    net.mean.copy_(torch.tensor([0.4, 0.5, 0.6]))
+    net.std.copy_(torch.tensor([0.2, 0.25, 0.3]))
+    images = torch.rand(5, 3, 11, 9)
+    images[1, 2, 3, 4] = float("nan")
+    images = {"nchw": images, "channels_last": images.contiguous(memory_format=torch.channels_last),
+              "crop": images[:, :, 2:9, 1:8], "uint8": (images.nan_to_num() * 255).to(torch.uint8)}[layout]
+    got = net.normalize(images)
+    monkeypatch.setattr(native, "normalize_kernel", lambda: None)
+    expected = net.normalize(images)
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == images.shape
+    assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))  # the same float32 operations
+    assert torch.isnan(got).sum() == (layout != "uint8")  # a NaN pixel stays NaN
+
+
+def test_normalize_keeps_the_gradient_of_an_input_that_wants_one():
+    x = torch.rand(2, 3, 7, 7, requires_grad=True)
+    LayerwiseNet().normalize(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 4.0))  # 1 / std, std 0.25
+
+
 def test_projection_head():
     assert ProjectionHead(64, 16)(torch.rand(3, 64, 1, 1)).shape == (3, 16)
     assert ProjectionHead(64 * 4, 16, hidden=32)(torch.rand(3, 64, 2, 2)).shape == (3, 16)
