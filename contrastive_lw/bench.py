@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import native
 from .augment import AugmentConfig, build_augmentation, to_float
 from .data import ImageData, balanced_split, load_dataset
 from .device import autocast, resolve_device
@@ -84,8 +85,10 @@ def layer_step(net: LayerwiseNet, k: int, batch: int, device: torch.device, loss
                first: int | None = None) -> tuple[Callable[[], None], int, float]:
     """Greedy training step of layer ``k`` alone (frozen prefix forward, block k + head forward and
     backward, AdamW) on ready-made patches, or of blocks ``first``..k together (``first=1``: the
-    end-to-end step); the patches it takes and its FLOPs (counted by ``torch.utils.flop_counter``
-    on one step)."""
+    end-to-end step); the patches it takes and its FLOPs: the model's, counted by
+    ``torch.utils.flop_counter`` on one step of the PyTorch paths (the counter does not see the C
+    kernels; the first block's weight-gradient kernel also skips the zero terms of the max-pool's
+    gradient, 3/4 of that product's FLOPs)."""
     first = k if first is None else first
     patch = net.receptive_field(k)
     set_trainable(net.blocks[: first - 1], False)
@@ -99,7 +102,7 @@ def layer_step(net: LayerwiseNet, k: int, batch: int, device: torch.device, loss
 
     def step() -> None:
         train_step(stage, loss_fn, optimizer, frozen_features(net, x, first - 1), views, head)
-    with FlopCounterMode(display=False) as counter:
+    with native.pytorch_paths(), FlopCounterMode(display=False) as counter:
         step()
     return step, views * batch, float(counter.get_total_flops())
 

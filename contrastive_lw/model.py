@@ -127,14 +127,15 @@ class _MatmulReluMaxPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         windows, where, best = ctx.saved_tensors
-        grad = (grad * best.sign()).contiguous()  # ReLU: no gradient where the max was <= 0
         n, channels = grad.shape
-        if where.dtype == torch.uint8:  # the C kernel's
-            grad_out = grad.new_empty(n, ctx.positions, channels)
-            native.max_pool_relu_kernels()[1](n, ctx.positions, channels, grad.data_ptr(), where.data_ptr(),
-                                              grad_out.data_ptr())
-        else:
-            grad_out = grad.new_zeros(n, ctx.positions, channels).scatter_(1, where.unsqueeze(1), grad.unsqueeze(1))
+        if where.dtype == torch.uint8:  # the C kernel's: the gradients from the winning windows alone
+            grad_weight, grad_bias = grad.new_empty(channels, windows.shape[1]), grad.new_empty(channels)
+            native.max_pool_relu_kernels()[1](n, ctx.positions, channels, windows.shape[1], windows.data_ptr(),
+                                              grad.contiguous().data_ptr(), best.data_ptr(), where.data_ptr(),
+                                              grad_weight.data_ptr(), grad_bias.data_ptr())
+            return None, grad_weight, grad_bias, None
+        grad = grad * best.sign()  # ReLU: no gradient where the max was <= 0
+        grad_out = grad.new_zeros(n, ctx.positions, channels).scatter_(1, where.unsqueeze(1), grad.unsqueeze(1))
         return None, (windows.t() @ grad_out.view(windows.shape[0], -1)).t(), grad.sum(0), None
 
 

@@ -3,14 +3,16 @@ use, cached per machine, loaded with ctypes.
 
 - ``cut_and_augment``: the augmentation's cut + warp + colour of uint8 patches on the CPU;
 - ``cosine_triplet``: the cosine triplet loss and its gradient in one pass over the rows;
-- ``max_pool_relu``: the greedy first block's max-pool + bias + ReLU and its backward scatter;
+- ``max_pool_relu``: the greedy first block's max-pool + bias + ReLU and its weight and bias gradients;
 - ``normalize``: the network's per-channel input normalisation, written channels_last.
 
 Without a compiler (or with ``CONTRASTIVE_LW_NATIVE=0``) each loader returns None and callers use
-their PyTorch path: the same values, slower. The libraries are cached beside the decoded datasets
+their PyTorch path: the same values, slower (:func:`pytorch_paths` switches them off within a
+block). The libraries are cached beside the decoded datasets
 (:func:`contrastive_lw.data.cache_dir`)."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -18,9 +20,10 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 SOURCES = Path(__file__).with_name("csrc")
@@ -59,7 +62,7 @@ def max_pool_relu_kernels() -> tuple[Callable[..., None], Callable[..., None]] |
     forward = _kernel("max_pool_relu", [_I, _I, _I, _P, _P, _P, _P], None, (), "the max-pool")
     if forward is None:
         return None
-    return forward, _kernel("max_pool_relu", [_I, _I, _I, _P, _P, _P], None, (), "the max-pool",
+    return forward, _kernel("max_pool_relu", [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P], None, (), "the max-pool",
                             "max_pool_relu_backward")
 
 
@@ -68,6 +71,25 @@ def normalize_kernel() -> Callable[..., None] | None:
     """The C function ``normalize`` (arguments: see its source), or None where it cannot be built
     here (a warning says why, once). Built without -ffinite-math-only: a NaN pixel stays NaN."""
     return _kernel("normalize", [_I, _I, _I, _I, _P, _P, ctypes.c_int, _P, _P, _P], None, (), "the normalisation")
+
+
+LOADERS = ("cut_and_augment_kernel", "cosine_triplet_kernel", "max_pool_relu_kernels", "normalize_kernel")
+
+
+@contextlib.contextmanager
+def pytorch_paths(loaders: Sequence[str] = LOADERS) -> Iterator[None]:
+    """Within the block each named loader (all by default) returns None, so its callers take their
+    PyTorch paths: to count a step's FLOPs with ``torch.utils.flop_counter``, which does not see the
+    C kernels (the bench counts the model's FLOPs so), or to time a kernel against its PyTorch path."""
+    module = sys.modules[__name__]
+    saved = {name: getattr(module, name) for name in loaders}
+    try:
+        for name in loaders:
+            setattr(module, name, lambda: None)
+        yield
+    finally:
+        for name, loader in saved.items():
+            setattr(module, name, loader)
 
 
 def _kernel(name: str, argtypes: list, restype: type | None, extra_flags: Sequence[str],
