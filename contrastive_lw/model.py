@@ -101,12 +101,16 @@ class _MatmulReluMaxPool(torch.autograd.Function):
     """ReLU of the max-pool over a whole ``side`` x ``side`` convolution output computed as
     windows @ weight.T + bias (rows in (image, row, column) order): one matmul, one max over the
     positions with the bias added after it (a per-channel constant does not move the max) and the
-    ReLU, and a backward that scatters the gradient to the winning position (the first on ties, as
-    ``max_pool2d``), computes the weight's gradient as windows.T @ gradient (the faster operand order
-    here) and no gradient of the windows. Unfused, ReLU, max-pool, their backward passes and layout
-    copies each move the 4x larger convolution output through memory: the greedy layer-1 step is
-    ~1.2x faster fused. On the CPU the max and the scatter are the C kernels of
-    ``csrc/max_pool_relu.c`` (:mod:`contrastive_lw.native`), PyTorch's max-pool and scatter elsewhere."""
+    ReLU, and a backward that gives the weight and bias gradients and no gradient of the windows.
+    Unfused, ReLU, max-pool, their backward passes and layout copies each move the 4x larger
+    convolution output through memory: the greedy layer-1 step is ~1.2x faster fused.
+
+    On the CPU the max and the backward are the C kernels of ``csrc/max_pool_relu.c``
+    (:mod:`contrastive_lw.native`): each output's gradient reaches only its winning window, so the
+    weight's gradient sums those windows alone, 1/4 of the terms of the dense product at 2 x 2
+    (the greedy layer-1 step 1.3-1.5x faster with them, ``experiments/kernel_timing.py``).
+    Elsewhere PyTorch's max-pool, a scatter of the gradient to the winning position (the first on
+    ties, as ``max_pool2d``) and windows.T @ gradient (the faster operand order here)."""
 
     @staticmethod
     def forward(ctx, windows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, side: int) -> torch.Tensor:
