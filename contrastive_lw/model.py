@@ -108,7 +108,7 @@ class _MatmulReluMaxPool(torch.autograd.Function):
     On the CPU the max and the backward are the C kernels of ``csrc/max_pool_relu.c``
     (:mod:`contrastive_lw.native`): each output's gradient reaches only its winning window, so the
     weight's gradient sums those windows alone, 1/4 of the terms of the dense product at 2 x 2
-    (the greedy layer-1 step 1.3-1.5x faster with them, ``experiments/kernel_timing.py``).
+    (the greedy layer-1 step 1.4x faster with them, 16.9 -> 11.8 ms: ``experiments/kernel_timing.py``).
     Elsewhere PyTorch's max-pool, a scatter of the gradient to the winning position (the first on
     ties, as ``max_pool2d``) and windows.T @ gradient (the faster operand order here)."""
 
@@ -119,8 +119,8 @@ class _MatmulReluMaxPool(torch.autograd.Function):
         kernels = native.max_pool_relu_kernels() if out.device.type == "cpu" and out.dtype == torch.float32 else None
         if kernels is not None:
             best, where = out.new_empty(n, channels), torch.empty(n, channels, dtype=torch.uint8)
-            kernels[0](n, side * side, channels, out.data_ptr(), bias.detach().contiguous().data_ptr(),
-                       best.data_ptr(), where.data_ptr())
+            bias = bias.detach().contiguous()  # named: a temporary's memory would be freed before the call
+            kernels[0](n, side * side, channels, out.data_ptr(), bias.data_ptr(), best.data_ptr(), where.data_ptr())
         else:
             best, where = F.max_pool2d_with_indices(out.view(n, side, side, channels).permute(0, 3, 1, 2), side)
             best = torch.add(best.view(n, channels), bias).clamp_min_(0)  # channels_last N x C x 1 x 1: a view
@@ -133,9 +133,10 @@ class _MatmulReluMaxPool(torch.autograd.Function):
         windows, where, best = ctx.saved_tensors
         n, channels = grad.shape
         if where.dtype == torch.uint8:  # the C kernel's: the gradients from the winning windows alone
+            grad, windows = grad.contiguous(), windows.contiguous()  # named: kept alive through the call
             grad_weight, grad_bias = grad.new_empty(channels, windows.shape[1]), grad.new_empty(channels)
             native.max_pool_relu_kernels()[1](n, ctx.positions, channels, windows.shape[1], windows.data_ptr(),
-                                              grad.contiguous().data_ptr(), best.data_ptr(), where.data_ptr(),
+                                              grad.data_ptr(), best.data_ptr(), where.data_ptr(),
                                               grad_weight.data_ptr(), grad_bias.data_ptr())
             return None, grad_weight, grad_bias, None
         grad = grad * best.sign()  # ReLU: no gradient where the max was <= 0
@@ -229,7 +230,7 @@ class LayerwiseNet(nn.Module):
         slower. One fused ``addcmul`` is ~1.7x faster but made a two-process run drift 4e-5 from
         the one-process run (tests/test_distributed.py), so it is not used. On the CPU, without
         gradient, one pass of the C kernel ``csrc/normalize.c`` does the same float32 operations
-        (0.8 -> 0.1 ms for a greedy layer-1 batch of 6 144 7x7 patches)."""
+        (1.0 -> 0.3 ms for a greedy layer-1 batch of 6 144 7x7 patches, ``experiments/kernel_timing.py``)."""
         kernel = native.normalize_kernel() if self._native_normalize(x) else None
         if kernel is not None:
             n, channels, height, width = x.shape
