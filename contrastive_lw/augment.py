@@ -120,8 +120,7 @@ class Augmentation(nn.Module):
         status = kernel(frames.data_ptr(), height, width, channels, image.data_ptr(), top.data_ptr(), left.data_ptr(),
                         n, size, _pointer(geometry), _pointer(colour), self.kernel_settings.data_ptr(),
                         torch.get_num_threads(), out.data_ptr())
-        if status != 0:
-            raise MemoryError("the augmentation kernel could not allocate its scratch memory")
+        native.check(status, "the augmentation")
         return out.permute(0, 3, 1, 2)
 
     @staticmethod

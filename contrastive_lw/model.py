@@ -120,7 +120,8 @@ class _MatmulReluMaxPool(torch.autograd.Function):
         if kernels is not None:
             best, where = out.new_empty(n, channels), torch.empty(n, channels, dtype=torch.uint8)
             bias = bias.detach().contiguous()  # named: a temporary's memory would be freed before the call
-            kernels[0](n, side * side, channels, out.data_ptr(), bias.data_ptr(), best.data_ptr(), where.data_ptr())
+            native.check(kernels[0](n, side * side, channels, out.data_ptr(), bias.data_ptr(), best.data_ptr(),
+                                    where.data_ptr()), "the max-pool")
         else:
             best, where = F.max_pool2d_with_indices(out.view(n, side, side, channels).permute(0, 3, 1, 2), side)
             best = torch.add(best.view(n, channels), bias).clamp_min_(0)  # channels_last N x C x 1 x 1: a view
@@ -135,9 +136,9 @@ class _MatmulReluMaxPool(torch.autograd.Function):
         if where.dtype == torch.uint8:  # the C kernel's: the gradients from the winning windows alone
             grad, windows = grad.contiguous(), windows.contiguous()  # named: kept alive through the call
             grad_weight, grad_bias = grad.new_empty(channels, windows.shape[1]), grad.new_empty(channels)
-            native.max_pool_relu_kernels()[1](n, ctx.positions, channels, windows.shape[1], windows.data_ptr(),
-                                              grad.data_ptr(), best.data_ptr(), where.data_ptr(),
-                                              grad_weight.data_ptr(), grad_bias.data_ptr())
+            native.check(native.max_pool_relu_kernels()[1](
+                n, ctx.positions, channels, windows.shape[1], windows.data_ptr(), grad.data_ptr(), best.data_ptr(),
+                where.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr()), "the max-pool")
             return None, grad_weight, grad_bias, None
         grad = grad * best.sign()  # ReLU: no gradient where the max was <= 0
         grad_out = grad.new_zeros(n, ctx.positions, channels).scatter_(1, where.unsqueeze(1), grad.unsqueeze(1))
@@ -235,8 +236,8 @@ class LayerwiseNet(nn.Module):
         if kernel is not None:
             n, channels, height, width = x.shape
             out, strides = torch.empty(n, height, width, channels), torch.tensor(x.stride())
-            kernel(n, channels, height, width, strides.data_ptr(), x.data_ptr(),
-                   x.dtype == torch.uint8, self.mean.data_ptr(), self.std.data_ptr(), out.data_ptr())
+            native.check(kernel(n, channels, height, width, strides.data_ptr(), x.data_ptr(), x.dtype == torch.uint8,
+                                self.mean.data_ptr(), self.std.data_ptr(), out.data_ptr()), "the normalisation")
             return out.permute(0, 3, 1, 2)
         if x.dtype == torch.uint8:
             x = x.float().div_(255)

@@ -55,22 +55,29 @@ def cosine_triplet_kernel() -> Callable[..., None] | None:
 
 
 @functools.cache
-def max_pool_relu_kernels() -> tuple[Callable[..., None], Callable[..., None]] | None:
+def max_pool_relu_kernels() -> tuple[Callable[..., int], Callable[..., int]] | None:
     """The C functions ``max_pool_relu`` and ``max_pool_relu_backward`` (arguments: see their
     source), or None where they cannot be built here (a warning says why, once). Built without
     -ffinite-math-only: a NaN stays NaN."""
-    forward = _kernel("max_pool_relu", [_I, _I, _I, _P, _P, _P, _P], None, (), "the max-pool")
+    forward = _kernel("max_pool_relu", [_I, _I, _I, _P, _P, _P, _P], ctypes.c_int, (), "the max-pool")
     if forward is None:
         return None
-    return forward, _kernel("max_pool_relu", [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P], None, (), "the max-pool",
-                            "max_pool_relu_backward")
+    return forward, _kernel("max_pool_relu", [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P], ctypes.c_int, (),
+                            "the max-pool", "max_pool_relu_backward")
 
 
 @functools.cache
-def normalize_kernel() -> Callable[..., None] | None:
+def normalize_kernel() -> Callable[..., int] | None:
     """The C function ``normalize`` (arguments: see its source), or None where it cannot be built
     here (a warning says why, once). Built without -ffinite-math-only: a NaN pixel stays NaN."""
-    return _kernel("normalize", [_I, _I, _I, _I, _P, _P, ctypes.c_int, _P, _P, _P], None, (), "the normalisation")
+    return _kernel("normalize", [_I, _I, _I, _I, _P, _P, ctypes.c_int, _P, _P, _P], ctypes.c_int, (),
+                   "the normalisation")
+
+
+def check(status: int, purpose: str) -> None:
+    """Raise MemoryError where a kernel returned -1 (its scratch memory could not be allocated)."""
+    if status != 0:
+        raise MemoryError(f"the C kernel of {purpose} could not allocate its scratch memory")
 
 
 LOADERS = ("cut_and_augment_kernel", "cosine_triplet_kernel", "max_pool_relu_kernels", "normalize_kernel")

@@ -2,8 +2,8 @@
 each kernel's own operation at the greedy layer-1 step's sizes (batch 2048: 6 144 7x7 patches),
 and the layer-1 training step (``contrastive_lw.bench.layer_step``, the bench's layer-1 figure)
 with every kernel, with none, and with all but one, each with its fraction of the float32 matmul
-ceiling timed beside it (the model's FLOPs, as the bench counts them), in alternating rounds (this machine's speed drifts between minutes).
-Writes JSON::
+ceiling timed beside it (the model's FLOPs, as the bench counts them), in alternating rounds
+(this machine's speed drifts between minutes). Writes JSON::
 
     python experiments/kernel_timing.py --out runs/kernel_timing.json [--rounds 6]
 """

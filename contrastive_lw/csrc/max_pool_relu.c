@@ -10,15 +10,22 @@
 #endif
 
 /* x: n x positions x channels (contiguous). best[i][c] = relu(max_p x[i][p][c] + bias[c]); where[i][c]
- * = the first p holding the max (a NaN wins and stays NaN, as in max_pool2d and clamp_min). */
-void max_pool_relu(int64_t n, int64_t positions, int64_t channels, const float *x, const float *bias,
-                   float *best, uint8_t *where) {
+ * = the first p holding the max (a NaN wins and stays NaN, as in max_pool2d and clamp_min).
+ * Returns 0, or -1 when out of memory. */
+int max_pool_relu(int64_t n, int64_t positions, int64_t channels, const float *x, const float *bias,
+                  float *best, uint8_t *where) {
+  int failed = 0;
 #pragma omp parallel
   {
     float *m = malloc(channels * sizeof(float)); /* per thread: the max and its position so far */
     int32_t *at = malloc(channels * sizeof(int32_t));
+    if (!m || !at) {
+#pragma omp atomic write
+      failed = 1;
+    }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
+      if (!m || !at) continue;
       const float *restrict xi = x + i * positions * channels;
       for (int64_t c = 0; c < channels; ++c) m[c] = xi[c], at[c] = 0;
       for (int64_t p = 1; p < positions; ++p) /* channels innermost: vectorised */
@@ -39,6 +46,7 @@ void max_pool_relu(int64_t n, int64_t positions, int64_t channels, const float *
     free(m);
     free(at);
   }
+  return failed ? -1 : 0;
 }
 
 /* The gradients of the weight and bias of relu(max_p (windows @ weight^T)[i][p][c] + bias[c]) from the
@@ -47,16 +55,18 @@ void max_pool_relu(int64_t n, int64_t positions, int64_t channels, const float *
  * g = grad where best > 0, else 0 (NaN where best is NaN). windows: n x positions x features,
  * grad_weight: channels x features. Only the winning window of each output gets a gradient: 1 /
  * positions of the dense product windows^T @ (gradient scattered to the positions). The sums run
- * per thread in a fixed split, then in thread order: the same result for the same thread count. */
-void max_pool_relu_backward(int64_t n, int64_t positions, int64_t channels, int64_t features,
-                            const float *windows, const float *grad, const float *best, const uint8_t *where,
-                            float *grad_weight, float *grad_bias) {
+ * per thread in a fixed split, then in thread order: the same result for the same thread count.
+ * Returns 0, or -1 when out of memory. */
+int max_pool_relu_backward(int64_t n, int64_t positions, int64_t channels, int64_t features,
+                           const float *windows, const float *grad, const float *best, const uint8_t *where,
+                           float *grad_weight, float *grad_bias) {
   const int64_t size = channels * (features + 1); /* one thread's grad_weight, then grad_bias */
   int threads = 1;
 #ifdef _OPENMP
   threads = omp_get_max_threads();
 #endif
   float *partial = calloc(threads * size, sizeof(float));
+  if (!partial) return -1;
 #pragma omp parallel num_threads(threads)
   {
     int thread = 0;
@@ -83,4 +93,5 @@ void max_pool_relu_backward(int64_t n, int64_t positions, int64_t channels, int6
     else grad_bias[j - channels * features] = sum;
   }
   free(partial);
+  return 0;
 }
