@@ -194,17 +194,21 @@ def fused_block_results(block: ConvBlock, patch: torch.Tensor) -> tuple[torch.Te
     out = block(patch)
     n, channels = out.shape[:2]
     every_other = torch.randn(n, 2 * channels, generator=torch.Generator().manual_seed(0))[:, ::2]
+    every_other[3:20] = every_other[30] = 0  # patches with no gradient at all (triplets within the margin)
     out.backward(every_other.view_as(out))  # a gradient that is not contiguous
     return out.detach(), block.conv.weight.grad.clone(), block.conv.bias.grad.clone()
 
 
-def test_max_pool_relu_kernels_give_the_pytorch_paths_output_and_gradients(monkeypatch):
+# 6 x 6 x 3 = 108 columns of the weight: vectors and an overlapping last one; 2 x 2 x 3: under one vector
+@pytest.mark.parametrize("kernel", [6, 2])
+def test_max_pool_relu_kernels_give_the_pytorch_paths_output_and_gradients(monkeypatch, kernel):
     if native.max_pool_relu_kernels() is None:
         pytest.skip("no C compiler here: the PyTorch path is the one in use")
     torch.manual_seed(0)
-    block = ConvBlock(3, 16, 6, pool=2)
-    flat = torch.rand(8, 3, 1, 1).expand(8, 3, 7, 7)  # all four windows equal: the max ties
-    patch = torch.cat([torch.rand(56, 3, 7, 7), flat]).contiguous(memory_format=torch.channels_last)
+    block, side = ConvBlock(3, 16, kernel, pool=2), kernel + 1
+    flat = torch.rand(8, 3, 1, 1).expand(8, 3, side, side)  # all four windows equal: the max ties
+    # 61 patches: the backward's last group of eight is short
+    patch = torch.cat([torch.rand(53, 3, side, side), flat]).contiguous(memory_format=torch.channels_last)
     assert block._fused(patch)
     got = fused_block_results(block, patch)
     monkeypatch.setattr(native, "max_pool_relu_kernels", lambda: None)
