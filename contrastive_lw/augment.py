@@ -58,8 +58,8 @@ class Augmentation(nn.Module):
     up to ``rotation_degrees`` (probability ``rotation_p``). Colour (RGB only; one 3 x 3 matrix and
     an offset per sample, one batched matmul): brightness, contrast and saturation factors in
     ``1 +- jitter`` and a hue rotation of up to ``hue`` turns (probability ``jitter_p``), then
-    grayscale (probability ``grayscale_p``). Draws use torch's global generator, so
-    ``torch.manual_seed`` makes them repeatable. Works on 7 x 7 patches and whole images alike.
+    grayscale (probability ``grayscale_p``). Draws come from torch's global generator (on the CPU
+    through a generator it seeds), so ``torch.manual_seed`` makes them repeatable. Works on 7 x 7 patches and whole images alike.
 
     Example:
         >>> augment = Augmentation(AugmentConfig())
@@ -125,8 +125,15 @@ class Augmentation(nn.Module):
 
     @staticmethod
     def _draw(n: int, device: torch.device) -> torch.Tensor:
-        """The 6 x n uniform draws of one step (geometry or colour) from torch's global generator."""
-        return torch.rand(6, n, device=device)
+        """The 6 x n uniform draws of one step (geometry or colour) from torch's global generator: on
+        the CPU, where the C kernel builds, from a counter-based generator it seeds (``csrc/uniform.c``:
+        in parallel, 95 -> 17 us for a 6 144-patch batch; torch.rand is one serial stream)."""
+        kernel = native.uniform_kernel() if torch.device(device).type == "cpu" else None
+        if kernel is None:
+            return torch.rand(6, n, device=device)
+        draws = torch.empty(6, n)
+        kernel(int(torch.randint(0, 2 ** 62, ())), draws.numel(), draws.data_ptr())
+        return draws
 
     def _theta(self, uniform: torch.Tensor) -> torch.Tensor:
         """B x 6 (width cos, width sin, -height sin, height cos, cx, cy) of a random resized crop

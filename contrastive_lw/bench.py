@@ -24,6 +24,7 @@ from .device import autocast, resolve_device
 from .errors import ConfigError
 from .evaluate import block_features, linear_probe_accuracy
 from .losses import LossConfig, build_loss
+from .memory import on_huge_pages
 from .model import ArchConfig, LayerwiseNet, ProjectionHead, set_trainable
 from .patches import PatchSampler
 from .pretrain import LayerwisePretrainer, PretrainConfig, adamw, augmented_views, frozen_features, train_step
@@ -82,13 +83,17 @@ def matmul_step(device: torch.device, size: int = 2048) -> tuple[Callable[[], ob
 
 
 def layer_step(net: LayerwiseNet, k: int, batch: int, device: torch.device, loss: LossConfig | None = None,
-               first: int | None = None) -> tuple[Callable[[], None], int, float]:
+               first: int | None = None) -> tuple[Callable[..., None], int, float]:
     """Greedy training step of layer ``k`` alone (frozen prefix forward, block k + head forward and
     backward, AdamW) on ready-made patches, or of blocks ``first``..k together (``first=1``: the
     end-to-end step); the patches it takes and its FLOPs: the model's, counted by
     ``torch.utils.flop_counter`` on one step of the PyTorch paths (the counter does not see the C
     kernels; the first block's weight-gradient kernel also skips the zero terms of the max-pool's
-    gradient, 3/4 of that product's FLOPs)."""
+    gradient, 3/4 of that product's FLOPs, and patches with no gradient at all).
+
+    ``step(x)`` trains on the patches ``x`` (float in [0, 1], views x batch stacked); ``step()`` on
+    one fixed random batch, for losses whose work does not depend on the data. A triplet loss's
+    does: on a batch it has learned, most triplets are within the margin and give no gradient."""
     first = k if first is None else first
     patch = net.receptive_field(k)
     set_trainable(net.blocks[: first - 1], False)
@@ -98,9 +103,9 @@ def layer_step(net: LayerwiseNet, k: int, batch: int, device: torch.device, loss
     optimizer = adamw(stage.parameters(), 1e-3, 0.0, device)
     loss_fn = build_loss(loss or LossConfig())
     views = 3 if loss_fn.uses_negatives else 2
-    x = torch.rand(views * batch, net.arch.in_channels, patch, patch, device=device)
+    fixed = torch.rand(views * batch, net.arch.in_channels, patch, patch, device=device)
 
-    def step() -> None:
+    def step(x: torch.Tensor = fixed) -> None:
         train_step(stage, loss_fn, optimizer, frozen_features(net, x, first - 1), views, head)
     with native.pytorch_paths(), FlopCounterMode(display=False) as counter:
         step()
@@ -113,7 +118,7 @@ def pipeline_step(images: torch.Tensor, patch: int, batch: int, device: torch.de
     sampler = PatchSampler(patch, "adjacent" if 2 * patch <= min(images.shape[-2:]) else "exemplar",
                            seed=0, device=device)
     augment = build_augmentation(AugmentConfig()).to(device)
-    frames = images.to(device).contiguous(memory_format=torch.channels_last)
+    frames = on_huge_pages(images.to(device).contiguous(memory_format=torch.channels_last))
 
     def views() -> torch.Tensor:
         return augmented_views(frames, sampler.sample_indices(frames.shape, batch, device), patch, augment)
@@ -123,17 +128,24 @@ def pipeline_step(images: torch.Tensor, patch: int, batch: int, device: torch.de
 def measure_layer(net: LayerwiseNet, images: torch.Tensor, k: int, batch: int, steps: int,
                   device: torch.device, rounds: int = 5) -> dict:
     """Layer ``k``'s training step, the sampler + augmentation for its patches and the matmul
-    ceiling, timed back to back in each of ``rounds`` rounds. Rates are the medians over rounds;
-    the fraction of matmul and the pipeline ratio are the medians of each round's own ratio, because
-    this machine's speed drifts more between minutes than between neighbouring measurements."""
+    ceiling, timed back to back in each of ``rounds`` rounds. The steps train on fresh patches of
+    ``images``, cut by the pipeline before the round's clock starts, as the training loop sees
+    them. Rates are the medians over rounds; the fraction of matmul and the pipeline ratio are the
+    medians of each round's own ratio, because this machine's speed drifts more between minutes
+    than between neighbouring measurements."""
     step, patches, flops = layer_step(net, k, batch, device)
     views, view_patches = pipeline_step(images, net.receptive_field(k), batch, device)
     matmul, matmul_flops = matmul_step(device)
-    for warm_up in (step, views, matmul):
-        warm_up()
-    per_round = [(matmul_flops * MATMUL_REPEATS / wall_seconds(matmul, MATMUL_REPEATS, device) / 1e9,
-                  patches * steps / wall_seconds(step, steps, device),
-                  view_patches * steps / wall_seconds(views, steps, device)) for _ in range(rounds)]
+    step(views())  # warm-up
+    views()
+    matmul()
+
+    def one_round() -> tuple[float, float, float]:
+        batches = iter([views() for _ in range(steps)])
+        return (matmul_flops * MATMUL_REPEATS / wall_seconds(matmul, MATMUL_REPEATS, device) / 1e9,
+                patches * steps / wall_seconds(lambda: step(next(batches)), steps, device),
+                view_patches * steps / wall_seconds(views, steps, device))
+    per_round = [one_round() for _ in range(rounds)]
     matmul_rates, step_rates, view_rates = zip(*per_round)
     gflops_per_patch = flops / patches / 1e9
     return {"k": k, "patch": net.receptive_field(k), "batch": batch, "rounds": rounds,

@@ -4,7 +4,8 @@ use, cached per machine, loaded with ctypes.
 - ``cut_and_augment``: the augmentation's cut + warp + colour of uint8 patches on the CPU;
 - ``cosine_triplet``: the cosine triplet loss and its gradient in one pass over the rows;
 - ``max_pool_relu``: the greedy first block's max-pool + bias + ReLU and its weight and bias gradients;
-- ``normalize``: the network's per-channel input normalisation, written channels_last.
+- ``normalize``: the network's per-channel input normalisation, written channels_last;
+- ``uniform``: the augmentation's uniform draws, from a counter-based generator (in parallel).
 
 Without a compiler (or with ``CONTRASTIVE_LW_NATIVE=0``) each loader returns None and callers use
 their PyTorch path: the same values, slower (:func:`pytorch_paths` switches them off within a
@@ -74,13 +75,21 @@ def normalize_kernel() -> Callable[..., int] | None:
                    "the normalisation")
 
 
+@functools.cache
+def uniform_kernel() -> Callable[..., None] | None:
+    """The C function ``uniform`` (arguments: see its source), or None where it cannot be built
+    here (a warning says why, once)."""
+    return _kernel("uniform", [ctypes.c_uint64, _I, _P], None, (), "the augmentation's draws")
+
+
 def check(status: int, purpose: str) -> None:
     """Raise MemoryError where a kernel returned -1 (its scratch memory could not be allocated)."""
     if status != 0:
         raise MemoryError(f"the C kernel of {purpose} could not allocate its scratch memory")
 
 
-LOADERS = ("cut_and_augment_kernel", "cosine_triplet_kernel", "max_pool_relu_kernels", "normalize_kernel")
+LOADERS = ("cut_and_augment_kernel", "cosine_triplet_kernel", "max_pool_relu_kernels", "normalize_kernel",
+           "uniform_kernel")
 
 
 @contextlib.contextmanager

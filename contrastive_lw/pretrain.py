@@ -22,6 +22,7 @@ from .config import from_dict, per_layer, to_dict
 from .device import autocast, resolve_device
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .losses import LossConfig, build_loss
+from .memory import on_huge_pages
 from .model import ArchConfig, LayerwiseNet, ProjectionHead, set_trainable
 from .patches import POSITIVES, PatchIndex, PatchSampler, crop
 from .runs import RunLogger
@@ -268,7 +269,7 @@ class LayerwisePretrainer:
         bar = tqdm(range(first, steps), desc=f"layer {k}", initial=first, total=steps,
                    disable=not distributed.is_main_process() or (None if self.progress is None else not self.progress))
         start = time.perf_counter()
-        frames = images.flatten(0, -4).contiguous(memory_format=torch.channels_last)  # fast crops
+        frames = on_huge_pages(images.flatten(0, -4).contiguous(memory_format=torch.channels_last))  # fast crops
         draw = sampler.sample_video_indices if images.dim() == 5 else sampler.sample_indices
         for step in bar:
             where = [PatchIndex(*map(distributed.shard, w)) for w in draw(images.shape, cfg.batch_size, device)[:views]]

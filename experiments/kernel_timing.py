@@ -1,9 +1,9 @@
 """The package's C kernels (:mod:`contrastive_lw.native`) against their PyTorch paths, CPU only:
 each kernel's own operation at the greedy layer-1 step's sizes (batch 2048: 6 144 7x7 patches),
 and the layer-1 training step (``contrastive_lw.bench.layer_step``, the bench's layer-1 figure)
-with every kernel, with none, and with all but one, each with its fraction of the float32 matmul
-ceiling timed beside it (the model's FLOPs, as the bench counts them), in alternating rounds
-(this machine's speed drifts between minutes). Writes JSON::
+with every kernel, with none, and with all but one (each step on fresh random patches), each with
+its fraction of the float32 matmul ceiling timed beside it (the model's FLOPs, as the bench counts
+them), in alternating rounds (this machine's speed drifts between minutes). Writes JSON::
 
     python experiments/kernel_timing.py --out runs/kernel_timing.json [--rounds 6]
 """
@@ -68,7 +68,9 @@ def main() -> None:
                 if name in ("kernels", "pytorch"):
                     figures = {f"{op}_ms": seconds(call, OPS) * 1e3 for op, call in operations.items()}
                 ceiling = matmul_flops / seconds(matmul, MATMULS)
-                step_s = seconds(step, STEPS)
+                # fresh patches each step: on a batch it has learned most triplets give no gradient
+                batches = iter([torch.rand(patches, 3, 7, 7) for _ in range(STEPS + 1)])
+                step_s = seconds(lambda: step(next(batches)), STEPS)
             rounds[name].append({**figures, "step_ms": step_s * 1e3, "fraction_of_matmul": flops / step_s / ceiling})
     summary = {name: {key: median(r[key] for r in runs) for key in runs[0]} for name, runs in rounds.items()}
     for name, figures in summary.items():

@@ -119,6 +119,21 @@ def test_layer_fractions_pair_each_round_so_drift_cancels(monkeypatch):
     assert math.isclose(row["fraction_of_matmul"], row["gflops"] / row["matmul_gflops"])
 
 
+def test_measure_layer_trains_every_step_on_fresh_patches_of_the_images(monkeypatch):
+    # a triplet loss's backward skips triplets within the margin: a batch learned by heart would flatter it
+    seen: list[torch.Tensor] = []
+    layer_step = bench.layer_step
+
+    def recording_layer_step(*args, **kwargs):
+        step, patches, flops = layer_step(*args, **kwargs)
+        return (lambda x: (seen.append(x), step(x))), patches, flops
+    monkeypatch.setattr(bench, "layer_step", recording_layer_step)
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    bench.measure_layer(LayerwiseNet(ArchConfig(widths=(8,))), images, 1, 16, 3, torch.device("cpu"), rounds=2)
+    assert len(seen) == 1 + 2 * 3 and all(x.shape == (48, 3, 7, 7) for x in seen)  # the warm-up, then each round's
+    assert not any(torch.equal(a, b) for i, a in enumerate(seen) for b in seen[i + 1:])
+
+
 def test_greedy_doubles_its_steps_until_it_reaches_the_target_or_spends_end2end_time(monkeypatch):
     """Simulated runs: end-to-end's longest takes 120 s. Block 1 alone reaches the target only at
     2 400 steps per layer (24 s), past the grid's 1 200; blocks 1-2 never do, and stop at the first

@@ -3,8 +3,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from contrastive_lw.memory import KEEP_FREED_MEMORY_ENV, _on_glibc, keep_freed_memory
+from contrastive_lw.memory import KEEP_FREED_MEMORY_ENV, _on_glibc, keep_freed_memory, on_huge_pages
 
 # Allocates, fills and frees a 40 MB tensor again and again (a step's tensors, past glibc's 32 MB
 # cap on its own mmap threshold); prints the median share of its pages faulted in per cycle once
@@ -52,3 +53,18 @@ def test_the_command_line_keeps_freed_memory(monkeypatch):
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True))
     assert cli.main(["visualize", "/nonexistent"]) == 2
     assert calls == [True]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_on_huge_pages_copies_a_large_tensor_with_its_strides(layout):
+    frames = torch.randint(0, 256, (1400, 3, 32, 32), dtype=torch.uint8).contiguous(memory_format=layout)
+    copy = on_huge_pages(frames)
+    if sys.platform.startswith("linux"):
+        assert copy.data_ptr() != frames.data_ptr()  # its own mapping
+    assert torch.equal(copy, frames) and copy.stride() == frames.stride()
+
+
+def test_on_huge_pages_leaves_small_and_strided_tensors_alone():
+    small = torch.zeros(100, 3, 32, 32, dtype=torch.uint8)
+    strided = torch.zeros(2400, 3, 32, 32, dtype=torch.uint8)[::2]
+    assert on_huge_pages(small) is small and on_huge_pages(strided) is strided

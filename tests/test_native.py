@@ -96,3 +96,32 @@ def test_built_once_then_loaded_from_the_cache(fresh_kernel):
     native.cut_and_augment_kernel.cache_clear()
     assert native.cut_and_augment_kernel() is not None
     assert list(fresh_kernel.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+
+
+def uniform_draws(seed: int, count: int) -> torch.Tensor:
+    draws = torch.empty(count)
+    native.uniform_kernel()(seed, count, draws.data_ptr())
+    return draws
+
+
+def test_uniform_kernel_draws_evenly_and_each_draw_depends_on_its_index_alone():
+    if native.uniform_kernel() is None:
+        pytest.skip("no C compiler here: the augmentation draws with torch.rand")
+    draws = uniform_draws(12345, 100_000)
+    assert 0 <= draws.min() and draws.max() < 1
+    counts = torch.histc(draws, bins=20, min=0, max=1)
+    assert ((counts - 5000).abs() < 5 * 5000 ** 0.5).all()  # each bin within 5 sigma of even
+    assert abs(torch.corrcoef(torch.stack([draws[:-1], draws[1:]]))[0, 1]) < 0.02  # neighbours unrelated
+    assert torch.equal(uniform_draws(12345, 1000), draws[:1000])  # the same whatever the threads' split
+    assert not torch.equal(uniform_draws(12346, 1000), draws[:1000])
+
+
+def test_augmentation_draws_repeat_with_the_global_seed_on_the_kernels_generator():
+    if native.uniform_kernel() is None:
+        pytest.skip("no C compiler here: the augmentation draws with torch.rand")
+    torch.manual_seed(5)
+    first = Augmentation._draw(100, torch.device("cpu"))
+    torch.manual_seed(5)
+    assert torch.equal(Augmentation._draw(100, torch.device("cpu")), first)
+    torch.manual_seed(5)
+    assert not torch.equal(torch.rand(6, 100), first)  # drawn by the kernel, not torch.rand
