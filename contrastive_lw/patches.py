@@ -72,6 +72,7 @@ class PatchSampler:
             raise ConfigError("patch_size and max_shift must be positive")
         self.patch_size, self.positive, self.max_shift = patch_size, positive, max_shift
         self.generator = torch.Generator(device=device)
+        self._tables: dict[tuple, torch.Tensor] = {}  # offsets and sizes, per device
         if seed is not None:
             self.generator.manual_seed(seed)
 
@@ -83,20 +84,21 @@ class PatchSampler:
                        device: torch.device | str = "cpu", positive: str | None = None,
                        ) -> tuple[PatchIndex, PatchIndex, PatchIndex]:
         """Anchor, positive and negative positions for images of ``shape`` (N x C x H x W);
-        ``positive`` overrides the sampler's positive kind."""
+        ``positive`` overrides the sampler's positive kind. Rows and columns are drawn together,
+        as 2 x B tensors (about 20 tensor ops a batch)."""
         n, _, height, width = shape
         positive = positive or self.positive
         self._check_fits(n, height, width, positive)
-        dy, dx = self._positive_offsets(batch_size, device, positive)
+        offset = self._positive_offsets(batch_size, device, positive)  # 2 x B: rows, columns
+        places = self._places(height, width, device)  # 2 x 1: anchor positions a coordinate can take
+        span = places - offset.abs()  # where the pair of patches fits
+        u, v = torch.rand(2, 2, batch_size, generator=self.generator, device=device)
+        anchor = (u * span).long().minimum(span - 1) + offset.neg().clamp_min(0)
         image = self._randint(0, n - 1, batch_size, device)
-        top = self._uniform(dy.neg().clamp_min(0), height - self.patch_size - dy.clamp_min(0))
-        left = self._uniform(dx.neg().clamp_min(0), width - self.patch_size - dx.clamp_min(0))
-        negative = PatchIndex(
-            (image + self._randint(1, n - 1, batch_size, device)) % n,
-            self._randint(0, height - self.patch_size, batch_size, device),
-            self._randint(0, width - self.patch_size, batch_size, device),
-        )
-        return PatchIndex(image, top, left), PatchIndex(image, top + dy, left + dx), negative
+        negative = (v * places).long().minimum(places - 1)
+        positive_place = anchor + offset
+        return (PatchIndex(image, *anchor), PatchIndex(image, *positive_place),
+                PatchIndex((image + self._randint(1, n - 1, batch_size, device)) % n, *negative))
 
     def sample_video(self, clips: torch.Tensor, batch_size: int) -> Triplets:
         """Triplets from clips N x T x C x H x W: anchor in the first frame, positive at the same
@@ -133,27 +135,34 @@ class PatchSampler:
             raise ConfigError(f"max_shift {self.max_shift} leaves no room for {size}x{size} patches "
                               f"in {height}x{width} images: lower max_shift")
 
-    def _positive_offsets(self, batch_size: int, device: torch.device | str,
-                          positive: str) -> tuple[torch.Tensor, torch.Tensor]:
-        zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
+    def _positive_offsets(self, batch_size: int, device: torch.device | str, positive: str) -> torch.Tensor:
+        """2 x B (row, column) offsets of each positive from its anchor."""
         if positive == "exemplar":
-            return zeros, zeros.clone()
-        if positive == "adjacent":
-            # 0: right, 1: left, 2: below, 3: above (arithmetic: no host-to-device copy per step)
-            direction = self._randint(0, 3, batch_size, device)
-            step = (1 - 2 * (direction % 2)) * self.patch_size
-            vertical = direction >= 2
-            return step * vertical, step * ~vertical
-        side = 2 * self.max_shift + 1
-        cell = self._randint(0, side * side - 2, batch_size, device)
-        cell = cell + (cell >= side * side // 2).long()  # skip the zero shift in the middle
-        return cell // side - self.max_shift, cell % side - self.max_shift
+            return torch.zeros(2, batch_size, dtype=torch.long, device=device)
+        table = self._offset_table(positive, torch.device(device))
+        return table.index_select(1, self._randint(0, table.shape[1] - 1, batch_size, device))
+
+    def _offset_table(self, positive: str, device: torch.device) -> torch.Tensor:
+        """2 x K: the K offsets a positive of this kind can have, made once per device (no
+        host-to-device copy per step)."""
+        key = (positive, device)
+        if key not in self._tables:
+            size, reach = self.patch_size, self.max_shift
+            if positive == "adjacent":  # right, left, below, above
+                offsets = [(0, size), (0, -size), (size, 0), (-size, 0)]
+            else:  # every shift up to max_shift, but none
+                offsets = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1) if dy or dx]
+            self._tables[key] = torch.tensor(offsets, device=device).t().contiguous()
+        return self._tables[key]
+
+    def _places(self, height: int, width: int, device: torch.device | str) -> torch.Tensor:
+        """2 x 1: how many rows and columns a patch can start at in height x width images."""
+        key = (height, width, torch.device(device))
+        if key not in self._tables:
+            self._tables[key] = torch.tensor([[height - self.patch_size + 1], [width - self.patch_size + 1]],
+                                             device=device)
+        return self._tables[key]
 
     def _randint(self, low: int, high: int, size: int, device: torch.device | str) -> torch.Tensor:
         """Uniform integers in [low, high] (inclusive)."""
         return torch.randint(low, high + 1, (size,), generator=self.generator, device=device)
-
-    def _uniform(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-        """One uniform integer in [low[i], high[i]] per entry."""
-        u = torch.rand(low.shape, generator=self.generator, device=low.device)
-        return low + (u * (high - low + 1)).long().minimum(high - low)

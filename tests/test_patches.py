@@ -93,3 +93,17 @@ def test_patch_larger_than_images_is_a_clear_error():
         PatchSampler(7).sample_indices((1, 3, 32, 32), 4)
     with pytest.raises(ConfigError):
         PatchSampler(7, "neighbour")
+
+
+@pytest.mark.parametrize("positive", ["adjacent", "shift", "exemplar"])
+def test_anchors_take_every_place_where_their_pair_fits_in_non_square_images(positive):
+    shape, size = (20, 3, 24, 40), 7
+    anchor, pos, negative = PatchSampler(size, positive, seed=0).sample_indices(shape, 20000)
+    dy, dx = pos.top - anchor.top, pos.left - anchor.left
+    for offset in set(zip(dy.tolist(), dx.tolist())):
+        mine = (dy == offset[0]) & (dx == offset[1])
+        for start, step, side in ((anchor.top, offset[0], 24), (anchor.left, offset[1], 40)):
+            # the lowest and highest starts that keep both patches inside the image
+            assert int(start[mine].min()) == max(0, -step) and int(start[mine].max()) == side - size - max(0, step)
+    assert (int(negative.top.max()), int(negative.left.max())) == (24 - size, 40 - size)
+    assert min(int(negative.top.min()), int(negative.left.min())) == 0
