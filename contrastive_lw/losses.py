@@ -141,7 +141,9 @@ class _CosineTriplet(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        grads = ctx.saved_tensors[0] * grad
+        grads = ctx.saved_tensors[0]
+        if float(grad) != 1:  # loss.backward() gives 1 (on the CPU: no sync to read it); a pass saved
+            grads = grads * grad
         return grads[0], grads[1], grads[2], None
 
 

@@ -66,10 +66,11 @@ def triplets_with_edge_cases(batch: int = 300, dim: int = 128) -> list[torch.Ten
     return rows
 
 
-def loss_and_grads(loss: TripletLoss, rows: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def loss_and_grads(loss: TripletLoss, rows: list[torch.Tensor], weight: float = 1.0,
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     leaves = [x.clone().requires_grad_() for x in rows]
     value = loss(*leaves)
-    value.backward()
+    (value * weight if weight != 1 else value).backward()
     return value.detach(), [x.grad for x in leaves]
 
 
@@ -81,8 +82,11 @@ def test_cosine_triplet_kernel_equals_the_pytorch_path_in_value_and_gradient(mon
     got, got_grads = loss_and_grads(loss, rows)
     with torch.no_grad():
         assert loss(*rows) == got  # no gradient wanted: the same value
+    weighted = loss_and_grads(loss, rows, weight=-2.5)[1]  # a loss inside a sum: its gradient scaled
     monkeypatch.setattr(native, "cosine_triplet_kernel", lambda: None)
     expected, expected_grads = loss_and_grads(loss, rows)
+    for g, e in zip(weighted, loss_and_grads(loss, rows, weight=-2.5)[1]):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-10)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
     for g, e in zip(got_grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-10)
