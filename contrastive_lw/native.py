@@ -56,15 +56,15 @@ def cosine_triplet_kernel() -> Callable[..., None] | None:
 
 
 @functools.cache
-def max_pool_relu_kernels() -> tuple[Callable[..., int], Callable[..., int]] | None:
+def max_pool_relu_kernels() -> tuple[Callable[..., None], Callable[..., int]] | None:
     """The C functions ``max_pool_relu`` and ``max_pool_relu_backward`` (arguments: see their
     source), or None where they cannot be built here (a warning says why, once). Built without
     -ffinite-math-only: a NaN stays NaN."""
-    forward = _kernel("max_pool_relu", [_I, _I, _I, _P, _P, _P, _P], ctypes.c_int, (), "the max-pool")
+    forward = _kernel("max_pool_relu", [_I, _I, _I, _I, _P, _I, _P, _P, _P], None, (), "the max-pool")
     if forward is None:
         return None
-    return forward, _kernel("max_pool_relu", [_I, _I, _I, _I, _P, _P, _P, _P, _P, _P], ctypes.c_int, (),
-                            "the max-pool", "max_pool_relu_backward")
+    return forward, _kernel("max_pool_relu", [_I, _I, _I, _I, _I, _P, _I, _I, _I, _P, _P, _P, _P, _P], ctypes.c_int,
+                            (), "the max-pool", "max_pool_relu_backward")
 
 
 @functools.cache

@@ -1,7 +1,8 @@
 /* The CPU kernels of model._MatmulReluMaxPool: ReLU of a max-pool over all of a small convolution
  * output's positions (plus a per-channel bias), and the weight and bias gradients, which only the
- * winning positions receive. In PyTorch they are a max-pool, an add, a clamp, then a ReLU mask, a
- * zero fill, a scatter and a dense matmul of which 1 - 1 / positions of the terms are zeros. */
+ * winning positions receive, read straight from the block's input. In PyTorch they are a max-pool,
+ * an add, a clamp, then a ReLU mask, a zero fill, a scatter and a dense matmul of the input's
+ * windows (an im2col copy) of which 1 - 1 / positions of the terms are zeros. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -10,44 +11,32 @@
 #include <omp.h>
 #endif
 
-/* x: n x positions x channels (contiguous). best[i][c] = relu(max_p x[i][p][c] + bias[c]); where[i][c]
- * = the first p holding the max (a NaN wins and stays NaN, as in max_pool2d and clamp_min).
- * Returns 0, or -1 when out of memory. */
-int max_pool_relu(int64_t n, int64_t positions, int64_t channels, const float *x, const float *bias,
-                  float *best, uint8_t *where) {
-  int failed = 0;
-#pragma omp parallel
-  {
-    float *m = malloc(channels * sizeof(float)); /* per thread: the max and its position so far */
-    int32_t *at = malloc(channels * sizeof(int32_t));
-    if (!m || !at) {
-#pragma omp atomic write
-      failed = 1;
-    }
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      if (!m || !at) continue;
-      const float *restrict xi = x + i * positions * channels;
-      for (int64_t c = 0; c < channels; ++c) m[c] = xi[c], at[c] = 0;
-      for (int64_t p = 1; p < positions; ++p) /* channels innermost: vectorised */
-        for (int64_t c = 0; c < channels; ++c) {
-          const float v = xi[p * channels + c];
-          const int wins = (v > m[c]) | (isnan(v) & !isnan(m[c]));
-          m[c] = wins ? v : m[c];
-          at[c] = wins ? (int32_t)p : at[c];
-        }
-      float *restrict bi = best + i * channels;
-      uint8_t *restrict wi = where + i * channels;
+/* The convolution output in rows planes (one per output row r), each n x cols x channels
+ * (contiguous), row_stride floats apart: position p = r * cols + c of patch i is at x + r * row_stride
+ * + (i * cols + c) * channels. best[i][k] = relu(max_p x[i][p][k] + bias[k]); where[i][k] = the
+ * first p holding the max (a NaN wins and stays NaN, as in max_pool2d and clamp_min). */
+void max_pool_relu(int64_t n, int64_t rows, int64_t cols, int64_t channels, const float *restrict x,
+                  int64_t row_stride, const float *restrict bias, float *restrict best, uint8_t *restrict where) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float *restrict xi = x + i * cols * channels;
+    float *restrict m = best + i * channels; /* the max so far, and where */
+    uint8_t *restrict at = where + i * channels;
+    for (int64_t c = 0; c < channels; ++c) m[c] = xi[c], at[c] = 0;
+    for (int64_t p = 1; p < rows * cols; ++p) { /* channels innermost: vectorised */
+      const float *restrict xp = xi + p / cols * row_stride + p % cols * channels;
       for (int64_t c = 0; c < channels; ++c) {
-        const float y = m[c] + bias[c];
-        bi[c] = y <= 0 ? 0 : y; /* NaN <= 0 is false: NaN stays NaN */
-        wi[c] = (uint8_t)at[c];
+        const float v = xp[c];
+        const int wins = (v > m[c]) | (isnan(v) & !isnan(m[c]));
+        m[c] = wins ? v : m[c];
+        at[c] = wins ? (uint8_t)p : at[c];
       }
     }
-    free(m);
-    free(at);
+    for (int64_t c = 0; c < channels; ++c) {
+      const float y = m[c] + bias[c];
+      m[c] = y <= 0 ? 0 : y; /* NaN <= 0 is false: NaN stays NaN */
+    }
   }
-  return failed ? -1 : 0;
 }
 
 /* The backward adds the terms of PATCHES patches per pass over a gradient row (each load and store
@@ -66,17 +55,17 @@ static inline vec load(const float *p) {
 static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
 
 /* sums (one thread's gw, tails, gb) += the terms of a group of PATCHES patches: for each channel c,
- * g[j][c] times patch j's winning window of c (rows of features columns), and g[j][c]. Columns past
- * a row's last whole vector come from one vector ending at the row's end, overlapping the one before
- * it: they are summed apart, in tails (LANES a channel). */
-static void add_group(int64_t channels, int64_t features, const float *const *patch,
-                      const uint8_t *const *winner, const float *restrict g, float *restrict sums) {
+ * g[j][c] times patch j's row of c's winning window (features floats from the patch's start plus
+ * offset[p]), and g[j][c]. Columns past a row's last whole vector come from one vector ending at the
+ * row's end, overlapping the one before it: they are summed apart, in tails (LANES a channel). */
+static void add_group(int64_t channels, int64_t features, const float *const *patch, const uint8_t *const *winner,
+                      const int64_t *offset, const float *restrict g, float *restrict sums) {
   float *restrict tails = sums + channels * features, *restrict gb = tails + channels * LANES;
   for (int64_t c = 0; c < channels; ++c) {
     const float *row[PATCHES];
     float gc[PATCHES];
     for (int j = 0; j < PATCHES; ++j) {
-      row[j] = patch[j] + winner[j][c] * features, gc[j] = g[j * channels + c];
+      row[j] = patch[j] + offset[winner[j][c]], gc[j] = g[j * channels + c];
       gb[c] += gc[j];
     }
     float *restrict out = sums + c * features;
@@ -97,21 +86,27 @@ static void add_group(int64_t channels, int64_t features, const float *const *pa
   }
 }
 
-/* The gradients of the weight and bias of relu(max_p (windows @ weight^T)[i][p][c] + bias[c]) from the
- * output's gradient grad (n x channels), the output best and the winners where (max_pool_relu's):
- * grad_weight[c] = sum_i g[i][c] windows[i][where[i][c]], grad_bias[c] = sum_i g[i][c], with
- * g = grad where best > 0, else 0 (NaN where best is NaN). windows: n x positions x features,
- * grad_weight: channels x features. Only the winning window of each output gets a gradient: 1 /
- * positions of the dense product windows^T @ (gradient scattered to the positions), and patches
- * with no gradient at all (a triplet within its margin) add nothing. The sums run per thread in a
- * fixed split, then in thread order: the same result for the same thread count. Returns 0, or -1
- * when out of memory. */
-int max_pool_relu_backward(int64_t n, int64_t positions, int64_t channels, int64_t features,
-                           const float *windows, const float *grad, const float *best, const uint8_t *where,
-                           float *grad_weight, float *grad_bias) {
+/* The gradients of the weight and bias of relu(max_p conv(x)[i][p][c] + bias[c]) from the output's
+ * gradient grad (n x channels), the output best and the winners where (max_pool_relu's, p = r * cols
+ * + c for cols output columns): grad_weight[c] = sum_i g[i][c] window(i, where[i][c]), grad_bias[c] =
+ * sum_i g[i][c], with g = grad where best > 0, else 0 (NaN where best is NaN). The window of output
+ * (r, c) is read from x as one row of features floats starting at x + i * patch_stride + r * row_step
+ * + c * col_step (for a k x k kernel on channels_last patches: its k rows of k pixels with the pixels
+ * between them, whose columns the caller drops); grad_weight: channels x features. Only the winning
+ * window of each output gets a gradient: 1 / positions of the dense product windows^T @ (gradient
+ * scattered to the positions), and patches with no gradient at all (a triplet within its margin)
+ * add nothing. The sums run per thread in a fixed split, then in thread order: the same result for
+ * the same thread count. Returns 0, or -1 when out of memory or past 256 positions. */
+int max_pool_relu_backward(int64_t n, int64_t positions, int64_t cols, int64_t channels, int64_t features,
+                           const float *x, int64_t patch_stride, int64_t row_step, int64_t col_step,
+                           const float *grad, const float *best, const uint8_t *where, float *grad_weight,
+                           float *grad_bias) {
   /* the columns summed in gw; the rest are in tails */
   const int64_t whole = features >= LANES ? features / LANES * LANES : features;
   const int64_t size = channels * (features + LANES + 1); /* one thread's gw, tails, gb */
+  int64_t offset[256];
+  if (positions > 256) return -1;
+  for (int64_t p = 0; p < positions; ++p) offset[p] = p / cols * row_step + p % cols * col_step;
   int threads = 1;
 #ifdef _OPENMP
   threads = omp_get_max_threads();
@@ -130,7 +125,7 @@ int max_pool_relu_backward(int64_t n, int64_t positions, int64_t channels, int64
     thread = omp_get_thread_num();
 #endif
     float *restrict sums = partial + thread * size, *restrict g = gradients + thread * PATCHES * channels;
-    const float *patch[PATCHES]; /* the group's patches: their windows, winners and gradients g */
+    const float *patch[PATCHES]; /* the group's patches: their input, winners and gradients g */
     const uint8_t *winner[PATCHES];
     int filled = 0;
 #pragma omp for schedule(static)
@@ -143,9 +138,9 @@ int max_pool_relu_backward(int64_t n, int64_t positions, int64_t channels, int64
         any |= gi[c] != 0;
       }
       if (!any) continue; /* e.g. a triplet within the margin: no gradient at all */
-      patch[filled] = windows + i * positions * features, winner[filled] = where + i * channels;
+      patch[filled] = x + i * patch_stride, winner[filled] = where + i * channels;
       if (++filled == PATCHES) {
-        add_group(channels, features, patch, winner, g, sums);
+        add_group(channels, features, patch, winner, offset, g, sums);
         filled = 0;
       }
     }
@@ -154,7 +149,7 @@ int max_pool_relu_backward(int64_t n, int64_t positions, int64_t channels, int64
         patch[j] = patch[0], winner[j] = winner[0];
         for (int64_t c = 0; c < channels; ++c) g[j * channels + c] = 0;
       }
-      add_group(channels, features, patch, winner, g, sums);
+      add_group(channels, features, patch, winner, offset, g, sums);
     }
   }
   for (int64_t c = 0; c < channels; ++c) {
