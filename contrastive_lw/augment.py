@@ -59,7 +59,8 @@ class Augmentation(nn.Module):
     an offset per sample, one batched matmul): brightness, contrast and saturation factors in
     ``1 +- jitter`` and a hue rotation of up to ``hue`` turns (probability ``jitter_p``), then
     grayscale (probability ``grayscale_p``). Draws come from torch's global generator (on the CPU
-    through a generator it seeds), so ``torch.manual_seed`` makes them repeatable. Works on 7 x 7 patches and whole images alike.
+    through a generator it seeds), so ``torch.manual_seed`` makes them repeatable. Works on 7 x 7
+    patches and whole images alike.
 
     Example:
         >>> augment = Augmentation(AugmentConfig())

@@ -41,9 +41,13 @@ def test_kernel_gives_the_pytorch_path_values(config, size):
     assert (got - to_float(crop(frames, where, size))).abs().mean() > 0.01  # it did augment
 
 
-def test_kernel_warps_single_channel_images():
+@pytest.mark.parametrize("channels", [1, 4])  # the packed pixel's first channel alone, and all four
+def test_kernel_warps_images_of_other_channel_counts(channels):
     kernel_or_skip()
-    frames, augment = sample_frames(channels=1), Augmentation(AugmentConfig(), channels=1)
+    frames = sample_frames()
+    frames = torch.cat([frames, frames[:, :1]], 1) if channels == 4 else frames[:, :1]
+    frames = frames.contiguous(memory_format=torch.channels_last)
+    augment = Augmentation(AugmentConfig(), channels=channels)
     where = positions(frames, 7)
     torch.manual_seed(0)
     expected = augment(to_float(crop(frames, where, 7)))

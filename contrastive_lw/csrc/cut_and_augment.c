@@ -79,15 +79,21 @@ static void taps(int64_t n, int32_t size, const float *restrict u, const float *
 #define ROW(k, left, right) (BYTE(left, k) + x * (BYTE(right, k) - BYTE(left, k)))
 
 /* Warp of a patch whose pixels are packed 4 channels to a word: one gather per tap for all of
- * them; plane k of dst (n values each) is channel k. */
-static void interpolate(int64_t n, const uint32_t *restrict src, int64_t below, const int32_t *restrict at,
-                        const float *restrict wx, const float *restrict wy, float *restrict dst) {
+ * them; plane k of dst (n values each) is channel k, for the first 3 or all 4 (planes: a constant
+ * where it is inlined, so that the three-channel loop does no work for a fourth). */
+static inline __attribute__((always_inline)) void interpolate(
+    int planes, int64_t n, const uint32_t *restrict src, int64_t below, const int32_t *restrict at,
+    const float *restrict wx, const float *restrict wy, float *restrict dst) {
   for (int64_t p = 0; p < n; ++p) {
     const uint32_t a = src[at[p]], b = src[at[p] + 1], c = src[at[p] + below], d = src[at[p] + below + 1];
     const float x = wx[p], y = wy[p];
-    const float up_0 = ROW(0, a, b), up_1 = ROW(1, a, b), up_2 = ROW(2, a, b), up_3 = ROW(3, a, b);
-    const float low_0 = ROW(0, c, d), low_1 = ROW(1, c, d), low_2 = ROW(2, c, d), low_3 = ROW(3, c, d);
-    dst[p] = CHANNEL(0), dst[n + p] = CHANNEL(1), dst[2 * n + p] = CHANNEL(2), dst[3 * n + p] = CHANNEL(3);
+    const float up_0 = ROW(0, a, b), up_1 = ROW(1, a, b), up_2 = ROW(2, a, b);
+    const float low_0 = ROW(0, c, d), low_1 = ROW(1, c, d), low_2 = ROW(2, c, d);
+    dst[p] = CHANNEL(0), dst[n + p] = CHANNEL(1), dst[2 * n + p] = CHANNEL(2);
+    if (planes == 4) {
+      const float up_3 = ROW(3, a, b), low_3 = ROW(3, c, d);
+      dst[3 * n + p] = CHANNEL(3);
+    }
   }
 }
 
@@ -163,7 +169,10 @@ int cut_and_augment(const uint8_t *restrict images, int64_t height, int64_t widt
       float t[6] = {1, 0, 0, 1, 0, 0};
       if (geometry) crop_and_rotation(geometry + b, batch, settings, t);
       taps(n, (int32_t)size, u, v, t, at, wx, wy);
-      interpolate(n, src, src_row, at, wx, wy, warped);
+      if (channels == 4)
+        interpolate(4, n, src, src_row, at, wx, wy, warped);
+      else
+        interpolate(3, n, src, src_row, at, wx, wy, warped);
       float *dst = out + b * n * channels;
       if (colour) {
         float m[9];
