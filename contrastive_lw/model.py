@@ -108,13 +108,13 @@ class _MatmulReluMaxPool(torch.autograd.Function):
     ReLU, max-pool, their backward passes and layout copies each move the 4x larger convolution
     output through memory: the greedy layer-1 step is ~1.2x faster fused.
 
-    On the CPU with the C kernels of ``csrc/max_pool_relu.c`` (:mod:`contrastive_lw.native`) there
-    is no im2col copy: the input rows r..r+k-1 of every patch are one strided matrix, and one matmul
-    of it with the weight placed at each output column (zeros between) gives output row r. The max
-    is a kernel, and so is the backward: each output's gradient reaches only its winning window, so
-    the weight's gradient sums those windows alone, read from x (1/4 of the terms of the dense
-    product at 2 x 2). No im2col: the greedy layer-1 step 8.8-9.5 -> 7.5-8.1 ms on an AVX-512 Xeon
-    (docs/PERFORMANCE.md). Elsewhere the windows are copied out (im2col) for one matmul, then PyTorch's
+    On the CPU with the C kernels of ``csrc/max_pool_relu.c`` (:mod:`contrastive_lw.native`) no
+    windows are copied: output row r is one matmul of every patch's input rows r..r+k-1 (a strided
+    matrix) with the weight placed at each output column (:func:`_output_rows`; the greedy layer-1
+    step 8.8-9.5 -> 7.5-8.1 ms against im2col, AVX-512 Xeon, docs/PERFORMANCE.md). The max is a
+    kernel, and so is the backward: each output's gradient reaches only its winning window, so the
+    weight's gradient sums those windows alone, read from x (1/4 of the terms of the dense product
+    at 2 x 2). Elsewhere the windows are copied out (im2col) for one matmul, then PyTorch's
     max-pool, a scatter of the gradient to the winning position (the first on ties, as
     ``max_pool2d``) and windows.T @ gradient (the faster operand order here); the bench counts the
     model's FLOPs on this path."""

@@ -1,6 +1,7 @@
 """Patch geometry and sampling: anchor, positive and negative patches, vectorised on the device."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -139,28 +140,30 @@ class PatchSampler:
         """2 x B (row, column) offsets of each positive from its anchor."""
         if positive == "exemplar":
             return torch.zeros(2, batch_size, dtype=torch.long, device=device)
-        table = self._offset_table(positive, torch.device(device))
+        table = self._offset_table(positive, device)
         return table.index_select(1, self._randint(0, table.shape[1] - 1, batch_size, device))
 
-    def _offset_table(self, positive: str, device: torch.device) -> torch.Tensor:
-        """2 x K: the K offsets a positive of this kind can have, made once per device (no
-        host-to-device copy per step)."""
-        key = (positive, device)
-        if key not in self._tables:
-            size, reach = self.patch_size, self.max_shift
+    def _offset_table(self, positive: str, device: torch.device | str) -> torch.Tensor:
+        """2 x K: the K offsets a positive of this kind can have."""
+        size, reach = self.patch_size, self.max_shift
+
+        def offsets() -> list:
             if positive == "adjacent":  # right, left, below, above
-                offsets = [(0, size), (0, -size), (size, 0), (-size, 0)]
-            else:  # every shift up to max_shift, but none
-                offsets = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1) if dy or dx]
-            self._tables[key] = torch.tensor(offsets, device=device).t().contiguous()
-        return self._tables[key]
+                return [(0, size), (0, -size), (size, 0), (-size, 0)]
+            return [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1) if dy or dx]
+        return self._constant((positive,), lambda: list(zip(*offsets())), device)
 
     def _places(self, height: int, width: int, device: torch.device | str) -> torch.Tensor:
         """2 x 1: how many rows and columns a patch can start at in height x width images."""
-        key = (height, width, torch.device(device))
+        size = self.patch_size
+        return self._constant((height, width), lambda: [[height - size + 1], [width - size + 1]], device)
+
+    def _constant(self, key: tuple, values: Callable[[], list], device: torch.device | str) -> torch.Tensor:
+        """The tensor of ``values()`` on ``device``, made once per key and device (no host-to-device
+        copy per step)."""
+        key = (*key, torch.device(device))
         if key not in self._tables:
-            self._tables[key] = torch.tensor([[height - self.patch_size + 1], [width - self.patch_size + 1]],
-                                             device=device)
+            self._tables[key] = torch.tensor(values(), device=device)
         return self._tables[key]
 
     def _randint(self, low: int, high: int, size: int, device: torch.device | str) -> torch.Tensor:

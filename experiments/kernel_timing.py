@@ -55,7 +55,9 @@ def main() -> None:
     keep_freed_memory()
     if missing := [name for name, loader in LOADERS.items() if getattr(native, loader)() is None]:
         raise SystemExit(f"these C kernels cannot be built here: {missing}; nothing to compare")
-    step, patches, flops = layer_step(LayerwiseNet(ArchConfig()), 1, args.batch, torch.device("cpu"))
+    net = LayerwiseNet(ArchConfig())
+    step, patches, flops = layer_step(net, 1, args.batch, torch.device("cpu"))
+    side = net.receptive_field(1)
     matmul, matmul_flops = matmul_step(torch.device("cpu"))
     operations = kernel_operations(args.batch)
     settings = {"kernels": [], "pytorch": list(LOADERS.values()),  # the loaders switched off
@@ -69,7 +71,7 @@ def main() -> None:
                     figures = {f"{op}_ms": seconds(call, OPS) * 1e3 for op, call in operations.items()}
                 ceiling = matmul_flops / seconds(matmul, MATMULS)
                 # fresh patches each step: on a batch it has learned most triplets give no gradient
-                batches = iter([torch.rand(patches, 3, 7, 7) for _ in range(STEPS + 1)])
+                batches = iter([torch.rand(patches, 3, side, side) for _ in range(STEPS + 1)])
                 step_s = seconds(lambda: step(next(batches)), STEPS)
             rounds[name].append({**figures, "step_ms": step_s * 1e3, "fraction_of_matmul": flops / step_s / ceiling})
     summary = {name: {key: median(r[key] for r in runs) for key in runs[0]} for name, runs in rounds.items()}
