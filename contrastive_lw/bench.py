@@ -41,7 +41,7 @@ class BenchConfig:
     layerwise_steps: tuple[int, ...] = (150, 300, 600, 1200)   # block 1's steps of the first greedy runs
     deeper_steps: float = 0.25   # greedy's blocks 2..k train this fraction of block 1's steps
     end2end_steps: tuple[int, ...] = (300, 600, 1200)    # steps of each end-to-end run
-    resolution: float = 0.25   # time-to-accuracy: steps of the first run reaching it, to this fraction
+    resolution: float = 0.125   # time-to-accuracy: steps of the first run reaching it, to this fraction
     seeds: int = 1             # pretraining seeds per race run: its time and accuracy are their means
     paired_rounds: int = 3     # the two runs a race compares, re-timed back to back this many times
     probe_images: int = 2000
@@ -273,7 +273,7 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
                 "step_gflop": {"layerwise": greedy_step_gflop[:k], "end2end": end2end_step_gflop}}
         metric = f"linear probe, blocks 1-{k}" if k > 1 else "linear probe, block 1"
         races.append({"layers": k, "metric": metric, "seeds": config.seeds, "deeper_steps": config.deeper_steps,
-                      "target": target_acc, "reached": reached,
+                      "resolution": config.resolution, "target": target_acc, "reached": reached,
                       "layerwise_s": layerwise_s, "end2end_s": end2end_s, "ratio": layerwise_s / end2end_s,
                       "layerwise_acc": layerwise_acc, "end2end_acc": end2end_acc,
                       "shortfall": max(0.0, target_acc - best["acc"]), "layerwise_best": best,

@@ -62,6 +62,7 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
                                             (["--seeds", "0"], "seeds must be a positive integer"),
                                             (["--race-batch", "1"], "race_batch must be at least 2"),
                                             (["--deeper-steps", "0"], "deeper_steps must be > 0"),
+                                            (["--resolution", "1.5"], "resolution must be in (0, 1]"),
                                             (["--paired-rounds", "-1"], "paired_rounds must be >= 0")])
 def test_bench_refuses_bad_sizes(tmp_path, capsys, flags, message):
     assert main(["bench", "--quick", *flags, "--out", str(tmp_path / "b.json"), "--device", "cpu"]) == 2
@@ -147,7 +148,7 @@ def test_greedy_doubles_its_steps_until_it_reaches_the_target_or_spends_end2end_
             return steps / 100, [min(0.9, steps / 3000)]
         return steps / 20, [0.5]
     monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
-    config = bench.BenchConfig(arch=ArchConfig(widths=(8, 8)))
+    config = bench.BenchConfig(arch=ArchConfig(widths=(8, 8)), resolution=0.25)
     depth1, depth2 = bench.layerwise_vs_end2end(None, None, PROBE_TEST, config, "cpu", say=lambda line: None)
     # one midpoint each (900 / 1 800 steps fall short) leaves both within a quarter of their steps
     assert [run["steps"] for run in depth1["end2end_runs"]] == [300, 600, 900, 1200]
@@ -157,11 +158,15 @@ def test_greedy_doubles_its_steps_until_it_reaches_the_target_or_spends_end2end_
     assert not depth2["reached"] and depth2["layerwise_s"] == 120 and depth2["shortfall"] == pytest.approx(0.3)
 
 
-def test_both_times_are_refined_to_the_same_resolution_between_a_miss_and_a_hit(monkeypatch):
+@pytest.mark.parametrize("resolution, end2end_midpoints, greedy_midpoints",
+                         [(0.25, [750, 900], [1500, 1800]),  # a quarter: 900, 750, then 1 800, 1 500
+                          (0.125, [675, 750, 900], [1500, 1650, 1800])])  # the default, an eighth: one more each
+def test_both_times_are_refined_to_the_same_resolution_between_a_miss_and_a_hit(monkeypatch, resolution,
+                                                                                   end2end_midpoints, greedy_midpoints):
     """Simulated runs whose accuracy grows with the steps: end-to-end first reaches its 1 200-step
     best at 750 steps, greedy block 1 at 1 700. Halving the gap between the longest miss and the
-    first hit finds 750 (after 900) and 1 800 (1 500 falls short), each within a quarter of its
-    steps of the last miss; the grid alone would have said 1 200 and 2 400."""
+    first hit finds 750 and 1 800, each within ``resolution`` of its steps of the last miss; the
+    grid alone would have said 1 200 and 2 400."""
     ran = []
 
     def fake_run(config, source, target, target_test, device, depths):
@@ -172,11 +177,12 @@ def test_both_times_are_refined_to_the_same_resolution_between_a_miss_and_a_hit(
             return steps / 10, [min(0.8, steps / 937.5) for _ in depths]
         return steps / 100, [min(0.9, steps / 2125)]
     monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
-    config = bench.BenchConfig(arch=ArchConfig(widths=(8,)))
+    config = bench.BenchConfig(arch=ArchConfig(widths=(8,)), resolution=resolution)
     (race,) = bench.layerwise_vs_end2end(None, None, PROBE_TEST, config, "cpu", say=lambda line: None)
-    assert [run["steps"] for run in race["end2end_runs"]] == [300, 600, 750, 900, 1200]
-    assert [run["steps"] for run in race["layerwise_runs"]] == [150, 300, 600, 1200, 1500, 1800, 2400]
+    assert [run["steps"] for run in race["end2end_runs"]] == [300, 600, *end2end_midpoints, 1200]
+    assert [run["steps"] for run in race["layerwise_runs"]] == [150, 300, 600, 1200, *greedy_midpoints, 2400]
     assert race["reached"] and race["end2end_s"] == 75 and race["layerwise_s"] == 18
+    assert race["resolution"] == resolution
     assert race["ratio"] == 18 / 75 and race["target"] == 0.8
     assert len(ran) == len(set(ran))  # no run twice
 

@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deeper-steps", type=float, default=None,
                         help="greedy's blocks 2..k train this fraction of block 1's steps (default 0.25; "
                              "1: the same steps for every block)")
+    parser.add_argument("--resolution", type=float, default=None,
+                        help="each side's time to the target: its first run reaching it, to this fraction of its "
+                             "steps (default 0.125; each halving can add a run per side)")
     parser.add_argument("--dataset", default="sample", help="source of images (default: the bundled sample)")
     parser.add_argument("--source-classes", default="0-4", help="classes the race pretrains on (default 0-4)")
     parser.add_argument("--target-classes", default="5-9",
@@ -59,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, race_batch=args.race_batch)
     if args.deeper_steps is not None:
         config = dataclasses.replace(config, deeper_steps=args.deeper_steps)
+    if args.resolution is not None:
+        config = dataclasses.replace(config, resolution=args.resolution)
     if args.probe_images is not None:
         config = dataclasses.replace(config, probe_images=args.probe_images)
     source, target, target_test = race_data(args.dataset, args.data_root, args.source_classes, args.target_classes,
