@@ -4,6 +4,7 @@ use, cached per machine, loaded with ctypes.
 - ``cut_and_augment``: the augmentation's cut + warp + colour of uint8 patches on the CPU;
 - ``cosine_triplet``: the cosine triplet loss and its gradient in one pass over the rows;
 - ``max_pool_relu``: the greedy first block's max-pool + bias + ReLU and its weight and bias gradients;
+- ``exp_rows``: the in-batch softmax loss's exponentials of a similarity matrix and their row sums;
 - ``normalize``: the network's per-channel input normalisation, written channels_last;
 - ``uniform``: the augmentation's uniform draws, from a counter-based generator (in parallel).
 
@@ -68,6 +69,15 @@ def max_pool_relu_kernels() -> tuple[Callable[..., None], Callable[..., int]] | 
 
 
 @functools.cache
+def exp_row_sums_kernel() -> Callable[..., None] | None:
+    """The C function ``exp_row_sums`` of ``csrc/exp_rows.c`` (arguments: see its source), or None
+    where it cannot be built here (a warning says why, once). Built without -ffinite-math-only: a
+    NaN stays NaN."""
+    return _kernel("exp_rows", [_I, _I, _P, ctypes.c_float, _P], None, (), "the softmax loss",
+                   "exp_row_sums")
+
+
+@functools.cache
 def normalize_kernel() -> Callable[..., int] | None:
     """The C function ``normalize`` (arguments: see its source), or None where it cannot be built
     here (a warning says why, once). Built without -ffinite-math-only: a NaN pixel stays NaN."""
@@ -88,8 +98,8 @@ def check(status: int, purpose: str) -> None:
         raise MemoryError(f"the C kernel of {purpose} could not allocate its scratch memory")
 
 
-LOADERS = ("cut_and_augment_kernel", "cosine_triplet_kernel", "max_pool_relu_kernels", "normalize_kernel",
-           "uniform_kernel")
+LOADERS = ("cut_and_augment_kernel", "cosine_triplet_kernel", "exp_row_sums_kernel", "max_pool_relu_kernels",
+           "normalize_kernel", "uniform_kernel")
 
 
 @contextlib.contextmanager

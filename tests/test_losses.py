@@ -116,6 +116,34 @@ def test_nt_xent_equals_lightly_in_value_and_gradient(temperature):
         assert torch.allclose(mine.grad, reference.grad, rtol=1e-8, atol=1e-12)
 
 
+def nt_xent_and_gradient(a: torch.Tensor, p: torch.Tensor, temperature: float) -> list[torch.Tensor]:
+    inputs = [t.clone().requires_grad_() for t in (a, p)]
+    value = nt_xent(*inputs, temperature)
+    value.backward()
+    return [value.detach(), *(x.grad for x in inputs)]
+
+
+@pytest.mark.parametrize("temperature", [SYMMETRIC_MIN_TEMPERATURE, 0.1, 0.5])
+def test_nt_xent_exp_kernel_gives_the_pytorch_paths_value_and_gradient(monkeypatch, temperature):
+    if native.exp_row_sums_kernel() is None:
+        pytest.skip("no C compiler here: the PyTorch path is the one in use")
+    torch.manual_seed(0)
+    a, p = torch.randn(300, 65), torch.randn(300, 65)  # 600 rows: vectors and a short last one
+    p[:5] = -a[:5]  # opposite partners: the row's smallest exponentials, near exp(-2 / temperature)
+    got = nt_xent_and_gradient(a, p, temperature)
+    monkeypatch.setattr(native, "exp_row_sums_kernel", lambda: None)
+    expected = nt_xent_and_gradient(a, p, temperature)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-6, atol=0)
+    for mine, reference in zip(got[1:], expected[1:]):  # exponentials within 3 ulp of PyTorch's
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
+
+
+def test_nt_xent_keeps_a_nan_embedding_visible():
+    a, p = torch.randn(8, 4), torch.randn(8, 4)
+    a[3, 1] = float("nan")
+    assert torch.isnan(nt_xent(a, p))
+
+
 def test_nt_xent_stays_exact_in_float32_at_its_coldest_symmetric_temperature():
     # the first anchor is opposite every other embedding, its partner too: its row of
     # exp(logit - 1 / t) is ~exp(-2 / t) throughout (at t = 0.02 its gradient is already NaN)
