@@ -148,3 +148,16 @@ def test_head2toe_mode_probes_selected_features_of_every_block(split):
     assert linear.in_features == (4 * 4 * 4 + 6 * 4 * 4) // 2 and len(result.curve) == 3
     with pytest.raises(ConfigError, match="keep"):
         _config(keep=0.0)
+
+
+def test_head2toe_selection_leaves_the_global_rng_alone():
+    """The seed of a transfer run decides what follows the selection (no manual_seed inside it)."""
+    from contrastive_lw.head2toe import select_features
+
+    x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = select_features(x, y, keep=0.5, steps=5)
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(select_features(x, y, keep=0.5, steps=5, seed=0), first)  # its own seed repeats it
