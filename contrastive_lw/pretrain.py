@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .augment import AugmentConfig, Augmentation, build_augmentation, to_float
-from .checkpoint import BACKBONE, layer_checkpoints, load_checkpoint, save_backbone, save_checkpoint
+from .checkpoint import (BACKBONE, layer_checkpoints, load_checkpoint, restore_rng_state, rng_state, save_backbone,
+                         save_checkpoint)
 from .config import from_dict, per_layer, to_dict
 from .device import autocast, resolve_device
 from .errors import CheckpointError, ConfigError, TrainingDiverged
@@ -302,9 +303,7 @@ class LayerwisePretrainer:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.generator.set_state(state["sampler_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if self.device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        restore_rng_state(state, self.device)
         return state["step"]
 
     def _save_state(self, k: int, step: int, net: LayerwiseNet, stage: _Stage, optimizer: torch.optim.Optimizer,
@@ -314,10 +313,8 @@ class LayerwisePretrainer:
                 "kind": TRAIN_STATE, "layer": k, "step": step, "config": to_dict(self.config),
                 "backbone": _cpu(net.state_dict()), "head": _cpu(stage.head.state_dict()),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "sampler_rng": sampler.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "sampler_rng": sampler.generator.get_state(), **rng_state(self.device),
             }
-            if self.device.type == "cuda":
-                state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
             save_checkpoint(state, self.out_dir / "state.pt")
         distributed.barrier()
 

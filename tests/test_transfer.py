@@ -106,12 +106,14 @@ class _StopAfter(Exception):
     pass
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("mode", ["finetune", "linear"])
-def test_transfer_resumes_after_a_crash_bit_for_bit(tmp_path, split, monkeypatch, mode):
+def test_transfer_resumes_after_a_crash_bit_for_bit(tmp_path, split, monkeypatch, mode, device):
     from contrastive_lw import transfer
 
     config = _config(mode=mode, epochs=3, batch_size=16)
-    straight, model = train_transfer(_source(), *split, config, "cpu", state_path=tmp_path / "a.pt")
+    straight, model = train_transfer(_source(), *split, config, device, state_path=tmp_path / "a.pt")
     real_fit = transfer._fit
 
     def fit_that_crashes_in_epoch_two(model_, optimizer, train_epoch, evaluate, *rest):
@@ -125,9 +127,9 @@ def test_transfer_resumes_after_a_crash_bit_for_bit(tmp_path, split, monkeypatch
         return real_fit(model_, optimizer, train_epoch, evaluate_or_crash, *rest)
     monkeypatch.setattr(transfer, "_fit", fit_that_crashes_in_epoch_two)
     with pytest.raises(_StopAfter):
-        train_transfer(_source(), *split, config, "cpu", state_path=tmp_path / "b.pt")
+        train_transfer(_source(), *split, config, device, state_path=tmp_path / "b.pt")
     monkeypatch.setattr(transfer, "_fit", real_fit)
-    resumed, model_b = train_transfer(_source(), *split, config, "cpu", state_path=tmp_path / "b.pt")
+    resumed, model_b = train_transfer(_source(), *split, config, device, state_path=tmp_path / "b.pt")
     assert resumed.curve == straight.curve
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model_b.state_dict().values()))
 
