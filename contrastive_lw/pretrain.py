@@ -253,6 +253,7 @@ class LayerwisePretrainer:
         greedy = cfg.mode == "greedy"
         prefix = k - 1 if greedy else 0
         set_trainable(net.blocks[:prefix], False)
+        torch.manual_seed(cfg.seed * 1000 + k)  # before the head is drawn: a run resumed between layers draws the same
         stage = _Stage(net.blocks[prefix:k], ProjectionHead(net.out_channels(k) * side * side, cfg.embed_dim,
                                                              cfg.head_hidden).to(device))
         set_trainable(stage, True)
@@ -262,8 +263,7 @@ class LayerwisePretrainer:
         sampler = PatchSampler(patch, per_layer(cfg.positives, k), cfg.max_shift,
                                seed=cfg.seed * 1000 + k, device=device)
         augment = build_augmentation(cfg.augment, cfg.arch.in_channels).to(device)
-        torch.manual_seed(cfg.seed * 1000 + k)
-        first = self._load_state(k, net, stage, optimizer, scheduler, sampler)
+        first, final_loss = self._load_state(k, net, stage, optimizer, scheduler, sampler)
         model = nn.parallel.DistributedDataParallel(stage) if distributed.world_size() > 1 else stage
         views = 3 if self.loss_fn.uses_negatives else 2
         save_every = cfg.save_every or cfg.epoch_steps(len(images))
@@ -280,21 +280,26 @@ class LayerwisePretrainer:
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 self._log(logger, k, step, loss, embeddings, scheduler.get_last_lr()[0],
                           (step + 1 - first) * views * cfg.batch_size / (time.perf_counter() - start), bar)
-            if self._stop_signal is not None or ((step + 1) % save_every == 0 and step + 1 < steps):
-                self._save_state(k, step + 1, net, stage, optimizer, scheduler, sampler)
-                if self._stop_signal is not None:
-                    raise Interrupted(f"stopped by signal {self._stop_signal} in layer {k} at step {step + 1}; "
-                                      "run the same command again to continue")
-        self._save_layer(net, stage.head, k, steps, time.perf_counter() - start, loss.item())
+            if step + 1 < steps and (self._stop_signal is not None or (step + 1) % save_every == 0):
+                self._save_state(k, step + 1, net, stage, optimizer, scheduler, sampler, loss.item())
+                self._stop_if_asked(f"in layer {k} at step {step + 1}")
+            final_loss = loss.item() if step + 1 == steps else final_loss
+        self._save_layer(net, stage.head, k, steps, time.perf_counter() - start, final_loss)
         if prefix == 0 and distributed.is_main_process():  # this stage trained block 1
             self._save_filters(net, logger)
+        self._stop_if_asked(f"after layer {k}")  # a signal in the layer's last step: the layer is saved whole
+
+    def _stop_if_asked(self, where: str) -> None:
+        if self._stop_signal is not None:
+            raise Interrupted(f"stopped by signal {self._stop_signal} {where}; run the same command again to continue")
 
     def _load_state(self, k: int, net: LayerwiseNet, stage: _Stage, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler) -> int:
-        """Restore the layer in progress from ``state.pt``; returns the step to continue from."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler) -> tuple[int, float]:
+        """Restore the layer in progress from ``state.pt``; returns the step to continue from and
+        the loss of the step before it (NaN when there is none)."""
         path = self.out_dir / "state.pt"
         if not path.exists():
-            return 0
+            return 0, math.nan
         state = load_checkpoint(path, TRAIN_STATE)
         if state["layer"] != k or not _same_config(state["config"], self.config):
             raise CheckpointError(f"{path} belongs to another layer or config: delete it to restart layer {k}")
@@ -304,13 +309,13 @@ class LayerwisePretrainer:
         scheduler.load_state_dict(state["scheduler"])
         sampler.generator.set_state(state["sampler_rng"])
         restore_rng_state(state, self.device)
-        return state["step"]
+        return state["step"], state.get("loss", math.nan)
 
     def _save_state(self, k: int, step: int, net: LayerwiseNet, stage: _Stage, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler) -> None:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler, loss: float) -> None:
         if distributed.is_main_process():
             state = {
-                "kind": TRAIN_STATE, "layer": k, "step": step, "config": to_dict(self.config),
+                "kind": TRAIN_STATE, "layer": k, "step": step, "loss": loss, "config": to_dict(self.config),
                 "backbone": _cpu(net.state_dict()), "head": _cpu(stage.head.state_dict()),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "sampler_rng": sampler.generator.get_state(), **rng_state(self.device),
