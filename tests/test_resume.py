@@ -93,3 +93,68 @@ def test_a_signal_at_any_step_resumes_to_the_uninterrupted_result(tmp_path, imag
     continued = [(row["layer"], row["layer_step"]) for row in rows[rows_before:]]
     expected = [(k, step) for k in (1, 2, 3) for step in range(1, 7)][stop_at:]
     assert continued == expected  # the rerun trained exactly the steps the stop had left
+
+
+def _command(npz, out):
+    return [sys.executable, "-m", "contrastive_lw", "pretrain", "--dataset", f"npz:{npz}", "--widths", "4",
+            "--steps-per-layer", "300", "--batch-size", "32", "--no-progress", "--out", str(out),
+            "--config", str(npz.parent / "save.yaml")]
+
+
+@pytest.fixture
+def npz(tmp_path, images):
+    path = tmp_path / "images.npz"
+    np.savez(path, images=images.numpy())
+    (tmp_path / "save.yaml").write_text("pretrain:\n  save_every: 10\n  log_every: 10\n")
+    return path
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _start_and_wait_for_state(npz, out):
+    process = subprocess.Popen(_command(npz, out), env=_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "state.pt").exists():
+        assert process.poll() is None, process.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    return process
+
+
+def test_sigkill_mid_layer_then_resume(tmp_path, npz):
+    subprocess.run(_command(npz, tmp_path / "straight"), env=_env(), check=True)
+    process = _start_and_wait_for_state(npz, tmp_path / "killed")
+    process.kill()
+    process.wait()
+    assert not (tmp_path / "killed" / "layer1.pt").exists()
+    subprocess.run(_command(npz, tmp_path / "killed"), env=_env(), check=True)
+    straight = load_checkpoint(tmp_path / "straight" / "layer1.pt", BACKBONE)["backbone"]
+    resumed = load_checkpoint(tmp_path / "killed" / "layer1.pt", BACKBONE)["backbone"]
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+
+
+def test_sigterm_saves_its_own_state_and_the_rerun_continues_from_it(tmp_path, npz):
+    """No periodic save (save_every beyond the layer): the only state.pt is the one SIGTERM wrote;
+    the rerun continues from its step and ends as an uninterrupted run does."""
+    (npz.parent / "save.yaml").write_text("pretrain:\n  save_every: 100000\n  log_every: 10\n")
+    out = tmp_path / "run"
+    process = subprocess.Popen(_command(npz, out), env=_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert process.poll() is None, process.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert not (out / "state.pt").exists()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "run the same command again" in err
+    saved = load_checkpoint(out / "state.pt", "contrastive-lw/train-state")["step"]
+    assert 10 <= saved < 300 and not (out / "layer1.pt").exists()
+    logged = len((out / "metrics.jsonl").read_text().splitlines())
+    subprocess.run(_command(npz, out), env=_env(), check=True)
+    steps = [json.loads(line)["layer_step"] for line in (out / "metrics.jsonl").read_text().splitlines()[logged:]]
+    assert steps == list(range((saved // 10 + 1) * 10, 301, 10))
+    subprocess.run(_command(npz, tmp_path / "straight"), env=_env(), check=True)
+    assert _same_weights(tmp_path / "straight", out, layer=1)
