@@ -214,12 +214,7 @@ class LayerwisePretrainer:
         if images.shape[-3] != cfg.arch.in_channels:
             raise ConfigError(f"images have {images.shape[-3]} channels but arch.in_channels is "
                               f"{cfg.arch.in_channels}: set arch.in_channels to match")
-        torch.manual_seed(cfg.seed)
-        net = LayerwiseNet(cfg.arch)
-        net.set_normalization(images.flatten(0, -4))
-        with torch.no_grad():
-            for block in net.blocks:
-                block.conv.weight.mul_(cfg.init_scale)
+        net = self.initial_network(images)
         done = self._resume(net)
         net = net.to(self.device, memory_format=torch.channels_last)
         images = images.to(self.device)
@@ -230,6 +225,17 @@ class LayerwisePretrainer:
             for k in stages:
                 self._train_layer(net, k, images, logger)
         return net.cpu()
+
+    def initial_network(self, images: torch.Tensor) -> LayerwiseNet:
+        """The network as :meth:`fit` draws it before any training: seeded, its input normalised
+        by ``images``' channel statistics, every conv weight scaled by ``init_scale``."""
+        torch.manual_seed(self.config.seed)
+        net = LayerwiseNet(self.config.arch)
+        net.set_normalization(images.flatten(0, -4))
+        with torch.no_grad():
+            for block in net.blocks:
+                block.conv.weight.mul_(self.config.init_scale)
+        return net
 
     def _resume(self, net: LayerwiseNet) -> int:
         """Load the deepest finished layer of the run directory; returns how many blocks it holds."""
