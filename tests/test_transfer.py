@@ -46,6 +46,38 @@ def test_frozen_mode_trains_only_the_new_layers(split):
     assert 0 <= result.test_acc <= 1 and len(result.curve) == 1
 
 
+def test_frozen_two_blocks_keep_weights_and_batchnorm_statistics_and_learn(split):
+    """Frozen at layers=2: every transferred tensor (block 2's BatchNorm running statistics too)
+    stays as the source's after several epochs, while the new layers learn the task."""
+    source = _source()
+    with torch.no_grad():  # non-default running statistics, so a drift either way shows
+        source.blocks[1][1].running_mean.uniform_(-1, 1)
+        source.blocks[1][1].running_var.uniform_(0.5, 2)
+    result, model = train_transfer(source, *split, _config(mode="frozen", layers=2, epochs=15, lr=1e-2), "cpu")
+    before, after = source.prefix(2).state_dict(), model.backbone.state_dict()
+    assert before.keys() == after.keys() and any("running_mean" in name for name in after)
+    assert all(torch.equal(before[name], after[name].cpu()) for name in before)
+    assert result.test_acc > 0.75  # two balanced classes: chance is 0.5
+
+
+def test_head2toe_trains_and_tests_on_the_same_selected_columns(split, monkeypatch):
+    """The columns chosen on the training features are the ones the test features are read at."""
+    from contrastive_lw import head2toe, transfer
+
+    chosen = torch.tensor([1, 5, 40])
+    monkeypatch.setattr(head2toe, "select_features", lambda x, y, keep: chosen)
+    seen = []
+    real = transfer.nn.Linear.forward
+    monkeypatch.setattr(transfer.nn.Linear, "forward", lambda self, x: seen.append(x.detach().clone()) or real(self, x))
+    train, test = split
+    features = {len(d.images): transfer.block_features(_source(), d.images, [1, 2], 4) for d in (train, test)}
+    result, linear = train_transfer(_source(), train, test, _config(mode="head2toe", layers=2, keep=0.1, epochs=1), "cpu")
+    assert linear.in_features == len(chosen)
+    mean, std = features[len(train.images)].mean(0), features[len(train.images)].std(0).clamp_min(1e-6)
+    expected_test = ((features[len(test.images)] - mean) / std)[:, chosen]
+    assert torch.allclose(seen[-1], expected_test, atol=1e-5)  # the last call is the test evaluation
+
+
 def test_finetune_mode_trains_everything_and_leaves_the_source_alone(split):
     source, _, model = _one_step("finetune", split)
     before = _source().blocks[0].conv.weight
