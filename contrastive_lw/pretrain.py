@@ -122,13 +122,25 @@ def adamw(parameters: Iterable[nn.Parameter], lr: float, weight_decay: float,
 
 
 @torch.no_grad()
-def augmented_views(frames: torch.Tensor, where: list[PatchIndex], patch: int, augment: nn.Module) -> torch.Tensor:
+def augmented_views(frames: torch.Tensor, where: list[PatchIndex], patch: int, augment: nn.Module,
+                    columns: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """The ``patch``-sized crops of uint8 ``frames`` at each view's positions, stacked view after
-    view, as augmented floats in [0, 1]: the input of one training step."""
+    view, as augmented floats in [0, 1]: the input of one training step. ``columns`` (the global
+    batch's size, and which of its samples these are): a data-parallel rank's share of the global
+    batch's augmentation draws, so ranks together draw what one process would."""
     where = PatchIndex(*map(torch.cat, zip(*where)))
     if isinstance(augment, Augmentation):
-        return augment.cut(frames, where, patch)  # one pass of a C kernel on the CPU
+        return augment.cut(frames, where, patch, columns)  # one pass of a C kernel on the CPU
     return augment(to_float(crop(frames, where, patch)))
+
+
+def rank_columns(views: int, batch_size: int) -> tuple[int, torch.Tensor] | None:
+    """This rank's samples in a global batch of ``views`` x ``batch_size`` stacked views (None
+    in a single process): its shard of every view."""
+    if distributed.world_size() == 1:
+        return None
+    return views * batch_size, torch.arange(views * batch_size).view(views, batch_size)[
+        :, distributed.shard(torch.arange(batch_size))].flatten()
 
 
 @torch.no_grad()
@@ -278,9 +290,10 @@ class LayerwisePretrainer:
         start = time.perf_counter()
         frames = on_huge_pages(images.flatten(0, -4).contiguous(memory_format=torch.channels_last))  # fast crops
         draw = sampler.sample_video_indices if images.dim() == 5 else sampler.sample_indices
+        columns = rank_columns(views, cfg.batch_size)
         for step in bar:
             where = [PatchIndex(*map(distributed.shard, w)) for w in draw(images.shape, cfg.batch_size, device)[:views]]
-            x = frozen_features(net, augmented_views(frames, where, patch, augment), prefix)
+            x = frozen_features(net, augmented_views(frames, where, patch, augment, columns), prefix)
             loss, embeddings = train_step(model, self.loss_fn, optimizer, x, views, stage.head)
             scheduler.step()
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
