@@ -95,6 +95,33 @@ def test_a_signal_at_any_step_resumes_to_the_uninterrupted_result(tmp_path, imag
     assert continued == expected  # the rerun trained exactly the steps the stop had left
 
 
+def test_state_of_another_config_is_refused(tmp_path, images):
+    trainer = LayerwisePretrainer(_config(), tmp_path, "cpu", progress=False)
+    trainer.loss_fn = _CrashAt(trainer.loss_fn, 4)
+    with pytest.raises(RuntimeError):
+        trainer.fit(images)
+    from contrastive_lw.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="state.pt"):
+        LayerwisePretrainer(_config(lr=0.01), tmp_path, "cpu", progress=False).fit(images)
+
+
+def test_state_saved_with_one_int_of_steps_resumes(tmp_path, images):
+    """A state.pt written before ``steps_per_layer`` was per layer (one int) still resumes."""
+    from contrastive_lw.checkpoint import save_checkpoint
+    from contrastive_lw.pretrain import TRAIN_STATE
+
+    trainer = LayerwisePretrainer(_config(), tmp_path, "cpu", progress=False)
+    trainer.loss_fn = _CrashAt(trainer.loss_fn, 4)
+    with pytest.raises(RuntimeError):
+        trainer.fit(images)
+    state = load_checkpoint(tmp_path / "state.pt", TRAIN_STATE)
+    state["config"]["steps_per_layer"] = 6
+    save_checkpoint(state, tmp_path / "state.pt")
+    LayerwisePretrainer(_config(), tmp_path, "cpu", progress=False).fit(images)
+    assert not (tmp_path / "state.pt").exists()
+
+
 def _command(npz, out):
     return [sys.executable, "-m", "contrastive_lw", "pretrain", "--dataset", f"npz:{npz}", "--widths", "4",
             "--steps-per-layer", "300", "--batch-size", "32", "--no-progress", "--out", str(out),

@@ -195,3 +195,11 @@ def test_head2toe_selection_leaves_the_global_rng_alone():
     first = select_features(x, y, keep=0.5, steps=5)
     assert torch.equal(torch.rand(3), expected)
     assert torch.equal(select_features(x, y, keep=0.5, steps=5, seed=0), first)  # its own seed repeats it
+
+
+def test_transfer_state_of_another_config_is_refused(tmp_path, split):
+    from contrastive_lw.errors import CheckpointError
+
+    train_transfer(_source(), *split, _config(epochs=1), "cpu", state_path=tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match="another transfer config: delete it or use a new --out"):
+        train_transfer(_source(), *split, _config(epochs=1, lr=0.5), "cpu", state_path=tmp_path / "state.pt")
