@@ -92,3 +92,17 @@ def test_rng_state_holds_the_cuda_generator_on_a_cuda_device(monkeypatch):
     restore_rng_state(saved, torch.device("cuda"))
     assert torch.equal(cuda_state["now"], torch.tensor([7], dtype=torch.uint8))
     assert torch.equal(torch.rand(2), expected)
+
+
+def test_a_checkpoint_of_format_1_keeps_loading():
+    """A backbone file written by format 1 (committed; never regenerate it): later versions of the
+    package must load it and compute the same features it did."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "fixtures" / "layer2_format1.pt"
+    payload = load_checkpoint(path, BACKBONE)
+    assert payload["format_version"] == 1
+    net = load_backbone(path).eval()
+    assert net.num_blocks == 2
+    with torch.no_grad():
+        torch.testing.assert_close(net(payload["fixture_input"]), payload["fixture_output"])
