@@ -9,7 +9,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["contrastive_lw", "contrastive_lw.*"]),
-    package_data={"contrastive_lw": ["csrc/*.c"]},  # compiled on first use (contrastive_lw.native)
+    package_data={"contrastive_lw": ["accel/csrc/*.c"]},  # compiled on first use (contrastive_lw.accel.native)
     python_requires=">=3.10",
     install_requires=[
         # 2.5: fused AdamW on the CPU (2.4) and torch.OutOfMemoryError (2.5); tested with 2.14.1.

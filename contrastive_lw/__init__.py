@@ -10,7 +10,7 @@ from typing import Any
 __version__ = "0.1.0"
 _PUBLIC = {"load_backbone": "checkpoint", "ArchConfig": "model", "ConvBlock": "model",
            "LayerwiseNet": "model", "ProjectionHead": "model", "Classifier": "model",
-           "keep_freed_memory": "memory"}
+           "keep_freed_memory": "accel.memory"}
 __all__ = sorted(_PUBLIC)
 
 

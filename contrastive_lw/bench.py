@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import native
+from .accel import native
 from .augment import AugmentConfig, build_augmentation, to_float
 from .data import ImageData, balanced_split, load_dataset
 from .device import autocast, resolve_device
 from .errors import ConfigError
 from .evaluate import block_features, linear_probe_accuracy
 from .losses import LossConfig, build_loss
-from .memory import on_huge_pages
+from .accel.memory import on_huge_pages
 from .model import ArchConfig, LayerwiseNet, ProjectionHead, set_trainable
 from .patches import PatchSampler
 from .pretrain import LayerwisePretrainer, PretrainConfig, adamw, augmented_views, frozen_features, train_step
@@ -168,7 +168,7 @@ RACE_LOSS = LossConfig(name="infonce")  # the race's pretraining loss, both side
 
 
 def race_step_gflop(config: BenchConfig, device: torch.device) -> tuple[list[float], float]:
-    """GFLOPs of one step of the race at its batch: of each greedy block k (frozen prefix forward,
+    """FLOPs (in 10^9) of one step of the race at its batch: of each greedy block k (frozen prefix forward,
     block k and its head trained) and of the end-to-end step (every block trained)."""
     net = LayerwiseNet(config.arch).to(device, memory_format=torch.channels_last)
     blocks = config.arch.num_blocks
@@ -198,7 +198,7 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
     pretraining seeds; each run keeps its seeds' accuracies (``seed_accs``), and ``seed_spread``
     pools their spread over the race's runs (None with one seed). ``work`` gives the FLOPs of the
     two runs compared (steps times each step's counted FLOPs) and their ratio: the time ratio if
-    both sides ran at the same GFLOP/s. Where greedy reached the target, ``paired`` re-times the two
+    both sides ran at the same FLOP rate. Where greedy reached the target, ``paired`` re-times the two
     runs compared (seed 0, pretraining only) back to back in ``paired_rounds`` rounds
     (:func:`paired_times`): a time ratio this machine's drift between minutes hardly moves. ``say``
     reports each run as it ends."""

@@ -10,7 +10,7 @@ import sys
 import threading
 
 from .errors import UserError
-from .memory import keep_freed_memory
+from .accel.memory import keep_freed_memory
 
 COMMANDS = ("pretrain", "supervised", "transfer", "compare", "visualize", "bench")
 

@@ -91,6 +91,31 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def set_dotted(values: dict[str, Any], assignment: str) -> None:
+    """Apply ``"a.b.c=VALUE"`` to nested ``values`` in place: ``values["a"]["b"]["c"] = VALUE``,
+    VALUE read as YAML (``0.2``, ``[64, 128]``, ``true``, ``infonce``), missing sections created.
+
+    Example:
+        >>> values = {"pretrain": {"lr": 0.1}}
+        >>> set_dotted(values, "pretrain.loss.temperature=0.2"); values
+        {'pretrain': {'lr': 0.1, 'loss': {'temperature': 0.2}}}
+    """
+    path, equals, text = assignment.partition("=")
+    keys = path.strip().split(".")
+    if not equals or not all(keys):
+        raise ConfigError(f"--set takes SECTION.KEY=VALUE, got {assignment!r}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {assignment!r}: {text!r} is not a YAML value") from None
+    node = values
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {key!r} is a value, not a section")
+    node[keys[-1]] = value
+
+
 def save_yaml(values: dict[str, Any], path: str | Path) -> None:
     """Write a mapping as YAML (block style, keys in insertion order)."""
     Path(path).write_text(yaml.safe_dump(values, sort_keys=False))

@@ -23,8 +23,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA; nothing on CPU (float32: without AVX512-BF16 or AMX bf16 matmul is
-    far slower; with them, one seed of ``experiments/bf16_check.py`` was 1.1-1.2x faster at the
-    same accuracy, not enough to switch).
+    far slower, and with them it was not enough faster to switch: docs/PERFORMANCE.md).
     No cast cache, so that a CUDA graph may capture it (:mod:`contrastive_lw.cudagraph`)."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)

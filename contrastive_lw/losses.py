@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from .accel import kernels
 from .errors import ConfigError
 
 DISTANCES = ("cosine", "sqeuclidean")
@@ -84,8 +84,8 @@ class TripletLoss(nn.Module):
         return self.mining != "none"
 
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-        if self.mining == "none" and self.distance == "cosine" and _CosineTriplet.applies(anchor, positive, negative):
-            return _CosineTriplet.apply(anchor, positive, negative, self.margin)
+        if self.mining == "none" and self.distance == "cosine" and kernels.CosineTriplet.applies(anchor, positive, negative):
+            return kernels.CosineTriplet.apply(anchor, positive, negative, self.margin)
         d_pos = paired_distance(anchor, positive, self.distance)
         if self.mining == "none":
             d_neg = paired_distance(anchor, negative, self.distance)
@@ -111,40 +111,6 @@ class TripletLoss(nn.Module):
         semihard = torch.where(farther, d_all, torch.full_like(d_all, float("inf"))).min(dim=1).values
         easiest = torch.where(torch.isinf(d_all), torch.full_like(d_all, -float("inf")), d_all).max(dim=1).values
         return torch.where(torch.isinf(semihard), easiest, semihard)
-
-
-class _CosineTriplet(torch.autograd.Function):
-    """:class:`TripletLoss` with the cosine distance and no mining on the CPU, loss and gradient in
-    one pass of the C kernel ``csrc/cosine_triplet.c`` (:mod:`contrastive_lw.native`); the same
-    values as the PyTorch path up to float32 rounding (tested). The PyTorch path is ~30 element-wise
-    ops over the embeddings, forward and backward: 2.9 -> 1.2 ms for 2 048 triplets of 128-dim
-    embeddings on 2 CPU cores, the greedy layer-1 step 1.14x faster (docs/PERFORMANCE.md)."""
-
-    @staticmethod
-    def applies(*rows: torch.Tensor) -> bool:
-        """Whether the kernel takes these embeddings (float32 B x D on the CPU, and it is built here)."""
-        return (all(x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape == rows[0].shape
-                    for x in rows) and native.cosine_triplet_kernel() is not None)
-
-    @staticmethod
-    def forward(ctx, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
-                margin: float) -> torch.Tensor:
-        rows = [x.contiguous() for x in (anchor, positive, negative)]
-        batch, dim = anchor.shape
-        hinge = anchor.new_empty(batch)
-        grads = anchor.new_empty(3, batch, dim) if any(ctx.needs_input_grad[:3]) else None
-        pointers = [g.data_ptr() for g in grads] if grads is not None else [None] * 3
-        native.cosine_triplet_kernel()(batch, dim, *(x.data_ptr() for x in rows), margin, hinge.data_ptr(), *pointers)
-        ctx.save_for_backward(grads)
-        return hinge.mean()
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        grads = ctx.saved_tensors[0]
-        if float(grad) != 1:  # loss.backward() gives 1 (on the CPU: no sync to read it); a pass saved
-            grads = grads * grad
-        return grads[0], grads[1], grads[2], None
 
 
 # Logits of unit vectors / sqrt(temperature) lie in [-1 / t, 1 / t], so exp(logit - 1 / t) >= exp(-2 / t):
@@ -173,21 +139,16 @@ class _SymmetricNTXent(torch.autograd.Function):
     E = exp(z z^T - ``shift``) with a zero diagonal, ``shift`` the largest possible logit, so E is
     in (0, 1]: loss = mean_i(log sum_j E_ij + shift - z_i . z_partner). With u = 1 / E's row sums
     the gradient is (u * (E z) + E (u * z) - 2 z_partner) / 2B = (W z - 2 z_partner) / 2B with
-    W_ij = E_ij (u_i + u_j): one matmul of W with z, half the FLOPs of E with [z, u * z] (the loss's
-    backward at batch 512 2.5-2.8 -> 1.6 ms with 65 dimensions, 4.5 -> 2.4 ms with 128);
-    autograd's log-softmax path takes two matmuls and more passes over the 2B x 2B matrix (the
-    greedy block-1 step with InfoNCE at batch 512: about 1.1x faster, docs/PERFORMANCE.md)."""
+    W_ij = E_ij (u_i + u_j): one matmul of W with z, half the FLOPs of E with [z, u * z];
+    autograd's log-softmax path takes two matmuls and more passes over the 2B x 2B matrix."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, shift: float) -> torch.Tensor:
         similar = torch.mm(z, z.t())
-        kernel = native.exp_row_sums_kernel() if similar.device.type == "cpu" and z.dtype == torch.float32 else None
-        if kernel is None:
+        sums = kernels.exp_row_sums_(similar, shift)  # one pass of a C kernel on the CPU
+        if sums is None:
             similar.sub_(shift).exp_().diagonal().zero_()
             sums = similar.sum(dim=1)
-        else:  # the same in one pass (csrc/exp_rows.c)
-            sums = similar.new_empty(len(z))
-            kernel(len(z), similar.stride(0), similar.data_ptr(), shift, sums.data_ptr())
         partners = z.roll(len(z) // 2, dims=0)
         ctx.save_for_backward(z, similar, sums)
         return (sums.log() + shift - (z * partners).sum(dim=1)).mean()

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from .accel import kernels
+from .accel.conv import Conv2d, MatmulReluMaxPool
 from .config import per_layer
 from .errors import ConfigError
 
@@ -53,136 +54,6 @@ class ArchConfig:
         return dataclasses.replace(self, widths=self.widths[:k])
 
 
-class Conv2d(nn.Conv2d):
-    """An unpadded, stride-1 ``nn.Conv2d`` that, while its weights train on the CPU on an input that
-    needs no gradient and gives at most 2 x 2 outputs (a greedy block at its receptive field),
-    runs as one matmul of the input's k x k windows with the weight.
-
-    The windows are a strided view of the channels_last input, copied once by the matmul's
-    reshape (im2col); the FLOPs are the convolution's. oneDNN is slow at these shapes: the
-    convolution's forward + weight gradient is 1.6x faster this way on 2 CPU cores and slower
-    at larger outputs (``python experiments/conv_timing.py``). Same parameters, same results;
-    ``matmul_path = False`` (on the class or one instance) always runs the convolution."""
-
-    matmul_path: bool = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._as_matmul(x):
-            return self._im2col_forward(x)
-        return super().forward(x)
-
-    def _as_matmul(self, x: torch.Tensor) -> bool:
-        kernel = self.kernel_size[0]
-        return (self.matmul_path and x.device.type == "cpu" and self.weight.requires_grad and torch.is_grad_enabled()
-                and not x.requires_grad and x.dim() == 4 and x.shape[-2] == x.shape[-1]
-                and 1 <= x.shape[-1] - kernel + 1 <= 2 and self.kernel_size[1] == kernel
-                and self.stride == (1, 1) and self.padding == (0, 0) and self.dilation == (1, 1) and self.groups == 1)
-
-    def _im2col_forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, m = x.shape[0], x.shape[-1] - self.kernel_size[0] + 1
-        y = F.linear(im2col(x, self.kernel_size[0]), flat_weight(self.weight), self.bias)
-        return y.view(n, m, m, self.out_channels).permute(0, 3, 1, 2)  # channels_last memory
-
-
-def im2col(x: torch.Tensor, kernel: int) -> torch.Tensor:
-    """The k x k windows of x (N x C x S x S), (N * outputs) x (k * k * C) in (image, row, column)
-    order: a strided view of the channels_last pixels, copied once by the reshape."""
-    n, channels, side, _ = x.shape
-    m = side - kernel + 1
-    pixels = x.permute(0, 2, 3, 1).contiguous()  # a view for channels_last input
-    row = side * channels
-    windows = pixels.as_strided((n, m, m, kernel, kernel * channels), (side * row, row, channels, row, 1))
-    return windows.reshape(n * m * m, -1)
-
-
-def flat_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A convolution weight C_out x C_in x k x k as C_out x (k * k * C_in), in :func:`im2col`'s order."""
-    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
-
-
-class _MatmulReluMaxPool(torch.autograd.Function):
-    """ReLU of the max-pool over a whole ``side`` x ``side`` convolution output (``side`` = input
-    side - kernel + 1) of channels_last input x: the convolution as matmuls, one max over the
-    positions with the bias added after it (a per-channel constant does not move the max) and the
-    ReLU, and a backward that gives the weight and bias gradients and no gradient of x. Unfused,
-    ReLU, max-pool, their backward passes and layout copies each move the 4x larger convolution
-    output through memory: the greedy layer-1 step is ~1.2x faster fused.
-
-    On the CPU with the C kernels of ``csrc/max_pool_relu.c`` (:mod:`contrastive_lw.native`) no
-    windows are copied: output row r is one matmul of every patch's input rows r..r+k-1 (a strided
-    matrix) with the weight placed at each output column (:func:`_output_rows`; the greedy layer-1
-    step 8.8-9.5 -> 7.5-8.1 ms against im2col, AVX-512 Xeon, docs/PERFORMANCE.md). The max is a
-    kernel, and so is the backward: each output's gradient reaches only its winning window, so the
-    weight's gradient sums those windows alone, read from x (1/4 of the terms of the dense product
-    at 2 x 2). Elsewhere the windows are copied out (im2col) for one matmul, then PyTorch's
-    max-pool, a scatter of the gradient to the winning position (the first on ties, as
-    ``max_pool2d``) and windows.T @ gradient (the faster operand order here); the bench counts the
-    model's FLOPs on this path."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        n, channels, kernel = x.shape[0], weight.shape[0], weight.shape[-1]
-        side = x.shape[-1] - kernel + 1
-        applies = x.device.type == "cpu" and x.dtype == torch.float32 and side * side <= 256  # winners: bytes
-        kernels = native.max_pool_relu_kernels() if applies else None
-        ctx.weight_shape = weight.shape
-        if kernels is None:
-            windows = im2col(x, kernel)
-            out = windows @ flat_weight(weight).t()
-            best, where = F.max_pool2d_with_indices(out.view(n, side, side, channels).permute(0, 3, 1, 2), side)
-            best = torch.add(best.view(n, channels), bias).clamp_min_(0)  # channels_last N x C x 1 x 1: a view
-            ctx.save_for_backward(windows, where.view(n, channels), best)
-            return best
-        pixels = x.permute(0, 2, 3, 1).contiguous()  # N x S x S x C: a view of channels_last input
-        planes = _output_rows(pixels, weight, side)
-        best, where = planes.new_empty(n, channels), torch.empty(n, channels, dtype=torch.uint8)
-        bias = bias.detach().contiguous()  # named: a temporary's memory would be freed before the call
-        kernels[0](n, side, side, channels, planes.data_ptr(), planes.stride(0), bias.data_ptr(), best.data_ptr(),
-                   where.data_ptr())
-        ctx.save_for_backward(pixels, where, best)
-        return best
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        saved, where, best = ctx.saved_tensors
-        channels, in_channels, kernel, _ = ctx.weight_shape
-        if where.dtype == torch.uint8:  # the C kernels' forward: the gradients from the winning windows alone
-            pixels, grad = saved, grad.contiguous()  # named: kept alive through the call
-            n, size, _, _ = pixels.shape
-            side, row = size - kernel + 1, size * in_channels
-            features = (kernel - 1) * row + kernel * in_channels  # a window's rows and the pixels between them
-            grad_rows, grad_bias = grad.new_empty(channels, features), grad.new_empty(channels)
-            native.check(native.max_pool_relu_kernels()[1](
-                n, side * side, side, channels, features, pixels.data_ptr(), size * row, row, in_channels,
-                grad.data_ptr(), best.data_ptr(), where.data_ptr(), grad_rows.data_ptr(), grad_bias.data_ptr()),
-                "the max-pool")
-            grad_rows = F.pad(grad_rows, (0, row - kernel * in_channels)).view(channels, kernel, size, in_channels)
-            return None, grad_rows[:, :, :kernel].contiguous().permute(0, 3, 1, 2), grad_bias
-        windows, n = saved, grad.shape[0]
-        grad = grad * best.sign()  # ReLU: no gradient where the max was <= 0
-        grad_out = grad.new_zeros(n, windows.shape[0] // n, channels).scatter_(1, where.unsqueeze(1), grad.unsqueeze(1))
-        grad_weight = (windows.t() @ grad_out.view(windows.shape[0], -1)).t()
-        return None, grad_weight.reshape(channels, kernel, kernel, in_channels).permute(0, 3, 1, 2), grad.sum(0)
-
-
-def _output_rows(pixels: torch.Tensor, weight: torch.Tensor, side: int) -> torch.Tensor:
-    """side x N x (side * C_out): row r of the convolution of pixels (N x S x S x C_in, contiguous)
-    with weight (C_out x C_in x k x k), output column c at c * C_out. Input rows r..r+k-1 of all
-    patches are one N x (k * S * C_in) matrix (rows S * S * C_in apart, no copy); the weight is
-    placed at each output column of a k x S window, zeros elsewhere (S / k more multiply-adds)."""
-    n, size, _, in_channels = pixels.shape
-    channels, kernel = weight.shape[0], weight.shape[-1]
-    placed = weight.new_zeros(side, channels, kernel, size, in_channels)
-    for column in range(side):
-        placed[column, :, :, column:column + kernel] = weight.permute(0, 2, 3, 1)
-    placed = placed.view(side * channels, -1).t()
-    flat, row = pixels.view(n, -1), size * in_channels
-    planes = pixels.new_empty(side, n, side * channels)
-    for r in range(side):
-        torch.mm(flat[:, r * row:(r + kernel) * row], placed, out=planes[r])
-    return planes
-
-
 class ConvBlock(nn.Sequential):
     """conv (stride 1, no padding) -> [BatchNorm] -> ReLU -> [max-pool]. The forward pass pools
     before the ReLU: max-pool and ReLU commute, and the ReLU and its backward then run on the
@@ -201,7 +72,7 @@ class ConvBlock(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused(x):
-            return _MatmulReluMaxPool.apply(x, self.conv.weight, self.conv.bias).view(x.shape[0], -1, 1, 1)
+            return MatmulReluMaxPool.apply(x, self.conv.weight, self.conv.bias).view(x.shape[0], -1, 1, 1)
         x = self.pre_activation(x)
         if self.pool > 1:  # pool, then ReLU: the same map and gradient (ReLU is monotone), on a 4x smaller map
             x = self[-1](x)
@@ -262,29 +133,17 @@ class LayerwiseNet(nn.Module):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - mean) / std`` per channel (uint8 input: ``x / 255`` first), laid out channels_last,
-        the layout the convolutions are fastest in on CPU and GPU (block features of 32x32 images 2x,
-        a fine-tuning step 1.27-1.32x on the CPU: ``experiments/layout_timing.py``). The arithmetic
-        runs before the layout change: per-channel arithmetic on channels_last patches is ~1.8x
-        slower. One fused ``addcmul`` is ~1.7x faster but made a two-process run drift 4e-5 from
-        the one-process run (tests/test_distributed.py), so it is not used. On the CPU, without
-        gradient, one pass of the C kernel ``csrc/normalize.c`` does the same float32 operations
-        (1.0 -> 0.3 ms for a greedy layer-1 batch of 6 144 7x7 patches, ``experiments/kernel_timing.py``)."""
-        kernel = native.normalize_kernel() if self._native_normalize(x) else None
-        if kernel is not None:
-            n, channels, height, width = x.shape
-            out, strides = torch.empty(n, height, width, channels), torch.tensor(x.stride())
-            native.check(kernel(n, channels, height, width, strides.data_ptr(), x.data_ptr(), x.dtype == torch.uint8,
-                                self.mean.data_ptr(), self.std.data_ptr(), out.data_ptr()), "the normalisation")
-            return out.permute(0, 3, 1, 2)
+        the layout the convolutions are fastest in on CPU and GPU (docs/PERFORMANCE.md). The
+        arithmetic runs before the layout change, and not as one fused ``addcmul``, whose rounding
+        made a two-process run drift from the one-process run. On the CPU, without gradient, one
+        pass of a C kernel does the same float32 operations (:func:`accel.kernels.normalize`)."""
+        fast = kernels.normalize(x, self.mean, self.std)
+        if fast is not None:
+            return fast
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
         x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
         return x.contiguous(memory_format=torch.channels_last)
-
-    def _native_normalize(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.uint8)
-                and self.mean.dtype == self.std.dtype == torch.float32 and self.mean.is_contiguous()
-                and self.std.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled()))
 
     def forward(self, x: torch.Tensor, num_blocks: int | None = None) -> torch.Tensor:
         """Features after the first ``num_blocks`` blocks (all by default)."""

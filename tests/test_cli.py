@@ -91,6 +91,21 @@ def test_config_file_errors(tmp_path, npz, capsys):
     assert "malformed YAML" in _error(capsys, _pretrain(npz, tmp_path / "r", "--config", str(malformed)))
 
 
+def test_set_overrides_any_setting_of_the_config_file(tmp_path, npz, capsys):
+    """``--set SECTION.KEY=VALUE`` reaches fields that have no flag, on top of --config; flags win."""
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text("pretrain:\n  loss: {name: infonce, temperature: 0.5}\n  lr: 0.01\n")
+    assert _pretrain(npz, tmp_path / "r", "--config", str(config), "--set", "pretrain.loss.temperature=0.2",
+                     "--set", "pretrain.embed_dim=16", "--set", "pretrain.lr=0.5", "--lr", "0.002") == 0
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["pretrain"]
+    assert (saved["loss"]["temperature"], saved["loss"]["name"], saved["embed_dim"], saved["lr"]) == (0.2, "infonce", 16, 0.002)
+    assert "lerning_rate" in _error(capsys, _pretrain(npz, tmp_path / "x", "--set", "pretrain.lerning_rate=1"))
+    assert "SECTION.KEY=VALUE" in _error(capsys, _pretrain(npz, tmp_path / "x", "--set", "pretrain.lr"))
+    assert "unknown section" in _error(capsys, _pretrain(npz, tmp_path / "x", "--set", "study.lr=1"))
+
+
 @pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--lr", "-1"), ("--epochs-per-layer", "0")])
 def test_non_positive_sizes_and_rates(tmp_path, npz, capsys, flag, value):
     assert flag.lstrip("-").replace("-", "_") in _error(capsys, _pretrain(npz, tmp_path / "r", flag, value))

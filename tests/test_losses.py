@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
-from contrastive_lw import native
+from contrastive_lw.accel import native
 from contrastive_lw.errors import ConfigError
-from contrastive_lw.losses import (SYMMETRIC_MIN_TEMPERATURE, InfoNCELoss, LossConfig, TripletLoss, _CosineTriplet,
-                                   build_loss, nt_xent, paired_distance)
+from contrastive_lw.accel.kernels import CosineTriplet
+from contrastive_lw.losses import (SYMMETRIC_MIN_TEMPERATURE, InfoNCELoss, LossConfig, TripletLoss, build_loss, nt_xent,
+                                   paired_distance)
 
 
 def test_cosine_triplet_values_on_hand_made_vectors():
@@ -78,7 +79,7 @@ def test_cosine_triplet_kernel_equals_the_pytorch_path_in_value_and_gradient(mon
     if native.cosine_triplet_kernel() is None:
         pytest.skip("no C compiler here: the PyTorch path is the one in use")
     rows, loss = triplets_with_edge_cases(), TripletLoss(margin=0.5)
-    assert _CosineTriplet.applies(*rows)
+    assert CosineTriplet.applies(*rows)
     got, got_grads = loss_and_grads(loss, rows)
     with torch.no_grad():
         assert loss(*rows) == got  # no gradient wanted: the same value

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from contrastive_lw.memory import KEEP_FREED_MEMORY_ENV, _on_glibc, keep_freed_memory, on_huge_pages
+from contrastive_lw.accel.memory import KEEP_FREED_MEMORY_ENV, _on_glibc, keep_freed_memory, on_huge_pages
 
 # Allocates, fills and frees a 40 MB tensor again and again (a step's tensors, past glibc's 32 MB
 # cap on its own mmap threshold); prints the median share of its pages faulted in per cycle once

@@ -1,8 +1,11 @@
 import contextlib
+import os
+import shutil
+
 import pytest
 import torch
 
-from contrastive_lw import native
+from contrastive_lw.accel import native
 from contrastive_lw.augment import AugmentConfig, Augmentation, to_float
 from contrastive_lw.data import load_dataset
 from contrastive_lw.patches import PatchIndex, PatchSampler, crop
@@ -158,3 +161,22 @@ def test_patches_and_a_short_run_agree_with_and_without_the_kernels(tmp_path, im
     torch.testing.assert_close(runs["native"][0], runs["pytorch"][0], atol=1e-5, rtol=0)
     for a, b in zip(runs["native"][1].state_dict().values(), runs["pytorch"][1].state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_the_build_cache_key_covers_the_cpus_instruction_sets(monkeypatch):
+    """A library built with -march=native on one CPU is never loaded on a CPU with other vector units."""
+    source = native.SOURCES / "uniform.c"
+    here = native.library_path(source, "cc", ["-O3", "-march=native"])
+    assert native.library_path(source, "cc", ["-O3", "-march=native"]) == here
+    monkeypatch.setattr(native, "cpu_target", lambda compiler: "#define __AVX512F__ 1\n")
+    elsewhere = native.library_path(source, "cc", ["-O3", "-march=native"])
+    monkeypatch.setattr(native, "cpu_target", lambda compiler: "#define __AVX2__ 1\n")
+    assert native.library_path(source, "cc", ["-O3", "-march=native"]) != elsewhere
+    assert native.library_path(source, "cc", ["-O3"]) == native.library_path(source, "cc", ["-O3"])
+
+
+def test_the_compiler_names_this_cpus_instruction_sets():
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler here")
+    assert "#define" in native.cpu_target(compiler)

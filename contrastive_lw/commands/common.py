@@ -20,11 +20,35 @@ def add_data_arguments(parser: argparse.ArgumentParser, default: str = "sample")
 
 def add_run_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("--out", required=True, help=out_help)
-    parser.add_argument("--config", default=None, help="YAML file of settings; flags override it")
+    add_config_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--force", action="store_true",
                         help="continue in --out even if its saved config differs")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_help: str = "YAML file of settings") -> None:
+    parser.add_argument("--config", default=None, help=f"{config_help}; --set and flags override it")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                        help="override any setting of the config file, e.g. pretrain.loss.temperature=0.2 "
+                             "(VALUE read as YAML: 0.2, [64, 128], true); repeatable")
+
+
+def file_config(args: argparse.Namespace, sections: set[str] | None = None) -> dict[str, Any]:
+    """The ``--config`` YAML (empty without one) with every ``--set`` override on top; with
+    ``sections``, a top-level key outside them is a ConfigError naming the valid ones. The
+    result goes to :func:`contrastive_lw.config.from_dict`, which checks every key and value."""
+    from ..config import load_yaml, set_dotted
+
+    values = load_yaml(args.config) if args.config else {}
+    for override in args.overrides:
+        set_dotted(values, override)
+    unknown = sorted(set(values) - sections) if sections is not None else []
+    if unknown:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown section(s) {unknown} in {args.config or '--set'}; valid: {sorted(sections)}")
+    return values
 
 
 def data_settings(args: argparse.Namespace, saved: dict[str, Any] | None, default: str = "sample") -> dict[str, Any]:

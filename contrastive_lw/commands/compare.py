@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_config_arguments, file_config
+
 HELP = "run the transfer study (inits x modes x layers x seeds) and write results.json, report.md, figures/"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="study directory (re-running resumes it)")
-    parser.add_argument("--config", default=None,
-                        help="study YAML (default: the CPU-sized quick study on the bundled sample, "
-                             "experiments/configs/quick.yaml)")
+    add_config_arguments(parser, "study YAML (default: the CPU-sized quick study on the bundled sample, "
+                                 "experiments/configs/quick.yaml)")
     parser.add_argument("--data-root", default=None, help="overrides data_root of the config")
     parser.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
     parser.add_argument("--no-pool1", action="store_true", help="block 1 without max-pool (pooling ablation)")
@@ -22,11 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from ..config import load_yaml, to_dict
+    from ..config import to_dict
     from ..runs import prepare_run_dir
     from ..study import Study, StudyConfig, summarize
 
-    config = StudyConfig.from_dict(load_yaml(args.config) if args.config else {})
+    config = StudyConfig.from_dict(file_config(args))
     if args.data_root:
         config = dataclasses.replace(config, data_root=args.data_root)
     if args.no_pool1:

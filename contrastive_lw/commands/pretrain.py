@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_data_arguments, add_run_arguments, data_settings, parse_int_list, parse_str_list
+from .common import add_data_arguments, add_run_arguments, data_settings, file_config, parse_int_list, parse_str_list
 
 HELP = "pretrain conv blocks without labels, one layer at a time (or end-to-end)"
 
@@ -64,18 +64,14 @@ def pretrain_settings(args: argparse.Namespace, saved: dict[str, Any] | None) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_yaml, to_dict
+    from ..config import to_dict
     from ..data import load_dataset
-    from ..errors import ConfigError
     from ..pretrain import LayerwisePretrainer, PretrainConfig
     from ..runs import prepare_run_dir
 
-    file_config = load_yaml(args.config) if args.config else {}
-    unknown = sorted(set(file_config) - {"data", "pretrain"})
-    if unknown:
-        raise ConfigError(f"unknown section(s) {unknown} in {args.config}; valid: ['data', 'pretrain']")
-    data = data_settings(args, file_config.get("data"))
-    config = PretrainConfig.from_dict(pretrain_settings(args, file_config.get("pretrain")))
+    settings = file_config(args, {"data", "pretrain"})
+    data = data_settings(args, settings.get("data"))
+    config = PretrainConfig.from_dict(pretrain_settings(args, settings.get("pretrain")))
     images = load_dataset(data["dataset"], "train", data["data_root"], data["classes"], data["limit"],
                           data["download"]).images
     out = prepare_run_dir(args.out, {"data": data, "pretrain": to_dict(config)}, args.force)

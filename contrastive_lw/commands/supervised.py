@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_data_arguments, add_run_arguments, data_settings, parse_int_list
+from .common import add_data_arguments, add_run_arguments, data_settings, file_config, parse_int_list
 
 HELP = "train the same network with labels (the supervised initialisation for transfer)"
 
@@ -20,23 +20,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import from_dict, load_yaml, to_dict
+    from ..config import from_dict, to_dict
     from ..data import load_dataset
-    from ..errors import ConfigError
     from ..model import ArchConfig
     from ..runs import prepare_run_dir
     from ..supervised import train_supervised
     from ..transfer import TransferConfig
 
-    file_config = load_yaml(args.config) if args.config else {}
-    unknown = sorted(set(file_config) - {"data", "arch", "supervised"})
-    if unknown:
-        raise ConfigError(f"unknown section(s) {unknown} in {args.config}; valid: ['arch', 'data', 'supervised']")
-    data = data_settings(args, file_config.get("data"), default="cifar100")
-    arch = from_dict(ArchConfig, {**file_config.get("arch", {}), **({"widths": args.widths} if args.widths else {})},
+    settings = file_config(args, {"data", "arch", "supervised"})
+    data = data_settings(args, settings.get("data"), default="cifar100")
+    arch = from_dict(ArchConfig, {**settings.get("arch", {}), **({"widths": args.widths} if args.widths else {})},
                      "arch config")
     flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
-    config = TransferConfig.from_dict({"new_widths": [], "hidden": 0, **file_config.get("supervised", {}),
+    config = TransferConfig.from_dict({"new_widths": [], "hidden": 0, **settings.get("supervised", {}),
                                        **{k: v for k, v in flags.items() if v is not None}})
     train, test = (load_dataset(data["dataset"], split, data["data_root"], data["classes"], data["limit"],
                                 data["download"]) for split in ("train", "test"))

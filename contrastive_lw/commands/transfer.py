@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_data_arguments, add_run_arguments, data_settings
+from .common import add_data_arguments, add_run_arguments, data_settings, file_config
 
 HELP = "transfer the first k pretrained blocks into a classifier (frozen, finetune or linear)"
 
@@ -32,22 +32,19 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..config import load_yaml, to_dict
+    from ..config import to_dict
     from ..data import load_dataset
     from ..distributed import is_main_process
     from ..errors import ConfigError
     from ..runs import RunLogger, prepare_run_dir
     from ..transfer import TransferConfig, load_init, train_transfer
 
-    file_config = load_yaml(args.config) if args.config else {}
-    unknown = sorted(set(file_config) - {"data", "transfer"})
-    if unknown:
-        raise ConfigError(f"unknown section(s) {unknown} in {args.config}; valid: ['data', 'transfer']")
-    data = data_settings(args, file_config.get("data"), default="cifar10")
+    settings = file_config(args, {"data", "transfer"})
+    data = data_settings(args, settings.get("data"), default="cifar10")
     flags = {"layers": args.layers, "mode": args.mode, "epochs": args.epochs, "batch_size": args.batch_size,
              "lr": args.lr, "layer_lr_ratio": args.layer_lr_ratio, "l2sp": args.l2sp, "pool": args.pool,
              "keep": args.keep, "seed": args.seed}
-    values = {**file_config.get("transfer", {}), **{k: v for k, v in flags.items() if v is not None}}
+    values = {**settings.get("transfer", {}), **{k: v for k, v in flags.items() if v is not None}}
     config = TransferConfig.from_dict(values)
     train, test = (load_dataset(data["dataset"], split, data["data_root"], data["classes"], data["limit"],
                                 data["download"]) for split in ("train", "test"))

@@ -1,7 +1,6 @@
-/* The CPU kernel of losses._SymmetricNTXent's forward: x <- exp(x - shift) in place over a square
+/* The CPU kernel of contrastive_lw.losses._SymmetricNTXent's forward: x <- exp(x - shift) in place over a square
  * similarity matrix, its diagonal set to 0, and each row's sum, in one pass. In PyTorch these are a
- * subtraction, an exponential, a diagonal write and a sum, each a trip through the matrix (at
- * 1 024 x 1 024 on 2 cores of the AMD EPYC: 0.95 ms against 0.46-0.5 ms here).
+ * subtraction, an exponential, a diagonal write and a sum, each a trip through the matrix.
  *
  * The exponential is Cephes' expf (range reduction by ln 2 in two parts, a degree-6 polynomial,
  * the power of two written into the exponent bits): within 3 ulp of the exact value for arguments

@@ -14,8 +14,7 @@
 #endif
 
 /* patches: their rows are far apart in memory, fetch them early; into L2 (prefetcht2), as
- * prefetches into L1 stall when its few line-fill buffers are taken (0.98 -> 0.82 ms a batch with
- * both ends of each row, AVX-512 Xeon) */
+ * prefetches into L1 stall when its few line-fill buffers are taken (both ends of each row) */
 #define PREFETCH_AHEAD 4
 
 /* settings: what AugmentConfig fixes, in this order, then the 4 x 9 colour basis */

@@ -140,14 +140,33 @@ def _kernel(name: str, argtypes: list, restype: type | None, extra_flags: Sequen
     return _unavailable(purpose, f"{compiler} could not build {source.name}: {error.strip()[-500:]}")
 
 
-def _build(source: Path, compiler: str, flags: list[str]) -> Path:
-    """The shared library built from ``source`` with ``flags``, from the cache when there (the
-    key covers the source, the compiler, the flags and the machine, as -march=native is per CPU)."""
-    from .data import cache_dir  # the dataset cache's folder (importing data loads torchvision)
+def library_path(source: Path, compiler: str, flags: Sequence[str]) -> Path:
+    """Where the library of ``source`` built with ``flags`` is cached: the key covers the source,
+    the compiler, the flags, the machine and, for ``-march=native``, the instruction sets the
+    compiler targets on this CPU, so a cache copied to another CPU is rebuilt, never run."""
+    from ..data import cache_dir  # the dataset cache's folder (importing data loads torchvision)
 
-    text = source.read_bytes()
-    key = hashlib.sha256(b"\0".join([text, *(s.encode() for s in (compiler, *flags, *platform.uname()))]))
-    target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    target_cpu = cpu_target(compiler) if "-march=native" in flags else ""
+    parts = (compiler, *flags, *platform.uname(), target_cpu)
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), *(s.encode() for s in parts)]))
+    return cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+
+
+@functools.cache
+def cpu_target(compiler: str) -> str:
+    """The macros ``compiler -march=native`` predefines (``__AVX512F__``, ``__FMA__``, ...): the
+    instruction sets a native build uses on this CPU (empty where the compiler cannot say)."""
+    try:
+        return subprocess.run([compiler, "-march=native", "-dM", "-E", "-x", "c", os.devnull],
+                              capture_output=True, text=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(source: Path, compiler: str, flags: list[str]) -> Path:
+    """The shared library built from ``source`` with ``flags``, from the cache when there
+    (:func:`library_path`)."""
+    target = library_path(source, compiler, flags)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # then one rename: safe across processes

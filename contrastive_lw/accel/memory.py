@@ -50,9 +50,8 @@ def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
     where the advice is refused, ``tensor`` itself.
 
     Patches cut at random places of a dataset's frames touch a new 4 KiB page each row, and the
-    TLB holds a few MB of them: the patch kernel waits on page walks. On 2 MiB pages it cut a
-    batch 1.11 -> 0.96 ms (the 25 000 CIFAR-10 source images, AVX-512 Xeon; ~4 %, noise, on an
-    AMD EPYC: docs/PERFORMANCE.md). The mapping lives as long as the copy."""
+    TLB holds a few MB of them: the patch kernel waits on page walks, fewer on 2 MiB pages
+    (docs/PERFORMANCE.md). The mapping lives as long as the copy."""
     import torch
 
     nbytes = tensor.numel() * tensor.element_size()

@@ -42,7 +42,7 @@ void max_pool_relu(int64_t n, int64_t rows, int64_t cols, int64_t channels, cons
 /* The backward adds the terms of PATCHES patches per pass over a gradient row (each load and store
  * of the row serves PATCHES multiply-adds), in vectors of LANES floats: one register of the CPU's
  * widest (AVX-512: 16; else 8, AVX2's, for which GCC split 16-float vectors into pairs and spilled
- * the group's gradients to the stack, the kernel 3x slower on an AVX2 EPYC). */
+ * the group's gradients to the stack, the kernel 3x slower). */
 #define PATCHES 8
 #ifdef __AVX512F__
 #define LANES 16
