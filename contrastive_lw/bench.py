@@ -281,7 +281,23 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
                       "work": work,
                       "seed_spread": _seed_spread([run["seed_accs"] for run in greedy_runs + end2end_runs]),
                       "layerwise_runs": greedy_runs, "end2end_runs": end2end_runs})
+        races[-1]["verdict"] = race_verdict(races[-1])
     return races
+
+
+def race_verdict(race: dict) -> str:
+    """One word on the race: ``greedy faster`` / ``end-to-end faster`` where every reading of the
+    time ratio agrees (at the target, re-timed back to back, within one probe standard error of
+    it), else ``within noise``: this protocol cannot tell, more seeds or probe images may."""
+    if not race["reached"]:
+        return "end-to-end faster" if race["within_noise"]["ratio"] is None else "within noise"
+    readings = [race["ratio"], race["within_noise"]["ratio"]]
+    readings += [race["paired"]["ratio"]] if race["paired"] else []
+    if any(r is None for r in readings):
+        return "within noise"
+    if all(r < 1 for r in readings):
+        return "greedy faster"
+    return "end-to-end faster" if all(r > 1 for r in readings) else "within noise"
 
 
 def simclr_peer(source: torch.Tensor, target: ImageData, target_test: ImageData, arch: ArchConfig,
@@ -388,6 +404,8 @@ def format_table(result: dict) -> str:
                    f"{race['layerwise_s']:.1f} s, end-to-end {100 * race['end2end_acc']:.1f}% in "
                    f"{race['end2end_s']:.1f} s, time ratio {race['ratio']:.2f}"),
                   *_paired_lines(race["paired"]), _noise_line(race["within_noise"]), *_seed_lines(race["seed_spread"]),
+                  f"  verdict: {race['verdict']}" + ("" if race["seeds"] > 1 else
+                                                     " (one pretraining seed: --seeds 2 or more gives the spread)"),
                   (f"  work of those runs (FLOPs counted): greedy {race['work']['layerwise_gflop']:,.0f} GFLOP, "
                    f"end-to-end {race['work']['end2end_gflop']:,.0f} GFLOP, ratio {race['work']['ratio']:.2f}")]
     lines += ["", f"SimCLR peer, same backbone, {peer['budget_s']:.1f} s: {100 * peer['simclr_acc']:.1f}% "

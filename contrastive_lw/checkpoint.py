@@ -5,7 +5,8 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import torch
 
@@ -15,16 +16,16 @@ FORMAT_VERSION = 1
 BACKBONE = "contrastive-lw/backbone"
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Write ``payload`` (tensors, numbers, strings, lists, dicts) atomically: temp file, fsync,
-    rename. A crash leaves either the old file or the new one, never half of one."""
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file atomically: ``write`` fills a temporary file beside ``path``, which is then
+    fsynced and renamed over it (and the folder fsynced). A crash leaves either the old file or
+    the new one, never half of one, and no temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format_version": FORMAT_VERSION, **payload}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -36,6 +37,12 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
+    """Write ``payload`` (tensors, numbers, strings, lists, dicts) atomically (:func:`write_atomic`)
+    with the format version."""
+    write_atomic(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **payload}, f))
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -100,6 +107,12 @@ def layer_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def deepest_layer(run_dir: str | Path) -> Path | None:
+    """The checkpoint of the deepest finished layer of a run directory (None: no finished layer)."""
+    layers = layer_checkpoints(run_dir)
+    return layers[max(layers)] if layers else None
+
+
 def load_backbone(source: str | Path, map_location: str | torch.device = "cpu"):
     """The pretrained :class:`~contrastive_lw.model.LayerwiseNet` in a checkpoint file or in a run
     directory (its deepest finished layer), holding the trained blocks only.
@@ -114,10 +127,10 @@ def load_backbone(source: str | Path, map_location: str | torch.device = "cpu"):
 
     source = Path(source)
     if source.is_dir():
-        layers = layer_checkpoints(source)
-        if not layers:
+        deepest = deepest_layer(source)
+        if deepest is None:
             raise CheckpointError(f"{source} holds no finished layer (layerK.pt): pretrain first")
-        source = layers[max(layers)]
+        source = deepest
     payload = load_checkpoint(source, BACKBONE, map_location)
     arch = from_dict(ArchConfig, payload["arch"], "checkpoint arch")
     net = LayerwiseNet(arch)

@@ -268,13 +268,11 @@ def cache_dir() -> Path:
 
 
 def _save_atomic(payload: dict[str, torch.Tensor], path: Path) -> None:
-    """Write the cache file via a temporary file; a cache that cannot be written only warns."""
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    """Write the cache file atomically; a cache that cannot be written only warns."""
+    from .checkpoint import write_atomic
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: torch.save(payload, f))
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as RuntimeError
-        tmp.unlink(missing_ok=True)
         warnings.warn(f"could not write the dataset cache {path} ({error}); set CONTRASTIVE_LW_CACHE "
                       "to a writable folder to skip decoding next time", stacklevel=3)

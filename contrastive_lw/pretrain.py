@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .augment import AugmentConfig, Augmentation, build_augmentation, to_float
-from .checkpoint import (BACKBONE, layer_checkpoints, load_checkpoint, restore_rng_state, rng_state, save_backbone,
+from .checkpoint import (BACKBONE, deepest_layer, load_checkpoint, restore_rng_state, rng_state, save_backbone,
                          save_checkpoint)
 from .config import from_dict, per_layer, to_dict
 from .device import autocast, resolve_device
@@ -251,10 +251,9 @@ class LayerwisePretrainer:
 
     def _resume(self, net: LayerwiseNet) -> int:
         """Load the deepest finished layer of the run directory; returns how many blocks it holds."""
-        finished = layer_checkpoints(self.out_dir)
-        if not finished:
+        path = deepest_layer(self.out_dir)
+        if path is None:
             return 0
-        path = finished[max(finished)]
         payload = load_checkpoint(path, BACKBONE)
         if payload["arch"] != to_dict(self.config.arch):
             raise CheckpointError(f"{path} was written for another architecture: use a new --out")

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import write_atomic
 from .config import from_dict, to_dict
 from .data import ImageData, load_dataset
 from .errors import ConfigError
@@ -153,10 +154,8 @@ class Study:
         return json.loads(path.read_text())["records"] if path.exists() else []
 
     def _write(self, records: list[dict]) -> None:
-        path = self.out_dir / "results.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"config": to_dict(self.config), "setup": self.setup, "records": records}, indent=1))
-        tmp.replace(path)
+        text = json.dumps({"config": to_dict(self.config), "setup": self.setup, "records": records}, indent=1)
+        write_atomic(self.out_dir / "results.json", lambda f: f.write(text.encode()))
 
     def setup_text(self) -> str:
         cfg, setup = self.config, self.setup

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import (BACKBONE, layer_checkpoints, load_backbone, load_checkpoint, restore_rng_state, rng_state,
+from .checkpoint import (BACKBONE, deepest_layer, load_backbone, load_checkpoint, restore_rng_state, rng_state,
                          save_checkpoint)
 from .config import from_dict, to_dict
 from .data import ImageData
@@ -242,7 +242,7 @@ def load_init(init: str | Path, target_images: torch.Tensor,
         net.set_normalization(target_images)
         return "random", net
     path = Path(init)
-    if path.is_dir() and layer_checkpoints(path):
-        path = layer_checkpoints(path)[max(layer_checkpoints(path))]
+    if path.is_dir() and deepest_layer(path) is not None:
+        path = deepest_layer(path)
     mode = load_checkpoint(path, BACKBONE).get("mode", "greedy")
     return {"greedy": "layerwise"}.get(mode, mode), load_backbone(path)

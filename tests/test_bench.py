@@ -355,3 +355,17 @@ def test_the_device_names_the_cpu_model(tmp_path):
     assert bench.cpu_model(cpuinfo) == "AMD EPYC 7B13"
     assert bench.cpu_model(tmp_path / "missing") == (platform.processor() or platform.machine())
     assert bench.describe_device(torch.device("cpu")).startswith(f"{bench.cpu_model()} CPU, ")
+
+
+@pytest.mark.parametrize("ratio, noise_ratio, paired_ratio, reached, verdict", [
+    (0.4, 0.5, 0.45, True, "greedy faster"),
+    (1.6, 1.3, 1.7, True, "end-to-end faster"),
+    (0.8, 1.2, 0.9, True, "within noise"),       # the target's reading and the noise band's disagree
+    (0.8, 0.9, 1.1, True, "within noise"),       # re-timed back to back, the other side wins
+    (0.9, None, None, True, "within noise"),     # greedy never came within the noise band
+    (1.0, None, None, False, "end-to-end faster"),
+])
+def test_each_race_says_whether_its_time_ratio_is_beyond_noise(ratio, noise_ratio, paired_ratio, reached, verdict):
+    race = {"reached": reached, "ratio": ratio, "within_noise": {"ratio": noise_ratio},
+            "paired": None if paired_ratio is None else {"ratio": paired_ratio}}
+    assert bench.race_verdict(race) == verdict
