@@ -95,6 +95,9 @@ def test_bench_race_batch_and_paired_rounds_reach_the_race(tmp_path, monkeypatch
     monkeypatch.setattr(bench, "format_table", lambda result: "")
     assert main(["bench", "--race-batch", "256", "--paired-rounds", "5", "--out", str(tmp_path / "b.json")]) == 0
     assert seen == {"race_batch": 256, "paired_rounds": 5}
+    assert main(["bench", "--quick", "--set", "bench.race_batch=32", "--set", "bench.paired_rounds=2", "--paired-rounds",
+                 "4", "--out", str(tmp_path / "b.json")]) == 0
+    assert seen == {"race_batch": 32, "paired_rounds": 4}  # --set reaches any field; a flag wins over it
 
 
 def test_layer_fractions_pair_each_round_so_drift_cancels(monkeypatch):

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from .common import parse_int_list
+from .common import add_config_arguments, file_config, parse_int_list
 
 HELP = "benchmark: matmul ceiling, per-layer throughput, data pipeline, layer-wise vs end-to-end, SimCLR peer"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench.json", help="JSON file for the figures")
+    add_config_arguments(parser, "YAML with a bench section (BenchConfig's fields)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (about a minute on 2 CPU cores)")
     parser.add_argument("--batch-sizes", type=parse_int_list, default=None,
                         help="per layer, for the throughput figures (default 2048,512; a GPU wants e.g. 32768,8192)")
@@ -43,29 +44,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
     import json
     import sys
     import time
     from pathlib import Path
 
     from ..bench import BenchConfig, format_table, race_data, run_bench
+    from ..config import from_dict, to_dict
 
-    config = BenchConfig.quick() if args.quick else BenchConfig()
-    if args.batch_sizes:
-        config = dataclasses.replace(config, batch_sizes=tuple(args.batch_sizes))
-    if args.seeds is not None:
-        config = dataclasses.replace(config, seeds=args.seeds)
-    if args.paired_rounds is not None:
-        config = dataclasses.replace(config, paired_rounds=args.paired_rounds)
-    if args.race_batch is not None:
-        config = dataclasses.replace(config, race_batch=args.race_batch)
-    if args.deeper_steps is not None:
-        config = dataclasses.replace(config, deeper_steps=args.deeper_steps)
-    if args.resolution is not None:
-        config = dataclasses.replace(config, resolution=args.resolution)
-    if args.probe_images is not None:
-        config = dataclasses.replace(config, probe_images=args.probe_images)
+    values = {**to_dict(BenchConfig.quick() if args.quick else BenchConfig()), **file_config(args, {"bench"}).get("bench", {})}
+    flags = {"batch_sizes": args.batch_sizes or None, "seeds": args.seeds, "paired_rounds": args.paired_rounds,
+             "race_batch": args.race_batch, "deeper_steps": args.deeper_steps, "resolution": args.resolution,
+             "probe_images": args.probe_images}
+    config = from_dict(BenchConfig, {**values, **{k: v for k, v in flags.items() if v is not None}}, "bench config")
     source, target, target_test = race_data(args.dataset, args.data_root, args.source_classes, args.target_classes,
                                             config.probe_images, args.heldout_test)
     start = time.perf_counter()
