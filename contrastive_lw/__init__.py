@@ -9,7 +9,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 _PUBLIC = {"load_backbone": "checkpoint", "ArchConfig": "model", "ConvBlock": "model",
-           "LayerwiseNet": "model", "ProjectionHead": "model", "Classifier": "model",
+           "LayerwiseNet": "model", "ProjectionHead": "heads", "Classifier": "heads",
            "keep_freed_memory": "accel.memory"}
 __all__ = sorted(_PUBLIC)
 

@@ -25,7 +25,8 @@ from .errors import ConfigError
 from .evaluate import block_features, linear_probe_accuracy
 from .losses import LossConfig, build_loss
 from .accel.memory import on_huge_pages
-from .model import ArchConfig, LayerwiseNet, ProjectionHead, set_trainable
+from .heads import ProjectionHead
+from .model import ArchConfig, LayerwiseNet, set_trainable
 from .patches import PatchSampler
 from .pretrain import LayerwisePretrainer, PretrainConfig, adamw, augmented_views, frozen_features, train_step
 

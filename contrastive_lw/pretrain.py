@@ -24,7 +24,8 @@ from .device import autocast, resolve_device
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .losses import LossConfig, build_loss
 from .accel.memory import on_huge_pages
-from .model import ArchConfig, LayerwiseNet, ProjectionHead, set_trainable
+from .heads import ProjectionHead
+from .model import ArchConfig, LayerwiseNet, set_trainable
 from .patches import POSITIVES, PatchIndex, PatchSampler, crop
 from .runs import RunLogger
 

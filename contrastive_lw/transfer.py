@@ -20,7 +20,8 @@ from .cudagraph import GraphedStep
 from .device import autocast, resolve_device
 from .errors import CheckpointError, ConfigError
 from .evaluate import block_features
-from .model import ArchConfig, Classifier, LayerwiseNet, set_trainable
+from .heads import Classifier
+from .model import ArchConfig, LayerwiseNet, set_trainable
 from .patches import PatchIndex, crop
 from .runs import RunLogger
 

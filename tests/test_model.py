@@ -5,7 +5,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from contrastive_lw.accel import native
 from contrastive_lw.errors import ConfigError
 from contrastive_lw.accel.conv import Conv2d
-from contrastive_lw.model import ArchConfig, Classifier, ConvBlock, LayerwiseNet, ProjectionHead
+from contrastive_lw.heads import Classifier, ProjectionHead
+from contrastive_lw.model import ArchConfig, ConvBlock, LayerwiseNet
 
 
 def test_default_receptive_fields_are_the_seeds_patch_sizes():

@@ -6,7 +6,8 @@ import torch
 from contrastive_lw import load_backbone
 from contrastive_lw.errors import CheckpointError, ConfigError, TrainingDiverged
 from contrastive_lw.losses import InfoNCELoss, LossConfig, TripletLoss
-from contrastive_lw.model import ArchConfig, ProjectionHead
+from contrastive_lw.heads import ProjectionHead
+from contrastive_lw.model import ArchConfig
 from contrastive_lw.pretrain import LayerwisePretrainer, PretrainConfig, train_step
 
 
