@@ -20,8 +20,7 @@ from .config import from_dict, to_dict
 from .data import ImageData, load_dataset
 from .errors import ConfigError
 from .evaluate import block_features, knn_accuracy
-from .losses import LossConfig
-from .model import ArchConfig, LayerwiseNet
+from .model import LayerwiseNet
 from .pretrain import LayerwisePretrainer, PretrainConfig
 from .runs import RunLogger
 from .supervised import train_supervised
@@ -43,9 +42,7 @@ class DataSpec:
         return load_dataset(self.dataset, split, data_root, self.classes, self.limit, download)
 
 
-def _quick_pretrain() -> PretrainConfig:
-    return PretrainConfig(arch=ArchConfig(widths=(64, 128)), loss=LossConfig(name="infonce"), lr=0.003,
-                          steps_per_layer=400)
+DEFAULT_STUDY = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "quick.yaml"  # in the checkout
 
 
 @dataclass(frozen=True)
@@ -53,16 +50,15 @@ class StudyConfig:
     """The grid: ``inits`` x ``modes`` x ``layers`` (blocks transferred) x ``seeds``. Modes are the
     transfer modes plus ``knn``: kNN accuracy of block k's features, nothing trained.
 
-    The defaults are the CPU-sized quick study (``experiments/configs/quick.yaml`` spells them
-    out): the class-split protocol on the bundled sample, source = CIFAR-10 classes 0-4 standing
-    in for CIFAR-100, target = classes 5-9 for CIFAR-10."""
+    Unset sections take the components' own defaults; the default study of ``compare`` is
+    :data:`DEFAULT_STUDY`, ``experiments/configs/quick.yaml``, its only definition."""
 
-    source: DataSpec = field(default_factory=lambda: DataSpec(classes="0-4"))
-    target: DataSpec = field(default_factory=lambda: DataSpec(classes="5-9"))
+    source: DataSpec = field(default_factory=DataSpec)
+    target: DataSpec = field(default_factory=DataSpec)
     data_root: str | None = None
-    pretrain: PretrainConfig = field(default_factory=_quick_pretrain)
-    supervised: TransferConfig = field(default_factory=lambda: TransferConfig(epochs=10, new_widths=(), hidden=0))
-    transfer: TransferConfig = field(default_factory=lambda: TransferConfig(epochs=4, new_widths=(64,), hidden=128))
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    supervised: TransferConfig = field(default_factory=TransferConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     inits: tuple[str, ...] = ("layerwise", "supervised", "random")
     modes: tuple[str, ...] = ("frozen", "finetune", "linear", "knn")
     layers: tuple[int, ...] = (1, 2)

@@ -45,10 +45,21 @@ def test_compare_writes_results_report_and_figures(tmp_path):
     assert (out / "figures" / "comparison.png").is_file()
 
 
-def test_shipped_configs_are_valid_and_quick_is_the_default():
-    assert StudyConfig.from_dict(load_yaml(CONFIGS / "quick.yaml")) == StudyConfig()
-    for name in ("cpu-full.yaml", "paper.yaml"):
+def test_shipped_configs_are_valid_and_quick_yaml_alone_defines_the_default(tmp_path, monkeypatch):
+    from contrastive_lw import study
+
+    for name in ("quick.yaml", "cpu-full.yaml", "paper.yaml"):
         StudyConfig.from_dict(load_yaml(CONFIGS / name))
+    seen = []
+
+    def stop(self, data=None):
+        seen.append(self.config)
+        raise SystemExit(0)
+    monkeypatch.setattr(study.Study, "load_data", stop)
+    with pytest.raises(SystemExit):
+        main(["compare", "--out", str(tmp_path / "s"), "--set", "seeds=[7]"])
+    quick = StudyConfig.from_dict({**load_yaml(CONFIGS / "quick.yaml"), "seeds": [7]})
+    assert seen == [quick] and quick != StudyConfig(seeds=(7,))  # the class defaults are not a copy of it
 
 
 def test_paper_config_follows_the_paper():
@@ -62,7 +73,7 @@ def test_bad_study_configs():
     with pytest.raises(ConfigError, match="inits"):
         StudyConfig.from_dict({"inits": ["imagenet"]})
     with pytest.raises(ConfigError, match="layers"):
-        StudyConfig.from_dict({"layers": [3]})
+        StudyConfig.from_dict({"layers": [9]})
 
 
 def test_missing_data_fails_before_anything_is_written(tmp_path, capsys):

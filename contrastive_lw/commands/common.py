@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 
@@ -34,13 +35,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_help: str = "YA
                              "(VALUE read as YAML: 0.2, [64, 128], true); repeatable")
 
 
-def file_config(args: argparse.Namespace, sections: set[str] | None = None) -> dict[str, Any]:
-    """The ``--config`` YAML (empty without one) with every ``--set`` override on top; with
+def file_config(args: argparse.Namespace, sections: set[str] | None = None,
+                default: Path | None = None) -> dict[str, Any]:
+    """The ``--config`` YAML (else ``default``, else empty) with every ``--set`` override on top; with
     ``sections``, a top-level key outside them is a ConfigError naming the valid ones. The
     result goes to :func:`contrastive_lw.config.from_dict`, which checks every key and value."""
     from ..config import load_yaml, set_dotted
 
-    values = load_yaml(args.config) if args.config else {}
+    path = args.config or default
+    values = load_yaml(path) if path else {}
     for override in args.overrides:
         set_dotted(values, override)
     unknown = sorted(set(values) - sections) if sections is not None else []

@@ -24,10 +24,14 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ..config import to_dict
+    from ..errors import ConfigError
     from ..runs import prepare_run_dir
-    from ..study import Study, StudyConfig, summarize
+    from ..study import DEFAULT_STUDY, Study, StudyConfig, summarize
 
-    config = StudyConfig.from_dict(file_config(args))
+    if args.config is None and not DEFAULT_STUDY.is_file():
+        raise ConfigError(f"the default study {DEFAULT_STUDY} ships with the source checkout only: "
+                          "pass --config with a study YAML")
+    config = StudyConfig.from_dict(file_config(args, default=DEFAULT_STUDY))
     if args.data_root:
         config = dataclasses.replace(config, data_root=args.data_root)
     if args.no_pool1:
