@@ -279,10 +279,12 @@ class LayerwiseNet(nn.Module):
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
         x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        if in_vmap(x):  # an ensemble member (contrastive_lw.ensemble): vmap cannot query layouts
+            return x
         return x.contiguous(memory_format=torch.channels_last)
 
     def _native_normalize(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.uint8)
+        return (x.device.type == "cpu" and x.dim() == 4 and not in_vmap(x) and not in_vmap(self.mean) and x.dtype in (torch.float32, torch.uint8)
                 and self.mean.dtype == self.std.dtype == torch.float32 and self.mean.is_contiguous()
                 and self.std.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled()))
 
@@ -324,6 +326,11 @@ class LayerwiseNet(nn.Module):
         if not 1 <= k <= self.num_blocks:
             raise ConfigError(f"block index {k} out of range: the network has {self.num_blocks} blocks")
         return k
+
+
+def in_vmap(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a tensor batched by ``torch.func.vmap`` (it has no data pointer or layout)."""
+    return torch._C._functorch.is_batchedtensor(x)
 
 
 class ProjectionHead(nn.Sequential):
