@@ -27,8 +27,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import time
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +46,9 @@ from .errors import ConfigError
 from .model import Classifier, LayerwiseNet, set_trainable
 from .runs import RunLogger
 from .transfer import TransferConfig, TransferResult, _batches, _on_device, random_crop_flip, transfer_backbone
+
+if TYPE_CHECKING:
+    from .study import Study, StudyData
 
 ENSEMBLE_MODES = ("frozen", "finetune")
 
@@ -174,3 +180,44 @@ def train_transfer_ensemble(sources: Sequence[LayerwiseNet], train: ImageData, t
         model.load_state_dict({name: value[i] for name, value in {**params, **buffers}.items()})
     results = [TransferResult(c[-1], c, int(torch.tensor(c).argmax()) + 1, seconds) for c in curves]
     return results, models
+
+
+def architecture(net: LayerwiseNet, layers: int) -> tuple:
+    """What members of one ensemble must share: the names and shapes of blocks 1..``layers``."""
+    return tuple((name, tuple(value.shape)) for name, value in net.prefix(layers).state_dict().items())
+
+
+def run_study_ensembles(study: Study, records: list[dict], data: StudyData, size: int) -> None:
+    """Train the study's missing ``frozen`` / ``finetune`` cells as ensembles of up to ``size``
+    members (one mode and depth, one architecture; the inits and seeds of the grid) and append
+    their records to ``records`` (written to ``results.json`` after each ensemble), the records
+    and run directories separate runs would write; there is no ``state.pt`` (no per-epoch resume)."""
+    from .study import _key
+
+    cfg, done = study.config, {_key(r) for r in records}
+    cells: dict[tuple[str, int], list[tuple[str, int]]] = defaultdict(list)
+    for seed, init, mode, k in itertools.product(cfg.seeds, cfg.inits, cfg.modes, cfg.layers):
+        if mode in ENSEMBLE_MODES and (init, mode, k, seed) not in done:
+            cells[mode, k].append((init, seed))
+    for (mode, k), members in cells.items():
+        by_arch: dict[tuple, list[tuple[str, int, LayerwiseNet]]] = defaultdict(list)
+        for init, seed in members:
+            net = study._init(init, seed, data.source, data.source_test, data.target)
+            by_arch[architecture(net, k)].append((init, seed, net))
+        for group in by_arch.values():
+            for start in range(0, len(group), size):
+                _study_ensemble(study, records, data, mode, k, group[start:start + size])
+
+
+def _study_ensemble(study: Study, records: list[dict], data: StudyData, mode: str, k: int,
+                    group: list[tuple[str, int, LayerwiseNet]]) -> None:
+    """One ensemble of the study: train it, log each member in its run directory, add its records."""
+    configs = [dataclasses.replace(study.config.transfer, mode=mode, layers=k, seed=seed) for _, seed, _ in group]
+    with contextlib.ExitStack() as stack:
+        loggers = [stack.enter_context(RunLogger(study.out_dir / f"seed{seed}" / "transfer" / f"{init}-{mode}-k{k}"))
+                   for init, seed, _ in group]
+        results, _ = train_transfer_ensemble([net for *_, net in group], data.target, data.target_test, configs,
+                                             study.device, loggers)
+    for (init, seed, _), result in zip(group, results):
+        records.append({"init": init, "mode": mode, "layers": k, "seed": seed, **dataclasses.asdict(result)})
+    study._write(records)

@@ -1,3 +1,7 @@
+import dataclasses
+import itertools
+import json
+
 import pytest
 import torch
 
@@ -5,6 +9,8 @@ from contrastive_lw.data import ImageData
 from contrastive_lw.ensemble import train_transfer_ensemble
 from contrastive_lw.errors import ConfigError
 from contrastive_lw.model import ArchConfig, LayerwiseNet
+from contrastive_lw.config import load_yaml
+from contrastive_lw.study import Study, StudyConfig, _key
 from contrastive_lw.transfer import TransferConfig, train_transfer
 
 ARCH = ArchConfig(widths=(4, 6))   # block 2 has BatchNorm: its buffers must stay per member
@@ -76,3 +82,39 @@ def test_members_must_share_config_mode_and_architecture(split):
     other = LayerwiseNet(ArchConfig(widths=(5, 6)))
     with pytest.raises(ConfigError, match="same architecture"):
         train_transfer_ensemble([_source(0), other], *split, [_config(seed=0), _config(seed=1)], "cpu")
+
+
+
+STUDY = """
+source: {dataset: sample, classes: "0-1", limit: 24}
+target: {dataset: sample, classes: "2-3", limit: 24}
+pretrain: {arch: {widths: [4]}, steps_per_layer: 2, batch_size: 16}
+transfer: {epochs: 2, new_widths: [8], hidden: 16, batch_size: 16}
+inits: [layerwise, random]
+modes: [frozen, finetune, knn]
+layers: [1]
+seeds: [0, 1]
+"""
+
+
+def test_compare_with_ensembles_writes_the_records_of_separate_runs(tmp_path):
+    from contrastive_lw.cli import main
+
+    (tmp_path / "s.yaml").write_text(STUDY)
+    out = tmp_path / "study"
+    assert main(["compare", "--config", str(tmp_path / "s.yaml"), "--out", str(out), "--no-progress",
+                 "--device", "cpu", "--ensemble", "3"]) == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert sorted(map(_key, records)) == sorted(itertools.product(["layerwise", "random"], ["frozen", "finetune", "knn"],
+                                                                  [1], [0, 1]))
+    study = Study(StudyConfig.from_dict(load_yaml(tmp_path / "s.yaml")), out, "cpu")
+    data = study.load_data()
+    for r in records:
+        if r["mode"] != "knn":   # what a separate run of the cell gives
+            net = study._init(r["init"], r["seed"], data.source, data.source_test, data.target)
+            config = dataclasses.replace(study.config.transfer, mode=r["mode"], layers=r["layers"], seed=r["seed"])
+            expected, _ = train_transfer(net, data.target, data.target_test, config, "cpu")
+            assert r["curve"] == pytest.approx(expected.curve, abs=1e-6) and r["best_epoch"] == expected.best_epoch
+    assert (out / "seed1" / "transfer" / "random-finetune-k1" / "metrics.jsonl").is_file()
+    assert main(["compare", "--config", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "x"),
+                 "--ensemble", "0"]) == 2
