@@ -70,7 +70,7 @@ def environment(device: torch.device) -> dict:
 def cuda_tests(paths: Sequence[str], timeout_s: float) -> dict:
     """``pytest -m cuda`` (every test that skips without CUDA) on ``paths``: counts and wall time."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider", *paths],
+    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-rs", "-p", "no:cacheprovider", *paths],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", done.stdout)}
     return {"rc": done.returncode, "seconds": time.perf_counter() - start, **counts,
@@ -103,7 +103,7 @@ def paper_config(args: argparse.Namespace) -> StudyConfig:
                                        steps_per_layer=(2,), batch_size=32)
     shrink = {"new_widths": (8,), "hidden": 16, "batch_size": 32} if args.dry_run else {}
     return dataclasses.replace(
-        config, pretrain=pretrain,
+        config, pretrain=pretrain, seeds=tuple(args.seeds or config.seeds),
         supervised=dataclasses.replace(config.supervised, epochs=args.supervised_epochs,
                                        **{k: v for k, v in shrink.items() if k == "batch_size"}),
         transfer=dataclasses.replace(config.transfer, epochs=args.transfer_epochs, **shrink))
@@ -226,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pretrain-fraction", type=float, default=0.25)
     parser.add_argument("--supervised-epochs", type=int, default=1)
     parser.add_argument("--transfer-epochs", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="seeds of the timed study (default: the config's; the projection is for these)")
     parser.add_argument("--ensemble", type=int, default=9, help="transfer runs trained at once (default 9)")
     parser.add_argument("--tests", nargs="+", default=["tests"], help="where the CUDA-only tests are looked for")
     parser.add_argument("--tests-timeout", type=float, default=180)
