@@ -53,6 +53,7 @@ from contrastive_lw.transfer import train_transfer  # noqa: E402
 PAPER = ROOT / "experiments" / "configs" / "paper.yaml"
 FULL = {"source": 50_000, "target": 50_000, "test": 10_000}   # CIFAR-100 / CIFAR-10 train, test images
 TINY = {"source": 200, "target": 120, "test": 60}
+PARTS = ("tests", "bench", "paper")
 # The issue's targets: (name, key in the figures, comparison, threshold)
 TARGETS = (("paper.yaml study, projected wall minutes", "paper_projected_min", "<=", 10.0),
            ("sampler + augmentation / layer-1 step (patches/s)", "pipeline_ratio", ">=", 5.0),
@@ -77,11 +78,12 @@ def cuda_tests(paths: Sequence[str], timeout_s: float) -> dict:
             "tail": done.stdout.strip().splitlines()[-15:]}
 
 
-def bench_figures(train: ImageData, test: ImageData, device: str, tiny: bool, say: Callable[[str], None]) -> dict:
+def bench_figures(train: ImageData, test: ImageData, device: str, tiny: bool, say: Callable[[str], None],
+                  race_batch: int = 2048) -> dict:
     """``contrastive-lw bench`` on the subset: pretraining on classes 0-4, the probe on 5-9."""
     config = (BenchConfig(arch=ArchConfig(widths=(8,)), batch_sizes=(64,), race_batch=32, timed_steps=1,
                           layerwise_steps=(4,), end2end_steps=(4,), resolution=1.0, paired_rounds=0) if tiny else
-              BenchConfig(batch_sizes=(32768, 8192), race_batch=4096, probe_images=4000, paired_rounds=1))
+              BenchConfig(batch_sizes=(32768, 8192), race_batch=race_batch, probe_images=4000, paired_rounds=1))
     source = select_classes(train, "0-4").images
     return run_bench(source, select_classes(train, "5-9"), select_classes(test, "5-9"), config, device, say)
 
@@ -197,21 +199,24 @@ def check(args: argparse.Namespace, say: Callable[[str], None]) -> dict:
     device = "cpu" if args.dry_run else "cuda"
     result = {"env": environment(torch.device(device)), "dry_run": args.dry_run, "subset": str(args.subset)}
     start = time.perf_counter()
-    say("CUDA-only tests")
-    result["tests"] = cuda_tests(args.tests, args.tests_timeout)
+    if "tests" in args.parts:
+        say("CUDA-only tests")
+        result["tests"] = cuda_tests(args.tests, args.tests_timeout)
     train, test = load_subset(args.subset)
     if args.dry_run:
         train, test = balanced_limit(train, TINY["source"]), balanced_limit(test, TINY["test"])
     result["subset_sizes"] = {"train": len(train.images), "test": len(test.images)}
-    say("benchmark")
-    result["bench"] = bench_figures(train, test, device, args.dry_run, say)
+    if "bench" in args.parts:
+        say("benchmark")
+        result["bench"] = bench_figures(train, test, device, args.dry_run, say, args.race_batch)
     sizes = TINY if args.dry_run else FULL
     data = StudyData(stand_in(train, sizes["source"], 100), stand_in(test, sizes["test"], 100),
                      stand_in(train, sizes["target"]), stand_in(test, sizes["test"]))
-    say(f"paper.yaml timing on stand-ins of {sizes}")
-    full = StudyConfig.from_dict(load_yaml(args.config))
-    with tempfile.TemporaryDirectory() as tmp:
-        result["paper"] = paper_timing(full, paper_config(args), data, Path(tmp), device, args.ensemble)
+    if "paper" in args.parts:
+        say(f"paper.yaml timing on stand-ins of {sizes}")
+        full = StudyConfig.from_dict(load_yaml(args.config))
+        with tempfile.TemporaryDirectory() as tmp:
+            result["paper"] = paper_timing(full, paper_config(args), data, Path(tmp), device, args.ensemble)
     result["seconds"] = time.perf_counter() - start
     result["figures"] = headline(result)
     result["targets"] = verdicts(result["figures"])
@@ -229,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="seeds of the timed study (default: the config's; the projection is for these)")
     parser.add_argument("--ensemble", type=int, default=9, help="transfer runs trained at once (default 9)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="what to run (default all; a rerun of one part within the GPU's time)")
+    parser.add_argument("--race-batch", type=int, default=2048, help="the bench race's pretraining batch")
     parser.add_argument("--tests", nargs="+", default=["tests"], help="where the CUDA-only tests are looked for")
     parser.add_argument("--tests-timeout", type=float, default=180)
     parser.add_argument("--dry-run", action="store_true", help="the whole flow on the CPU at tiny sizes")

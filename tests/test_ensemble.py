@@ -118,3 +118,22 @@ def test_compare_with_ensembles_writes_the_records_of_separate_runs(tmp_path):
     assert (out / "seed1" / "transfer" / "random-finetune-k1" / "metrics.jsonl").is_file()
     assert main(["compare", "--config", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "x"),
                  "--ensemble", "0"]) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_graphed_ensemble_learns_as_separate_runs():
+    from contrastive_lw.data import load_dataset
+
+    train = load_dataset("sample", "train", classes="5-9")
+    test = load_dataset("sample", "test", classes="5-9")
+    sources = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = LayerwiseNet(ArchConfig(widths=(32,)))
+        net.set_normalization(train.images)
+        sources.append(net)
+    configs = [TransferConfig(mode="finetune", epochs=3, new_widths=(32,), hidden=64, seed=s) for s in (0, 1)]
+    results, _ = train_transfer_ensemble(sources, train, test, configs, "cuda")
+    for source, config, result in zip(sources, configs, results):
+        separate, _ = train_transfer(source, train, test, config, "cuda")
+        assert result.test_acc > 0.45 and abs(result.test_acc - separate.test_acc) < 0.05, (result, separate)
