@@ -114,7 +114,7 @@ def train_transfer_ensemble(sources: Sequence[LayerwiseNet], train: ImageData, t
     seeds = list(streams)
     stream_of = torch.tensor([seeds.index(c.seed) for c in configs], device=device_)
 
-    trainable = {name for name, p in models[0].named_parameters() if p.requires_grad}
+    trainable = [name for name, p in models[0].named_parameters() if p.requires_grad]   # in the model's order
     params, buffers = stack_module_state(models)
     params = {name: p.detach().requires_grad_(name in trainable) for name, p in params.items()}
     anchor = {name: p.detach().clone() for name, p in params.items() if name.startswith("backbone.")}
