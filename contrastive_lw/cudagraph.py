@@ -14,7 +14,8 @@ import torch
 
 class GraphedStep:
     """``step(index)``: one optimisation step on the loss ``loss_of(index)`` of the batch that
-    ``index`` selects from data already on the device.
+    ``index`` selects from data already on the device. ``step(*tensors)`` passes several inputs
+    (``loss_of(*tensors)``), whose batch size is the first one's length along ``batch_dim``.
 
     On CUDA with ``enabled``, the first ``warmup`` full-size batches run eagerly on a side stream
     (they train as usual, and let cuDNN pick its kernels and the optimizer make its state); then
@@ -31,39 +32,41 @@ class GraphedStep:
         >>> step(torch.arange(5))
     """
 
-    def __init__(self, loss_of: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
-                 batch_size: int, enabled: bool = True, warmup: int = 3) -> None:
+    def __init__(self, loss_of: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer,
+                 batch_size: int, enabled: bool = True, warmup: int = 3, batch_dim: int = 0) -> None:
         self.loss_of, self.optimizer, self.batch_size = loss_of, optimizer, batch_size
-        self.enabled, self.warmup_left = enabled, warmup
+        self.enabled, self.warmup_left, self.batch_dim = enabled, warmup, batch_dim
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_index: torch.Tensor | None = None
+        self.static_inputs: tuple[torch.Tensor, ...] = ()
 
-    def __call__(self, index: torch.Tensor) -> None:
-        if not (self.enabled and index.is_cuda and len(index) == self.batch_size):
-            self._eager(index)
+    def __call__(self, *inputs: torch.Tensor) -> None:
+        first = inputs[0]
+        if not (self.enabled and first.is_cuda and first.shape[self.batch_dim] == self.batch_size):
+            self._eager(*inputs)
         elif self.warmup_left:
             self.warmup_left -= 1
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._eager(index)
+                self._eager(*inputs)
             torch.cuda.current_stream().wait_stream(side)
         else:
             if self.graph is None:
-                self._capture(index)
-            self.static_index.copy_(index)
+                self._capture(*inputs)
+            for static, value in zip(self.static_inputs, inputs):
+                static.copy_(value)
             self.graph.replay()
 
-    def _eager(self, index: torch.Tensor) -> None:
-        loss = self.loss_of(index)
+    def _eager(self, *inputs: torch.Tensor) -> None:
+        loss = self.loss_of(*inputs)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
 
-    def _capture(self, index: torch.Tensor) -> None:
-        self.static_index = index.clone()
+    def _capture(self, *inputs: torch.Tensor) -> None:
+        self.static_inputs = tuple(x.clone() for x in inputs)
         self.optimizer.zero_grad(set_to_none=True)  # the graph's backward makes its own gradients
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.loss_of(self.static_index).backward()
+            self.loss_of(*self.static_inputs).backward()
             self.optimizer.step()

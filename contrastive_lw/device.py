@@ -21,6 +21,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def in_vmap(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a tensor batched by ``torch.func.vmap`` (it has no data pointer or layout)."""
+    return torch._C._functorch.is_batchedtensor(x)
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA; nothing on CPU (float32: without AVX512-BF16 or AMX bf16 matmul is
     far slower, and with them it was not enough faster to switch: docs/PERFORMANCE.md).

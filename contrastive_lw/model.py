@@ -11,6 +11,7 @@ from torch import nn
 from .accel import kernels
 from .accel.conv import Conv2d, MatmulReluMaxPool
 from .config import per_layer
+from .device import in_vmap
 from .errors import ConfigError
 
 
@@ -143,6 +144,8 @@ class LayerwiseNet(nn.Module):
         if x.dtype == torch.uint8:
             x = x.float().div_(255)
         x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        if in_vmap(x):  # an ensemble member (contrastive_lw.ensemble): vmap cannot query layouts
+            return x
         return x.contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor, num_blocks: int | None = None) -> torch.Tensor:

@@ -90,9 +90,10 @@ class Study:
     ``results.json`` and finished pretraining runs are reused when run again."""
 
     def __init__(self, config: StudyConfig, out_dir: str | Path, device: str = "auto",
-                 progress: bool | None = None, download: bool = False) -> None:
+                 progress: bool | None = None, download: bool = False, ensemble: int = 1) -> None:
         self.config, self.out_dir = config, Path(out_dir)
         self.device, self.progress, self.download = device, progress, download
+        self.ensemble = ensemble  # > 1: frozen / finetune runs train up to this many at once (ensemble.py)
 
     def load_data(self) -> StudyData:
         """The four splits of the study (fails early, before anything is written, if data is missing)."""
@@ -110,6 +111,11 @@ class Study:
         source, source_test, target, target_test = data or self.load_data()
         records = self.load_records()
         done = {_key(r) for r in records}
+        if self.ensemble > 1:
+            from .ensemble import run_study_ensembles
+
+            run_study_ensembles(self, records, StudyData(source, source_test, target, target_test), self.ensemble)
+            done = {_key(r) for r in records}
         grid = [(s, i, m, k) for s in cfg.seeds for i in cfg.inits for m in cfg.modes for k in cfg.layers]
         for seed, init, mode, k in tqdm(grid, desc="study", disable=None if self.progress is None else not self.progress):
             if (init, mode, k, seed) in done:

@@ -18,3 +18,14 @@ def images() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     low = torch.rand(64, 3, 8, 8, generator=g)
     return (torch.nn.functional.interpolate(low, size=32, mode="bilinear") * 255).to(torch.uint8)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (selected by experiments/gpu_check.py: -m cuda)")
+
+
+def pytest_collection_modifyitems(items):
+    """Every test skipped for want of CUDA is also marked ``cuda``, so ``pytest -m cuda`` runs them all."""
+    for item in items:
+        if any("CUDA" in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..device import in_vmap
 from . import native
 
 
@@ -13,6 +14,7 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     in one pass of ``csrc/normalize.c``: float32 or uint8 CPU input that needs no gradient. The
     same float32 operations as the PyTorch path."""
     applies = (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.uint8)
+               and not in_vmap(x) and not in_vmap(mean)
                and mean.dtype == std.dtype == torch.float32 and mean.is_contiguous() and std.is_contiguous()
                and not (x.requires_grad and torch.is_grad_enabled()))
     kernel = native.normalize_kernel() if applies else None

@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--force", action="store_true", help="continue in --out even if its config differs")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--ensemble", type=int, default=1, metavar="N",
+                        help="train up to N frozen / fine-tune runs of one mode and depth at once as one batched "
+                             "model (the inits and seeds of the grid; same results as separate runs; for GPUs, "
+                             "default 1: one at a time)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
         arch = config.pretrain.arch
         arch = dataclasses.replace(arch, pools=(1, *(arch.pools[1:] or arch.pools)))
         config = dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, arch=arch))
-    study = Study(config, args.out, args.device, False if args.no_progress else None, args.download)
+    if args.ensemble < 1:
+        raise ConfigError(f"--ensemble must be a positive integer, got {args.ensemble}")
+    study = Study(config, args.out, args.device, False if args.no_progress else None, args.download, args.ensemble)
     data = study.load_data()
     out = prepare_run_dir(args.out, {"study": to_dict(config)}, args.force)
     records = study.run(data)
