@@ -15,6 +15,7 @@ from .data import ImageData
 from .errors import ConfigError, DataError
 from .evaluate import block_features, knn_accuracy, linear_probe_accuracy
 from .head2toe import select_features
+from .model import reset_parameters
 
 
 def logme(features: torch.Tensor, labels: torch.Tensor, max_iter: int = 100, tol: float = 1e-6) -> float:
@@ -94,14 +95,6 @@ def random_like(net: nn.Module, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
         reset_parameters(random)
     return random
-
-
-def reset_parameters(module: nn.Module) -> None:
-    """Re-initialise every sub-module of ``module`` that has ``reset_parameters`` (PyTorch's default
-    initialisation), from the global RNG."""
-    for layer in module.modules():
-        if layer is not module and hasattr(layer, "reset_parameters"):
-            layer.reset_parameters()
 
 
 @dataclass

@@ -363,6 +363,14 @@ def set_trainable(module: nn.Module, trainable: bool) -> None:
         p.requires_grad_(trainable)
 
 
+def reset_parameters(module: nn.Module) -> None:
+    """Re-initialise every sub-module of ``module`` that has ``reset_parameters`` (PyTorch's default
+    initialisation), from the global RNG."""
+    for layer in module.modules():
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+
+
 class Classifier(nn.Module):
     """A transferred backbone (blocks 1..k) -> new conv blocks -> fc -> fc: the paper's downstream net.
 
