@@ -27,7 +27,7 @@ def logme(features: torch.Tensor, labels: torch.Tensor, max_iter: int = 100, tol
     evidence is maximised by the paper's fixed-point iteration
     ``gamma = sum_i beta s_i / (alpha + beta s_i)``, ``alpha = gamma / m'm``,
     ``beta = (N - gamma) / ||F m - y||^2`` with ``m = beta A^-1 F'y``, ``A = alpha I + beta F'F``
-    and s_i the eigenvalues of F'F, computed once from the SVD of F. Returns
+    and s_i the eigenvalues of F'F, computed once (SVD of F, or eigh of F'F when N > D). Returns
     ``mean_c L_c / N`` with ``L = N/2 log beta + D/2 log alpha - N/2 log 2pi - beta/2 ||Fm - y||^2
     - alpha/2 m'm - 1/2 log|A|``. Higher means the features fit the labels better.
 
@@ -37,20 +37,27 @@ def logme(features: torch.Tensor, labels: torch.Tensor, max_iter: int = 100, tol
         True
     """
     f = features.double()
-    u, s, _ = torch.linalg.svd(f, full_matrices=False)
-    evidences = [class_evidence(u, s.pow(2), (labels == c).double(), f.shape[1], max_iter, tol)[0]
-                 for c in range(int(labels.max()) + 1)]
-    return sum(evidences) / len(evidences) / len(f)
+    n, dim = f.shape
+    y = torch.nn.functional.one_hot(labels).double()
+    if n > dim:  # the D x D eigenproblem of F'F: cheaper than the SVD of F
+        sigma, v = torch.linalg.eigh(f.T @ f)
+        keep = sigma > sigma.max() * 1e-12
+        sigma, v = sigma[keep], v[:, keep]
+        z = (v.T @ (f.T @ y)) / sigma.sqrt()[:, None]  # U'y without forming U = F V S^-1
+    else:
+        u, s, _ = torch.linalg.svd(f, full_matrices=False)
+        sigma, z = s.pow(2), u.T @ y
+    evidences = [class_evidence(z[:, c], float(y[:, c].sum()), sigma, n, dim, max_iter, tol)[0]
+                 for c in range(y.shape[1])]
+    return sum(evidences) / len(evidences) / n
 
 
-def class_evidence(u: torch.Tensor, sigma: torch.Tensor, y: torch.Tensor, dim: int, max_iter: int = 100,
+def class_evidence(z: torch.Tensor, y_norm2: float, sigma: torch.Tensor, n: int, dim: int, max_iter: int = 100,
                    tol: float = 1e-6) -> tuple[float, float, float]:
-    """(log evidence L, alpha, beta) at the fixed point of :func:`logme` for one target ``y``, given
-    the left singular vectors ``u`` (N x r) of the N x ``dim`` features and the squared singular
-    values ``sigma`` (the non-zero eigenvalues of F'F)."""
-    n = len(y)
-    z = u.T @ y  # y in the basis of F's left singular vectors
-    outside = float(y @ y - z @ z)  # the part of y no linear map of F reaches
+    """(log evidence L, alpha, beta) at the fixed point of :func:`logme` for one target y of ``n``
+    samples, given ``z`` = U'y (U: the left singular vectors of the N x ``dim`` features F with
+    non-zero squared singular values ``sigma``, the non-zero eigenvalues of F'F) and ``y_norm2`` = y'y."""
+    outside = y_norm2 - float(z @ z)  # the part of y no linear map of F reaches
 
     def terms(alpha: float, beta: float) -> tuple[torch.Tensor, float, float]:
         shrink = alpha + beta * sigma

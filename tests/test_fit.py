@@ -32,7 +32,7 @@ def test_logme_evidence_is_the_gaussian_marginal_likelihood_at_its_maximum():
     x, labels = _separable(n=40, dim=5)
     f, y = x.double(), (labels == 0).double()
     u, s, _ = torch.linalg.svd(f, full_matrices=False)
-    evidence, alpha, beta = class_evidence(u, s.pow(2), y, f.shape[1])
+    evidence, alpha, beta = class_evidence(u.T @ y, float(y @ y), s.pow(2), len(y), f.shape[1])
 
     def direct(a: float, b: float) -> float:
         cov = torch.eye(len(y), dtype=torch.float64) / b + f @ f.T / a
@@ -40,6 +40,9 @@ def test_logme_evidence_is_the_gaussian_marginal_likelihood_at_its_maximum():
     assert evidence == pytest.approx(direct(alpha, beta), rel=1e-6)
     for a, b in ((alpha * 1.5, beta), (alpha / 1.5, beta), (alpha, beta * 1.5), (alpha, beta / 1.5)):
         assert direct(a, b) < evidence
+    by_svd = [class_evidence(u.T @ (labels == c).double(), float((labels == c).sum()), s.pow(2), len(y), f.shape[1])[0]
+              for c in range(3)]
+    assert logme(x, labels) == pytest.approx(sum(by_svd) / 3 / len(y), rel=1e-6)  # N > D: the eigh path
 
 
 def test_logme_handles_more_dimensions_than_samples():
