@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from ..advise import AdviceRules, recommend, search, write_advice
     from ..config import load_yaml
     from ..data import load_dataset
+    from ..device import resolve_device
     from ..errors import ConfigError
     from ..fit import check_labels, fit_table, format_table, split_train, table_rows
     from ..transfer import TransferConfig, load_init
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     check_labels(target)
     torch.manual_seed(args.seed)
     init, net = load_init(args.init, target.images)
+    net = net.to(resolve_device(args.device))
     if args.blocks is not None and not 1 <= args.blocks <= net.num_blocks:
         raise ConfigError(f"--blocks {args.blocks} is beyond the backbone: it has {net.num_blocks} block(s)")
     start = time.perf_counter()
