@@ -131,3 +131,12 @@ def test_transfer_refuses_a_missing_or_bad_advice_file_and_reinit_beyond_the_bac
     bad.write_text(json.dumps({"recommendation": {"layers": 1}}))
     assert "not a recommendation" in _error(capsys, main([*base, "--advice", str(bad), "--out", str(tmp_path / "b")]))
     assert "--reinit" in _error(capsys, main([*base, "--reinit", "2", "--out", str(tmp_path / "c")]))
+
+
+def test_the_shipped_rule_file_spells_out_the_defaults():
+    from pathlib import Path
+
+    from contrastive_lw.config import load_yaml
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / "configs" / "advise_rules.yaml"
+    assert AdviceRules.from_dict(load_yaml(path)) == AdviceRules()
