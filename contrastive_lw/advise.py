@@ -24,7 +24,8 @@ MODES = ("frozen", "finetune", "head2toe")
 @dataclass(frozen=True)
 class AdviceRules:
     """The mapping from fit measures to settings (``experiments/configs/advise_rules.yaml`` spells
-    out the defaults; pass your own with ``advise --rules FILE``). ``gain`` is a block's linear-probe accuracy minus the random-weight network's, on held-out images.
+    out the defaults; pass your own with ``advise --rules FILE``). ``gain`` is a block's
+    linear-probe accuracy minus the random-weight network's, on held-out images.
 
     * layers: among the blocks with ``gain >= min_gain``, the one with the best ``depth_measure``
       (``linear``, ``knn`` or ``logme``; ties go to the deeper); none: 1 block, and nothing is
