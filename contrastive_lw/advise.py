@@ -118,9 +118,6 @@ def recommend(table: list[BlockFit], per_class: float, rules: AdviceRules | None
         reasons["layers"] = (f"no block's probe beats random weights by {100 * rules.min_gain:.0f} points (best "
                              f"{100 * gain:+.1f}): transfer the minimum, 1 block")
     fit = "strong" if gain >= rules.strong_gain else "weak" if gain >= rules.min_gain else "none"
-    reinit = depth - k if rules.reinit_rest else 0
-    reasons["reinit"] = (f"rules.reinit_rest: the {reinit} block(s) above {k} stay, re-initialised" if reinit
-                         else "the blocks above k are dropped (rules.reinit_rest off, or none above)")
     below = [r.head2toe_kept for r in table[: k - 1]]
     spread = max(below, default=0.0)
     own = table[k - 1].head2toe_kept
@@ -136,6 +133,9 @@ def recommend(table: list[BlockFit], per_class: float, rules: AdviceRules | None
         mode = "finetune"
         reasons["mode"] = (f"{fit} fit ({100 * gain:+.1f} points) with {per_class:.0f} images a class: "
                            "fine-tune, the transferred blocks at their own rate")
+    reinit = depth - k if rules.reinit_rest and mode != "head2toe" else 0
+    reasons["reinit"] = (f"rules.reinit_rest: the {reinit} block(s) above {k} stay, re-initialised" if reinit
+                         else "the blocks above k are dropped (rules.reinit_rest off, head2toe, or none above)")
     transferred = {"strong": rules.lr_ratio_strong, "weak": rules.lr_ratio_weak, "none": rules.lr_ratio_none}[fit]
     lr_ratios = {"head": 1.0, "reinit": rules.reinit_lr_ratio, "transferred": transferred}
     reasons["lr_ratios"] = (f"{fit} fit of block {k} ({100 * gain:+.1f} points): transferred blocks at x{transferred} "

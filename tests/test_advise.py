@@ -29,6 +29,9 @@ def test_rules_pick_the_best_block_that_beats_random_and_scale_the_knobs_by_its_
     assert (none.layers, none.lr_ratios["transferred"], none.l2sp) == (1, 1.0, 0.0)
     spread = recommend([_row(1, 0.60, 0.45, kept=0.6), _row(2, 0.70, 0.50, kept=0.1)], per_class=5000)
     assert spread.mode == "head2toe" and spread.l2sp == 0.0
+    spread = recommend([_row(1, 0.60, 0.45, kept=0.6), _row(2, 0.70, 0.50, kept=0.1), _row(3, 0.5, 0.5)], 5000,
+                       AdviceRules(reinit_rest=True))
+    assert spread.reinit == 0  # head2toe reads features; nothing to re-initialise
 
 
 def test_the_rule_table_is_tunable():
