@@ -27,7 +27,7 @@ def logme(features: torch.Tensor, labels: torch.Tensor, max_iter: int = 100, tol
     evidence is maximised by the paper's fixed-point iteration
     ``gamma = sum_i beta s_i / (alpha + beta s_i)``, ``alpha = gamma / m'm``,
     ``beta = (N - gamma) / ||F m - y||^2`` with ``m = beta A^-1 F'y``, ``A = alpha I + beta F'F``
-    and s_i the eigenvalues of F'F, computed once (SVD of F, or eigh of F'F when N > D). Returns
+    and s_i the eigenvalues of F'F, computed once (from F'F or FF', the smaller). Returns
     ``mean_c L_c / N`` with ``L = N/2 log beta + D/2 log alpha - N/2 log 2pi - beta/2 ||Fm - y||^2
     - alpha/2 m'm - 1/2 log|A|``. Higher means the features fit the labels better.
 
@@ -39,14 +39,11 @@ def logme(features: torch.Tensor, labels: torch.Tensor, max_iter: int = 100, tol
     f = features.double()
     n, dim = f.shape
     y = torch.nn.functional.one_hot(labels).double()
-    if n > dim:  # the D x D eigenproblem of F'F: cheaper than the SVD of F
-        sigma, v = torch.linalg.eigh(f.T @ f)
-        keep = sigma > sigma.max() * 1e-12
-        sigma, v = sigma[keep], v[:, keep]
-        z = (v.T @ (f.T @ y)) / sigma.sqrt()[:, None]  # U'y without forming U = F V S^-1
-    else:
-        u, s, _ = torch.linalg.svd(f, full_matrices=False)
-        sigma, z = s.pow(2), u.T @ y
+    # the smaller of the eigenproblems of F'F (D x D) and FF' (N x N): cheaper than the SVD of F
+    sigma, vectors = torch.linalg.eigh(f.T @ f if n > dim else f @ f.T)
+    keep = sigma > sigma.max() * 1e-12
+    sigma, vectors = sigma[keep], vectors[:, keep]
+    z = (vectors.T @ (f.T @ y)) / sigma.sqrt()[:, None] if n > dim else vectors.T @ y  # U'y, U = F V S^-1
     evidences = [class_evidence(z[:, c], float(y[:, c].sum()), sigma, n, dim, max_iter, tol)[0]
                  for c in range(y.shape[1])]
     return sum(evidences) / len(evidences) / n
@@ -143,10 +140,11 @@ def check_labels(data: ImageData) -> None:
 
 
 def fit_table(net: nn.Module, train: ImageData, held: ImageData, blocks: int | None = None, pool: int = 4,
-              keep: float = 0.25, seed: int = 0) -> list[BlockFit]:
+              keep: float = 0.25, seed: int = 0, probe_iter: int = 100) -> list[BlockFit]:
     """:class:`BlockFit` of blocks 1..k for every k up to ``blocks`` (default: all of ``net.blocks``):
     read-outs fitted on ``train`` and scored on ``held``; LogME and the Head2Toe share on ``train``.
-    Features of every block come from one pass of each network (pretrained and :func:`random_like`)."""
+    Features of every block come from one pass of each network (pretrained and :func:`random_like`);
+    the linear probe stops after ``probe_iter`` L-BFGS iterations."""
     check_labels(train)
     depth = len(net.blocks)
     blocks = depth if blocks is None else blocks
@@ -162,7 +160,7 @@ def fit_table(net: nn.Module, train: ImageData, held: ImageData, blocks: int | N
         scores = {}
         for suffix, (tr, he) in (("", (train_x[k], held_x[k])), ("_random", (train_r[k], held_r[k]))):
             scores["knn" + suffix] = knn_accuracy(tr, train.labels, he, held.labels)
-            scores["linear" + suffix] = linear_probe_accuracy(tr, train.labels, he, held.labels)
+            scores["linear" + suffix] = linear_probe_accuracy(tr, train.labels, he, held.labels, max_iter=probe_iter)
             scores["logme" + suffix] = logme(tr, train.labels)
         table.append(BlockFit(k + 1, head2toe_kept=shares[k], **scores))
     return table
