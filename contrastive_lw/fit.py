@@ -114,10 +114,9 @@ class BlockFit:
     logme_random: float
     head2toe_kept: float
 
-    @property
-    def linear_gain(self) -> float:
-        """Linear-probe accuracy over the random-weight network's."""
-        return self.linear - self.linear_random
+    def gain(self, measure: str = "knn") -> float:
+        """``measure`` (knn, linear or logme) of the pretrained blocks minus the random-weight network's."""
+        return getattr(self, measure) - getattr(self, measure + "_random")
 
 
 def split_train(data: ImageData, fraction: float = 0.2, seed: int = 0) -> tuple[ImageData, ImageData]:
@@ -173,16 +172,16 @@ def _per_block(net: nn.Module, images: torch.Tensor, blocks: int, pool: int) -> 
 
 
 def table_rows(table: list[BlockFit]) -> list[dict]:
-    """The table as JSON-ready dicts (with the linear-probe gain)."""
-    return [{**asdict(row), "linear_gain": row.linear_gain} for row in table]
+    """The table as JSON-ready dicts (with the kNN and linear-probe gains)."""
+    return [{**asdict(row), "knn_gain": row.gain("knn"), "linear_gain": row.gain("linear")} for row in table]
 
 
 def format_table(table: list[BlockFit]) -> str:
     """A Markdown table of the measures, accuracies in %."""
-    lines = ["| block | kNN | kNN random | linear | linear random | gain | LogME | LogME random | Head2Toe kept |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| block | kNN | kNN random | kNN gain | linear | linear random | linear gain | LogME | LogME random "
+             "| Head2Toe kept |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
-        lines.append(f"| {r.block} | {100 * r.knn:.1f} | {100 * r.knn_random:.1f} | {100 * r.linear:.1f} | "
-                     f"{100 * r.linear_random:.1f} | {100 * r.linear_gain:+.1f} | {r.logme:.3f} | "
+        lines.append(f"| {r.block} | {100 * r.knn:.1f} | {100 * r.knn_random:.1f} | {100 * r.gain('knn'):+.1f} | "
+                     f"{100 * r.linear:.1f} | {100 * r.linear_random:.1f} | {100 * r.gain('linear'):+.1f} | {r.logme:.3f} | "
                      f"{r.logme_random:.3f} | {100 * r.head2toe_kept:.0f}% |")
     return "\n".join(lines)

@@ -8,6 +8,8 @@ L2-SP x re-initialised blocks. Writes every cell, the advice, its measures and t
 
     python experiments/advise_validation.py --data-root ../shared/data --classes 5-9 --limit 2500 \\
         --init layerwise=runs/lw random --epochs 4 --out runs/advise_validation.json
+    # after a change of the rules: the same grid, only the advice trained again
+    python experiments/advise_validation.py ... --grid-from runs/advise_validation.json --out runs/v2.json
 """
 from __future__ import annotations
 
@@ -41,11 +43,16 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--grid-from", default=None,
+                        help="an earlier --out: reuse its grid cells (same data, epochs), train only the advice")
     args = parser.parse_args()
     train = load_dataset("cifar10", "train", args.data_root, args.classes, args.limit)
     test = load_dataset("cifar10", "test", args.data_root, args.classes, args.limit)
     base = TransferConfig(epochs=args.epochs, new_widths=(64,), hidden=128)
-    results = []
+    results, earlier = [], {}
+    if args.grid_from:
+        with open(args.grid_from) as f:
+            earlier = {r["init"]: r["cells"] for r in json.load(f)}
     for spec in args.init:
         name, _, path = spec.partition("=")
         _, net = load_init(path or name, train.images)
@@ -54,10 +61,11 @@ def main() -> None:
         rec = recommend(table, len(train) / len(train.class_names))
         measure_s = time.perf_counter() - start
         cells = []
-        for cell in grid(net.num_blocks):
+        for cell in [] if name in earlier else grid(net.num_blocks):
             result, _ = train_transfer(net, train, test, dataclasses.replace(base, **cell), "cpu")
             cells.append({**cell, "test_acc": result.test_acc, "seconds": result.seconds})
             print(name, cell, f"{100 * result.test_acc:.1f}", flush=True)
+        cells = cells or earlier[name]
         result, _ = train_transfer(net, train, test, dataclasses.replace(base, **rec.transfer_values()), "cpu")
         best = max(cells, key=lambda c: c["test_acc"])
         grid_s = sum(c["seconds"] for c in cells)

@@ -38,6 +38,10 @@ def test_the_rule_table_is_tunable():
     table = [_row(1, 0.60, 0.45), _row(2, 0.70, 0.50), _row(3, 0.55, 0.54)]
     rec = recommend(table, 5000, AdviceRules(min_gain=0.0, depth_measure="knn", reinit_rest=True, l2sp_strong=0.5))
     assert (rec.layers, rec.reinit, rec.l2sp) == (2, 1, 0.5)
+    knn_only = [BlockFit(1, knn=0.6, knn_random=0.4, linear=0.67, linear_random=0.67, logme=0.0, logme_random=0.0,
+                         head2toe_kept=0.25)]  # a random block's linear probe is strong; its kNN is not
+    assert recommend(knn_only, 5000).l2sp == 0.01
+    assert recommend(knn_only, 5000, AdviceRules(gain_measure="linear")).l2sp == 0.0
     with pytest.raises(ConfigError, match="depth_measure"):
         AdviceRules.from_dict({"depth_measure": "accuracy"})
 
