@@ -112,7 +112,7 @@ def recommend(table: list[BlockFit], per_class: float, rules: AdviceRules | None
     rules = rules or AdviceRules()
     depth = len(table)
     measure = rules.gain_measure
-    gated = [r for r in table if r.gain(measure) >= rules.min_gain - 1e-9]  # 1e-9: 0.69 - 0.67 is 0.02
+    gated = [r for r in table if r.gain(measure) >= rules.min_gain - 1e-9]  # slack: 0.69 - 0.67 < 0.02 in floats
     reasons = {}
     if gated:
         best = max(gated, key=lambda r: (getattr(r, rules.depth_measure), r.block))
