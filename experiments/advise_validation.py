@@ -22,6 +22,7 @@ import time
 from contrastive_lw.advise import recommend
 from contrastive_lw.data import load_dataset
 from contrastive_lw.fit import fit_table, split_train, table_rows
+from contrastive_lw.model import ArchConfig
 from contrastive_lw.transfer import TransferConfig, load_init, train_transfer
 
 
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--classes", default="5-9")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--random-widths", default="64,128", help="block widths of the random init")
     parser.add_argument("--out", required=True)
     parser.add_argument("--grid-from", default=None,
                         help="an earlier --out: reuse its grid cells (same data, epochs), train only the advice")
@@ -55,7 +57,8 @@ def main() -> None:
             earlier = {r["init"]: r["cells"] for r in json.load(f)}
     for spec in args.init:
         name, _, path = spec.partition("=")
-        _, net = load_init(path or name, train.images)
+        widths = tuple(int(w) for w in args.random_widths.split(","))
+        _, net = load_init(path or name, train.images, ArchConfig(widths=widths))
         start = time.perf_counter()
         table = fit_table(net, *split_train(train))
         rec = recommend(table, len(train) / len(train.class_names))
