@@ -12,8 +12,9 @@ setup(
     package_data={"contrastive_lw": ["csrc/*.c"]},  # compiled on first use (contrastive_lw.native)
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.1",
-        "torchvision>=0.16",
+        # 2.5: fused AdamW on the CPU (2.4) and torch.OutOfMemoryError (2.5); tested with 2.14.1.
+        "torch>=2.5",
+        "torchvision>=0.20",
         "lightly>=1.5",
         "kornia>=0.7",
         "numpy",

@@ -90,33 +90,36 @@ class Augmentation(nn.Module):
                              persistent=False)
         self._grid_bases: dict[tuple, torch.Tensor] = {}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, columns: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Augment ``x``; ``columns`` = (global batch size, which of its samples ``x`` holds) draws
+        the global batch's numbers and keeps this slice's (a data-parallel rank's share)."""
         n = x.shape[0]
         if self.geometric:
-            x = F.grid_sample(x, self._grid(self._theta(self._draw(n, x.device)), x), padding_mode="border",
+            x = F.grid_sample(x, self._grid(self._theta(self._draw(n, x.device, columns)), x), padding_mode="border",
                               align_corners=False)
         if self.colour:
-            matrix, contrast = self._colour_matrix(self._draw(n, x.device))
+            matrix, contrast = self._colour_matrix(self._draw(n, x.device, columns))
             offset = contrast * (x.mean(dim=(2, 3)) @ self.luma)
             x = torch.baddbmm(offset.view(n, 1, 1), matrix, x.flatten(2)).view_as(x).clamp_(0, 1)
         return x
 
-    def cut(self, frames: torch.Tensor, where: PatchIndex, size: int) -> torch.Tensor:
+    def cut(self, frames: torch.Tensor, where: PatchIndex, size: int,
+            columns: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
         """The ``size`` x ``size`` patches of uint8 ``frames`` (N x C x H x W) at ``where``,
-        augmented: ``self(to_float(crop(frames, where, size)))``, the same draws and values (to
-        float rounding). On the CPU, with channels_last frames, one pass of a C kernel
+        augmented: ``self(to_float(crop(frames, where, size)), columns)``, the same draws and values
+        (to float rounding). On the CPU, with channels_last frames, one pass of a C kernel
         (:mod:`contrastive_lw.native`): sampler included, 2.4x faster on 7 x 7 patches, 3x on 13 x 13."""
         applies = _kernel_applies(frames, self.kernel_settings) and len(where.image)
         kernel = native.cut_and_augment_kernel() if applies else None
         if kernel is None:
-            return self(to_float(crop(frames, where, size)))
+            return self(to_float(crop(frames, where, size)), columns)
         n, (count, channels, height, width) = len(where.image), frames.shape
         image, top, left = (index.to("cpu", torch.int64).contiguous() for index in where)
         if not all(_within(index, bound) for index, bound in zip((image, top, left),
                                                                  (count - 1, height - size, width - size))):
             raise ValueError(f"patch positions out of range for {size} x {size} patches of {height} x {width} images")
-        geometry = self._draw(n, frames.device) if self.geometric else None
-        colour = self._draw(n, frames.device) if self.colour else None
+        geometry = self._draw(n, frames.device, columns) if self.geometric else None
+        colour = self._draw(n, frames.device, columns) if self.colour else None
         out = torch.empty(n, size, size, channels)
         status = kernel(frames.data_ptr(), height, width, channels, image.data_ptr(), top.data_ptr(), left.data_ptr(),
                         n, size, _pointer(geometry), _pointer(colour), self.kernel_settings.data_ptr(),
@@ -125,16 +128,16 @@ class Augmentation(nn.Module):
         return out.permute(0, 3, 1, 2)
 
     @staticmethod
-    def _draw(n: int, device: torch.device) -> torch.Tensor:
-        """The 6 x n uniform draws of one step (geometry or colour) from torch's global generator: on
-        the CPU, where the C kernel builds, from a counter-based generator it seeds (``csrc/uniform.c``:
-        in parallel, 95 -> 17 us for a 6 144-patch batch; torch.rand is one serial stream)."""
-        kernel = native.uniform_kernel() if torch.device(device).type == "cpu" else None
-        if kernel is None:
-            return torch.rand(6, n, device=device)
-        draws = torch.empty(6, n)
-        kernel(int(torch.randint(0, 2 ** 62, ())), draws.numel(), draws.data_ptr())
-        return draws
+    def _draw(n: int, device: torch.device, columns: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """The 6 x n uniform draws of one step (geometry or colour): :func:`counter_uniform` of a
+        seed from torch's global generator, so ``torch.manual_seed`` repeats them, and the same
+        numbers come with or without the C kernel. With ``columns`` (global size, indices) the
+        global batch's draws are made and these columns kept."""
+        seed = int(torch.randint(0, 2 ** 62, ()))
+        if columns is None:
+            return counter_uniform(seed, 6 * n, device).view(n, 6).T.contiguous()
+        total, index = columns
+        return counter_uniform(seed, 6 * total, device).view(total, 6).T[:, index.to(device)].contiguous()
 
     def _theta(self, uniform: torch.Tensor) -> torch.Tensor:
         """B x 6 (width cos, width sin, -height sin, height cos, cx, cy) of a random resized crop
@@ -187,6 +190,37 @@ class Augmentation(nn.Module):
         weights = torch.stack([saturation, saturation * turn.cos(), saturation * turn.sin(), 1 - saturation], 1)
         matrix = ((weights * (brightness * contrast).view(n, 1)) @ self.colour_basis).view(n, 3, 3)
         return matrix, (1 - contrast) * brightness
+
+
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def counter_uniform(seed: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``count`` floats in [0, 1): draw j is the top 24 bits of splitmix64(seed + (j + 1) x golden
+    ratio), / 2^24, so each depends on its index alone. On the CPU the C kernel ``csrc/uniform.c``
+    computes them in parallel where it builds; elsewhere the same integer arithmetic in PyTorch
+    gives the same numbers bit for bit (tested), so a seed decides a run with or without a compiler.
+
+    Example:
+        >>> counter_uniform(7, 3).shape
+        torch.Size([3])
+    """
+    kernel = native.uniform_kernel() if torch.device(device).type == "cpu" else None
+    if kernel is not None:
+        out = torch.empty(count)
+        kernel(seed, count, out.data_ptr())
+        return out
+    signed = lambda value: value - (1 << 64) if value >= 1 << 63 else value  # noqa: E731  (int64 wraps)
+    z = torch.arange(1, count + 1, dtype=torch.int64, device=device) * signed(_GOLDEN) + signed(seed % (1 << 64))
+    z = (z ^ _logical_shift(z, 30)) * signed(_MIX1)
+    z = (z ^ _logical_shift(z, 27)) * signed(_MIX2)
+    z = z ^ _logical_shift(z, 31)
+    return _logical_shift(z, 40).float() * (1.0 / 16777216)
+
+
+def _logical_shift(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """``z >> bits`` of int64 read as unsigned (torch's shift of int64 keeps the sign)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
 def _kernel_applies(frames: torch.Tensor, settings: torch.Tensor) -> bool:

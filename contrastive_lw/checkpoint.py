@@ -38,6 +38,21 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global RNG states a resumable loop must save: the CPU's, and the device's on CUDA."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_state` saved (a file without the CUDA state keeps the current one)."""
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
 def load_checkpoint(path: str | Path, kind: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint of ``kind`` safely (``weights_only=True``).
 

@@ -43,8 +43,9 @@ class ImageData:
 
 
 def default_data_root() -> Path:
-    """``$CONTRASTIVE_LW_DATA``, else ``./data``."""
-    return Path(os.environ.get("CONTRASTIVE_LW_DATA", "data"))
+    """``$CONTRASTIVE_LW_DATA``, else ``datasets/`` in the cache folder (:func:`cache_dir`): never
+    inside a checkout, so a ``--download`` never shows up as files to commit."""
+    return Path(os.environ.get("CONTRASTIVE_LW_DATA", cache_dir() / "datasets"))
 
 
 def load_dataset(name: str, split: str = "train", data_root: str | Path | None = None,
@@ -173,8 +174,8 @@ def load_folder(path: Path, split: str = "train") -> ImageData:
     """An image-folder tree: ``path/{train,test}/<class>/*`` or just ``path/<class>/*`` (split ignored).
 
     Images are converted to RGB and must share one size. Decoded images are cached (see
-    :func:`cache_dir`) keyed by the folder, its class folders' modification times and file counts,
-    so a second load skips decoding.
+    :func:`cache_dir`) keyed by the folder and every image's name, size and modification time, so
+    a second load skips decoding and an image replaced in place is decoded again.
     """
     root = path / split if (path / split).is_dir() else path
     if not root.is_dir():
@@ -185,8 +186,8 @@ def load_folder(path: Path, split: str = "train") -> ImageData:
         raise DataError(f"{root} holds no images: expected one sub-folder of images "
                         f"({', '.join(sorted(IMAGE_SUFFIXES))}) per class")
     names = [d.name for d in class_dirs]
-    key = repr([CACHE_VERSION, str(root.resolve())] + [(d.name, d.stat().st_mtime_ns, len(f))
-                                                        for d, f in zip(class_dirs, files)])
+    key = repr([CACHE_VERSION, str(root.resolve())] + [(d.name, [(f.name, *_size_and_mtime(f)) for f in fs])
+                                                        for d, fs in zip(class_dirs, files)])
     cached = cache_dir() / f"folder-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
     if cached.is_file():
         try:
@@ -207,6 +208,11 @@ def load_folder(path: Path, split: str = "train") -> ImageData:
     labels = torch.tensor([i for i, fs in enumerate(files) for _ in fs], dtype=torch.long)
     _save_atomic({"images": images, "labels": labels}, cached)
     return ImageData(images, labels, names)
+
+
+def _size_and_mtime(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def decode_image(path: Path) -> torch.Tensor:

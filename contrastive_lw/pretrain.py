@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .augment import AugmentConfig, Augmentation, build_augmentation, to_float
-from .checkpoint import BACKBONE, layer_checkpoints, load_checkpoint, save_backbone, save_checkpoint
+from .checkpoint import (BACKBONE, layer_checkpoints, load_checkpoint, restore_rng_state, rng_state, save_backbone,
+                         save_checkpoint)
 from .config import from_dict, per_layer, to_dict
 from .device import autocast, resolve_device
 from .errors import CheckpointError, ConfigError, TrainingDiverged
@@ -121,13 +122,25 @@ def adamw(parameters: Iterable[nn.Parameter], lr: float, weight_decay: float,
 
 
 @torch.no_grad()
-def augmented_views(frames: torch.Tensor, where: list[PatchIndex], patch: int, augment: nn.Module) -> torch.Tensor:
+def augmented_views(frames: torch.Tensor, where: list[PatchIndex], patch: int, augment: nn.Module,
+                    columns: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """The ``patch``-sized crops of uint8 ``frames`` at each view's positions, stacked view after
-    view, as augmented floats in [0, 1]: the input of one training step."""
+    view, as augmented floats in [0, 1]: the input of one training step. ``columns`` (the global
+    batch's size, and which of its samples these are): a data-parallel rank's share of the global
+    batch's augmentation draws, so ranks together draw what one process would."""
     where = PatchIndex(*map(torch.cat, zip(*where)))
     if isinstance(augment, Augmentation):
-        return augment.cut(frames, where, patch)  # one pass of a C kernel on the CPU
+        return augment.cut(frames, where, patch, columns)  # one pass of a C kernel on the CPU
     return augment(to_float(crop(frames, where, patch)))
+
+
+def rank_columns(views: int, batch_size: int) -> tuple[int, torch.Tensor] | None:
+    """This rank's samples in a global batch of ``views`` x ``batch_size`` stacked views (None
+    in a single process): its shard of every view."""
+    if distributed.world_size() == 1:
+        return None
+    return views * batch_size, torch.arange(views * batch_size).view(views, batch_size)[
+        :, distributed.shard(torch.arange(batch_size))].flatten()
 
 
 @torch.no_grad()
@@ -213,12 +226,7 @@ class LayerwisePretrainer:
         if images.shape[-3] != cfg.arch.in_channels:
             raise ConfigError(f"images have {images.shape[-3]} channels but arch.in_channels is "
                               f"{cfg.arch.in_channels}: set arch.in_channels to match")
-        torch.manual_seed(cfg.seed)
-        net = LayerwiseNet(cfg.arch)
-        net.set_normalization(images.flatten(0, -4))
-        with torch.no_grad():
-            for block in net.blocks:
-                block.conv.weight.mul_(cfg.init_scale)
+        net = self.initial_network(images)
         done = self._resume(net)
         net = net.to(self.device, memory_format=torch.channels_last)
         images = images.to(self.device)
@@ -229,6 +237,17 @@ class LayerwisePretrainer:
             for k in stages:
                 self._train_layer(net, k, images, logger)
         return net.cpu()
+
+    def initial_network(self, images: torch.Tensor) -> LayerwiseNet:
+        """The network as :meth:`fit` draws it before any training: seeded, its input normalised
+        by ``images``' channel statistics, every conv weight scaled by ``init_scale``."""
+        torch.manual_seed(self.config.seed)
+        net = LayerwiseNet(self.config.arch)
+        net.set_normalization(images.flatten(0, -4))
+        with torch.no_grad():
+            for block in net.blocks:
+                block.conv.weight.mul_(self.config.init_scale)
+        return net
 
     def _resume(self, net: LayerwiseNet) -> int:
         """Load the deepest finished layer of the run directory; returns how many blocks it holds."""
@@ -252,6 +271,7 @@ class LayerwisePretrainer:
         greedy = cfg.mode == "greedy"
         prefix = k - 1 if greedy else 0
         set_trainable(net.blocks[:prefix], False)
+        torch.manual_seed(cfg.seed * 1000 + k)  # before the head is drawn: a run resumed between layers draws the same
         stage = _Stage(net.blocks[prefix:k], ProjectionHead(net.out_channels(k) * side * side, cfg.embed_dim,
                                                              cfg.head_hidden).to(device))
         set_trainable(stage, True)
@@ -261,8 +281,7 @@ class LayerwisePretrainer:
         sampler = PatchSampler(patch, per_layer(cfg.positives, k), cfg.max_shift,
                                seed=cfg.seed * 1000 + k, device=device)
         augment = build_augmentation(cfg.augment, cfg.arch.in_channels).to(device)
-        torch.manual_seed(cfg.seed * 1000 + k)
-        first = self._load_state(k, net, stage, optimizer, scheduler, sampler)
+        first, final_loss = self._load_state(k, net, stage, optimizer, scheduler, sampler)
         model = nn.parallel.DistributedDataParallel(stage) if distributed.world_size() > 1 else stage
         views = 3 if self.loss_fn.uses_negatives else 2
         save_every = cfg.save_every or cfg.epoch_steps(len(images))
@@ -271,29 +290,35 @@ class LayerwisePretrainer:
         start = time.perf_counter()
         frames = on_huge_pages(images.flatten(0, -4).contiguous(memory_format=torch.channels_last))  # fast crops
         draw = sampler.sample_video_indices if images.dim() == 5 else sampler.sample_indices
+        columns = rank_columns(views, cfg.batch_size)
         for step in bar:
             where = [PatchIndex(*map(distributed.shard, w)) for w in draw(images.shape, cfg.batch_size, device)[:views]]
-            x = frozen_features(net, augmented_views(frames, where, patch, augment), prefix)
+            x = frozen_features(net, augmented_views(frames, where, patch, augment, columns), prefix)
             loss, embeddings = train_step(model, self.loss_fn, optimizer, x, views, stage.head)
             scheduler.step()
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 self._log(logger, k, step, loss, embeddings, scheduler.get_last_lr()[0],
                           (step + 1 - first) * views * cfg.batch_size / (time.perf_counter() - start), bar)
-            if self._stop_signal is not None or ((step + 1) % save_every == 0 and step + 1 < steps):
-                self._save_state(k, step + 1, net, stage, optimizer, scheduler, sampler)
-                if self._stop_signal is not None:
-                    raise Interrupted(f"stopped by signal {self._stop_signal} in layer {k} at step {step + 1}; "
-                                      "run the same command again to continue")
-        self._save_layer(net, stage.head, k, steps, time.perf_counter() - start, loss.item())
+            if step + 1 < steps and (self._stop_signal is not None or (step + 1) % save_every == 0):
+                self._save_state(k, step + 1, net, stage, optimizer, scheduler, sampler, loss.item())
+                self._stop_if_asked(f"in layer {k} at step {step + 1}")
+            final_loss = loss.item() if step + 1 == steps else final_loss
+        self._save_layer(net, stage.head, k, steps, time.perf_counter() - start, final_loss)
         if prefix == 0 and distributed.is_main_process():  # this stage trained block 1
             self._save_filters(net, logger)
+        self._stop_if_asked(f"after layer {k}")  # a signal in the layer's last step: the layer is saved whole
+
+    def _stop_if_asked(self, where: str) -> None:
+        if self._stop_signal is not None:
+            raise Interrupted(f"stopped by signal {self._stop_signal} {where}; run the same command again to continue")
 
     def _load_state(self, k: int, net: LayerwiseNet, stage: _Stage, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler) -> int:
-        """Restore the layer in progress from ``state.pt``; returns the step to continue from."""
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler) -> tuple[int, float]:
+        """Restore the layer in progress from ``state.pt``; returns the step to continue from and
+        the loss of the step before it (NaN when there is none)."""
         path = self.out_dir / "state.pt"
         if not path.exists():
-            return 0
+            return 0, math.nan
         state = load_checkpoint(path, TRAIN_STATE)
         if state["layer"] != k or not _same_config(state["config"], self.config):
             raise CheckpointError(f"{path} belongs to another layer or config: delete it to restart layer {k}")
@@ -302,22 +327,18 @@ class LayerwisePretrainer:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.generator.set_state(state["sampler_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if self.device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        return state["step"]
+        restore_rng_state(state, self.device)
+        return state["step"], state.get("loss", math.nan)
 
     def _save_state(self, k: int, step: int, net: LayerwiseNet, stage: _Stage, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler) -> None:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler, loss: float) -> None:
         if distributed.is_main_process():
             state = {
-                "kind": TRAIN_STATE, "layer": k, "step": step, "config": to_dict(self.config),
+                "kind": TRAIN_STATE, "layer": k, "step": step, "loss": loss, "config": to_dict(self.config),
                 "backbone": _cpu(net.state_dict()), "head": _cpu(stage.head.state_dict()),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "sampler_rng": sampler.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "sampler_rng": sampler.generator.get_state(), **rng_state(self.device),
             }
-            if self.device.type == "cuda":
-                state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
             save_checkpoint(state, self.out_dir / "state.pt")
         distributed.barrier()
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .checkpoint import BACKBONE, layer_checkpoints, load_backbone, load_checkpoint, save_checkpoint
+from .checkpoint import (BACKBONE, layer_checkpoints, load_backbone, load_checkpoint, restore_rng_state, rng_state,
+                         save_checkpoint)
 from .config import from_dict, to_dict
 from .data import ImageData
 from .cudagraph import GraphedStep
@@ -203,13 +204,14 @@ def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_epoch: Callab
          state_path: str | Path | None) -> TransferResult:
     """The epoch loop: train, evaluate, log, save the resumable state."""
     first, curve, seconds = 0, [], 0.0
+    device = next(model.parameters()).device
     if state_path is not None and Path(state_path).exists():
         state = load_checkpoint(state_path, TRANSFER_STATE)
         if state["config"] != to_dict(config):
             raise CheckpointError(f"{state_path} was saved with another transfer config: delete it or use a new --out")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        restore_rng_state(state, device)
         first, curve, seconds = state["epoch"], state["curve"], state["seconds"]
     start = time.perf_counter()
     for epoch in range(first, config.epochs):
@@ -220,7 +222,7 @@ def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_epoch: Callab
         if state_path is not None and distributed.is_main_process():
             save_checkpoint({"kind": TRANSFER_STATE, "config": to_dict(config), "epoch": epoch + 1, "curve": curve,
                              "seconds": seconds + time.perf_counter() - start, "model": model.state_dict(),
-                             "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, state_path)
+                             "optimizer": optimizer.state_dict(), **rng_state(device)}, state_path)
     return TransferResult(curve[-1], curve, int(torch.tensor(curve).argmax()) + 1,
                           seconds + time.perf_counter() - start)
 

@@ -32,8 +32,8 @@ def save_filter_grid(weight: torch.Tensor, path: str | Path, title: str = "") ->
 
 def save_filter_grids(weights: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     """Filter grids of several networks side by side, each titled by its key."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(weights), figsize=(6 * len(weights), 6.4), squeeze=False)
+    fig = _figure(6 * len(weights), 6.4)
+    axes = fig.subplots(1, len(weights), squeeze=False)
     for ax, (title, weight) in zip(axes[0], weights.items()):
         ax.imshow(filter_grid(weight).permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_axis_off()
@@ -72,8 +72,8 @@ def maximize_activation(net: LayerwiseNet, k: int, units: int = 64, steps: int =
 
 def save_curves(curves: Mapping[str, Sequence[float]], path: str | Path, title: str) -> Path:
     """Test accuracy (%) against epoch, one line per entry."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = _figure(6.5, 4.2)
+    ax = fig.subplots()
     for label, curve in curves.items():
         ax.plot(range(1, len(curve) + 1), [100 * a for a in curve], marker="o", markersize=3, label=label)
     ax.set_xlabel("epoch")
@@ -87,10 +87,10 @@ def save_curves(curves: Mapping[str, Sequence[float]], path: str | Path, title: 
 
 def save_bar_chart(groups: Mapping[str, Mapping[str, tuple[float, float]]], path: str | Path, title: str) -> Path:
     """Grouped bars of mean accuracy (%) with std error bars: ``groups[x_label][series] = (mean, std)``."""
-    plt = _pyplot()
     series = sorted({name for bars in groups.values() for name in bars})
     width = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.3 * len(groups)), 4.5))
+    fig = _figure(max(6.5, 1.3 * len(groups)), 4.5)
+    ax = fig.subplots()
     for i, name in enumerate(series):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
         values = [groups[g].get(name, (float("nan"), 0.0)) for g in groups]
@@ -106,13 +106,12 @@ def save_bar_chart(groups: Mapping[str, Mapping[str, tuple[float, float]]], path
     return _save(fig, path)
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A matplotlib ``Figure`` of its own (no pyplot, no global backend switch: a notebook's
+    own plots are left as they are)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=(width, height))
 
 
 def _save(fig, path: str | Path) -> Path:
@@ -120,5 +119,4 @@ def _save(fig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
     return path

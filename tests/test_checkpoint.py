@@ -75,3 +75,34 @@ def test_weights_of_another_architecture(tmp_path):
                      "backbone": net.state_dict()}, path)
     with pytest.raises(CheckpointError, match="do not match"):
         load_backbone(path)
+
+
+def test_rng_state_holds_the_cuda_generator_on_a_cuda_device(monkeypatch):
+    """Resumable loops (pretraining and transfer) save and restore the CUDA RNG beside the CPU's."""
+    from contrastive_lw.checkpoint import restore_rng_state, rng_state
+
+    cuda_state = {"now": torch.tensor([7], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: cuda_state["now"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: cuda_state.update(now=state))
+    saved = rng_state(torch.device("cuda"))
+    assert torch.equal(saved["cuda_rng"], torch.tensor([7], dtype=torch.uint8))
+    assert "cuda_rng" not in rng_state(torch.device("cpu"))
+    expected = torch.rand(2)
+    cuda_state["now"] = torch.tensor([9], dtype=torch.uint8)
+    restore_rng_state(saved, torch.device("cuda"))
+    assert torch.equal(cuda_state["now"], torch.tensor([7], dtype=torch.uint8))
+    assert torch.equal(torch.rand(2), expected)
+
+
+def test_a_checkpoint_of_format_1_keeps_loading():
+    """A backbone file written by format 1 (committed; never regenerate it): later versions of the
+    package must load it and compute the same features it did."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "fixtures" / "layer2_format1.pt"
+    payload = load_checkpoint(path, BACKBONE)
+    assert payload["format_version"] == 1
+    net = load_backbone(path).eval()
+    assert net.num_blocks == 2
+    with torch.no_grad():
+        torch.testing.assert_close(net(payload["fixture_input"]), payload["fixture_output"])

@@ -133,6 +133,33 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
     assert load_dataset(name).class_names == ["cat", "dog", "emu", "fox"]
 
 
+def test_an_image_replaced_in_place_is_decoded_again(tmp_path):
+    """Same file name, same folder mtime (restored), new content: the cache must not serve the old one."""
+    import os
+
+    root = _tree(tmp_path / "t")
+    first = load_dataset(f"folder:{root}")
+    folder_times = os.stat(root / "dog")
+    Image.new("RGB", (8, 8), (250, 250, 250)).save(root / "dog" / "1.png", compress_level=0)
+    os.utime(root / "dog", ns=(folder_times.st_atime_ns, folder_times.st_mtime_ns))
+    again = load_dataset(f"folder:{root}")
+    assert int(again.images[4, 0, 0, 0]) == 250 and int(first.images[4, 0, 0, 0]) == 80
+
+
+def test_default_data_root_is_outside_the_checkout(monkeypatch):
+    """``--download`` without ``--data-root`` never writes into the repository (whose data/ is tracked)."""
+    from pathlib import Path
+
+    from contrastive_lw.data import default_data_root
+
+    checkout = Path(data_module.__file__).resolve().parents[1]
+    monkeypatch.chdir(checkout)
+    monkeypatch.delenv("CONTRASTIVE_LW_DATA", raising=False)
+    assert not default_data_root().resolve().is_relative_to(checkout)
+    monkeypatch.setenv("CONTRASTIVE_LW_DATA", "/somewhere/else")
+    assert default_data_root() == Path("/somewhere/else")
+
+
 def test_bundled_sample():
     train, test = load_dataset("sample"), load_dataset("sample", "test")
     assert train.images.shape == (4000, 3, 32, 32) and test.images.shape == (1000, 3, 32, 32)

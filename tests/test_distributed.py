@@ -17,7 +17,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, images):
               "--mining", "hardest", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env, check=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     *common, "--out", str(tmp_path / "two")], env=env, check=True, timeout=300)
     one = load_checkpoint(tmp_path / "one" / "layer1.pt", BACKBONE)["backbone"]
     two = load_checkpoint(tmp_path / "two" / "layer1.pt", BACKBONE)["backbone"]
@@ -25,6 +25,26 @@ def test_two_gloo_processes_match_one_process(tmp_path, images):
         # same global batch, gradients all-reduced: equal up to float summation order
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_two_ranks_with_augmentation_and_infonce_match_one_process_over_two_layers(tmp_path, images):
+    """Augmentation on (each rank keeps its share of the global batch's draws, not the first
+    slice's) and InfoNCE's cross-rank gather, through layers 1 and 2 (without BatchNorm, whose
+    statistics stay per rank on the CPU: SyncBatchNorm runs on GPUs only)."""
+    np.savez(tmp_path / "images.npz", images=images.numpy())
+    (tmp_path / "arch.yaml").write_text("pretrain:\n  arch: {batch_norm: [false]}\n")
+    common = ["-m", "contrastive_lw", "pretrain", "--dataset", f"npz:{tmp_path / 'images.npz'}",
+              "--widths", "4,6", "--steps-per-layer", "4", "--batch-size", "32", "--loss", "infonce",
+              "--no-progress", "--config", str(tmp_path / "arch.yaml")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    *common, "--out", str(tmp_path / "two")], env=env, check=True, timeout=300)
+    for layer in (1, 2):
+        one = load_checkpoint(tmp_path / "one" / f"layer{layer}.pt", BACKBONE)["backbone"]
+        two = load_checkpoint(tmp_path / "two" / f"layer{layer}.pt", BACKBONE)["backbone"]
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4)
 
 
 def test_transfer_under_torchrun_matches_one_process(tmp_path, images):
@@ -36,7 +56,7 @@ def test_transfer_under_torchrun_matches_one_process(tmp_path, images):
               "--config", str(tmp_path / "t.yaml"), "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env, check=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     *common, "--out", str(tmp_path / "two")], env=env, check=True, timeout=300)
     one = torch.load(tmp_path / "one" / "state.pt", weights_only=True)
     two = torch.load(tmp_path / "two" / "state.pt", weights_only=True)

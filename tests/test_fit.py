@@ -109,7 +109,8 @@ def test_random_like_keeps_normalisation_and_draws_new_weights():
     assert torch.equal(random_like(net, seed=5).blocks[0].conv.weight, other.blocks[0].conv.weight)
 
 
-@pytest.mark.parametrize("labels,match", [(None, "no labels"), ("one", "two target classes")])
+@pytest.mark.parametrize("labels,match", [(None, "no labels"), ("one", "two target classes")],
+                         ids=["unlabelled", "one_class"])
 def test_unlabelled_or_one_class_targets_are_refused(target, labels, match):
     data = ImageData(target.images, None if labels is None else torch.zeros(len(target), dtype=torch.long), ["a"])
     with pytest.raises(DataError, match=match):

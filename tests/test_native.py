@@ -1,3 +1,4 @@
+import contextlib
 import pytest
 import torch
 
@@ -120,12 +121,40 @@ def test_uniform_kernel_draws_evenly_and_each_draw_depends_on_its_index_alone():
     assert not torch.equal(uniform_draws(12346, 1000), draws[:1000])
 
 
-def test_augmentation_draws_repeat_with_the_global_seed_on_the_kernels_generator():
-    if native.uniform_kernel() is None:
-        pytest.skip("no C compiler here: the augmentation draws with torch.rand")
+def test_augmentation_draws_repeat_with_the_global_seed_and_match_without_the_kernel():
+    """Same seed, same draws with or without a compiler: the PyTorch splitmix64 equals the C kernel."""
+    from contrastive_lw.augment import counter_uniform
+
     torch.manual_seed(5)
     first = Augmentation._draw(100, torch.device("cpu"))
     torch.manual_seed(5)
     assert torch.equal(Augmentation._draw(100, torch.device("cpu")), first)
-    torch.manual_seed(5)
-    assert not torch.equal(torch.rand(6, 100), first)  # drawn by the kernel, not torch.rand
+    with native.pytorch_paths():
+        torch.manual_seed(5)
+        assert torch.equal(Augmentation._draw(100, torch.device("cpu")), first)
+        in_pytorch = counter_uniform(2 ** 61 + 12345, 5000)
+    if native.uniform_kernel() is not None:
+        assert torch.equal(uniform_draws(2 ** 61 + 12345, 5000), in_pytorch)
+
+
+def test_patches_and_a_short_run_agree_with_and_without_the_kernels(tmp_path, images):
+    """One seed, CONTRASTIVE_LW_NATIVE=0 or 1: the augmented patches agree to 1e-5 and 50 steps of
+    pretraining end at weights that agree to float rounding."""
+    from contrastive_lw.model import ArchConfig
+    from contrastive_lw.patches import PatchSampler
+    from contrastive_lw.pretrain import LayerwisePretrainer, PretrainConfig, augmented_views
+
+    kernel_or_skip()
+    frames = images.contiguous(memory_format=torch.channels_last)
+    sampler = PatchSampler(7, "adjacent", seed=3)
+    where = list(sampler.sample_indices(frames.shape, 256, torch.device("cpu")))
+    runs = {}
+    for name, paths in {"native": contextlib.nullcontext(), "pytorch": native.pytorch_paths()}.items():
+        with paths:
+            torch.manual_seed(0)
+            patches = augmented_views(frames, where, 7, Augmentation(AugmentConfig()))
+            config = PretrainConfig(arch=ArchConfig(widths=(8,)), steps_per_layer=50, batch_size=64)
+            runs[name] = patches, LayerwisePretrainer(config, tmp_path / name, "cpu", progress=False).fit(images)
+    torch.testing.assert_close(runs["native"][0], runs["pytorch"][0], atol=1e-5, rtol=0)
+    for a, b in zip(runs["native"][1].state_dict().values(), runs["pytorch"][1].state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

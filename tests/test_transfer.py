@@ -1,6 +1,5 @@
 import dataclasses
 
-
 import pytest
 import torch
 
@@ -46,6 +45,38 @@ def test_frozen_mode_trains_only_the_new_layers(split):
     assert all(p.requires_grad for p in model.fc.parameters())
     assert torch.equal(model.backbone.blocks[0].conv.weight, source.blocks[0].conv.weight)
     assert 0 <= result.test_acc <= 1 and len(result.curve) == 1
+
+
+def test_frozen_two_blocks_keep_weights_and_batchnorm_statistics_and_learn(split):
+    """Frozen at layers=2: every transferred tensor (block 2's BatchNorm running statistics too)
+    stays as the source's after several epochs, while the new layers learn the task."""
+    source = _source()
+    with torch.no_grad():  # non-default running statistics, so a drift either way shows
+        source.blocks[1][1].running_mean.uniform_(-1, 1)
+        source.blocks[1][1].running_var.uniform_(0.5, 2)
+    result, model = train_transfer(source, *split, _config(mode="frozen", layers=2, epochs=15, lr=1e-2), "cpu")
+    before, after = source.prefix(2).state_dict(), model.backbone.state_dict()
+    assert before.keys() == after.keys() and any("running_mean" in name for name in after)
+    assert all(torch.equal(before[name], after[name].cpu()) for name in before)
+    assert result.test_acc > 0.75  # two balanced classes: chance is 0.5
+
+
+def test_head2toe_trains_and_tests_on_the_same_selected_columns(split, monkeypatch):
+    """The columns chosen on the training features are the ones the test features are read at."""
+    from contrastive_lw import head2toe, transfer
+
+    chosen = torch.tensor([1, 5, 40])
+    monkeypatch.setattr(head2toe, "select_features", lambda x, y, keep: chosen)
+    seen = []
+    real = transfer.nn.Linear.forward
+    monkeypatch.setattr(transfer.nn.Linear, "forward", lambda self, x: seen.append(x.detach().clone()) or real(self, x))
+    train, test = split
+    features = {len(d.images): transfer.block_features(_source(), d.images, [1, 2], 4) for d in (train, test)}
+    result, linear = train_transfer(_source(), train, test, _config(mode="head2toe", layers=2, keep=0.1, epochs=1), "cpu")
+    assert linear.in_features == len(chosen)
+    mean, std = features[len(train.images)].mean(0), features[len(train.images)].std(0).clamp_min(1e-6)
+    expected_test = ((features[len(test.images)] - mean) / std)[:, chosen]
+    assert torch.allclose(seen[-1], expected_test, atol=1e-5)  # the last call is the test evaluation
 
 
 def test_finetune_mode_trains_everything_and_leaves_the_source_alone(split):
@@ -108,12 +139,14 @@ class _StopAfter(Exception):
     pass
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("mode", ["finetune", "linear"])
-def test_transfer_resumes_after_a_crash_bit_for_bit(tmp_path, split, monkeypatch, mode):
+def test_transfer_resumes_after_a_crash_bit_for_bit(tmp_path, split, monkeypatch, mode, device):
     from contrastive_lw import transfer
 
     config = _config(mode=mode, epochs=3, batch_size=16)
-    straight, model = train_transfer(_source(), *split, config, "cpu", state_path=tmp_path / "a.pt")
+    straight, model = train_transfer(_source(), *split, config, device, state_path=tmp_path / "a.pt")
     real_fit = transfer._fit
 
     def fit_that_crashes_in_epoch_two(model_, optimizer, train_epoch, evaluate, *rest):
@@ -127,9 +160,9 @@ def test_transfer_resumes_after_a_crash_bit_for_bit(tmp_path, split, monkeypatch
         return real_fit(model_, optimizer, train_epoch, evaluate_or_crash, *rest)
     monkeypatch.setattr(transfer, "_fit", fit_that_crashes_in_epoch_two)
     with pytest.raises(_StopAfter):
-        train_transfer(_source(), *split, config, "cpu", state_path=tmp_path / "b.pt")
+        train_transfer(_source(), *split, config, device, state_path=tmp_path / "b.pt")
     monkeypatch.setattr(transfer, "_fit", real_fit)
-    resumed, model_b = train_transfer(_source(), *split, config, "cpu", state_path=tmp_path / "b.pt")
+    resumed, model_b = train_transfer(_source(), *split, config, device, state_path=tmp_path / "b.pt")
     assert resumed.curve == straight.curve
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model_b.state_dict().values()))
 
@@ -219,3 +252,24 @@ def test_nonbinary_finetune_uses_three_learning_rates(split, monkeypatch):
 def test_reinit_beyond_the_backbone_is_refused(split):
     with pytest.raises(ConfigError, match="lower --reinit"):
         train_transfer(_source(), *split, _config(layers=1, reinit=2), "cpu")
+
+
+def test_head2toe_selection_leaves_the_global_rng_alone():
+    """The seed of a transfer run decides what follows the selection (no manual_seed inside it)."""
+    from contrastive_lw.head2toe import select_features
+
+    x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = select_features(x, y, keep=0.5, steps=5)
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(select_features(x, y, keep=0.5, steps=5, seed=0), first)  # its own seed repeats it
+
+
+def test_transfer_state_of_another_config_is_refused(tmp_path, split):
+    from contrastive_lw.errors import CheckpointError
+
+    train_transfer(_source(), *split, _config(epochs=1), "cpu", state_path=tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match="another transfer config: delete it or use a new --out"):
+        train_transfer(_source(), *split, _config(epochs=1, lr=0.5), "cpu", state_path=tmp_path / "state.pt")

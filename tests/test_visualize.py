@@ -30,3 +30,17 @@ def test_units_are_capped_at_the_block_width_and_runs_repeat():
     net = LayerwiseNet(ArchConfig(widths=(4,)))
     first = maximize_activation(net, 1, units=10, steps=5, seed=3)
     assert first.shape[0] == 4 and torch.equal(first, maximize_activation(net, 1, units=10, steps=5, seed=3))
+
+
+def test_drawing_leaves_the_users_matplotlib_backend_alone(tmp_path):
+    """A figure of the project never switches the process's backend (a notebook's plots keep theirs)."""
+    import subprocess
+    import sys
+
+    code = ("import matplotlib, sys; matplotlib.use('svg');"
+            "from contrastive_lw.visualize import save_curves;"
+            f"save_curves({{'a': [0.5, 0.6]}}, {str(tmp_path / 'c.png')!r}, 't');"
+            "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["svg", "False"]
+    assert (tmp_path / "c.png").stat().st_size > 0

@@ -10,7 +10,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, default: str = "sample")
     group.add_argument("--dataset", default=None,
                        help=f"cifar10, cifar100, sample (bundled, offline), folder:PATH or npz:PATH (default {default})")
     group.add_argument("--data-root", default=None,
-                       help="folder holding the dataset (default: $CONTRASTIVE_LW_DATA, else ./data)")
+                       help="folder holding the dataset (default: $CONTRASTIVE_LW_DATA, else "
+                            "~/.cache/contrastive_lw/datasets)")
     group.add_argument("--classes", default=None, help="keep these classes, e.g. 0-4 or cat,dog")
     group.add_argument("--limit", type=int, default=None, help="use the first N images (class-balanced)")
     group.add_argument("--download", action="store_true", default=None,
