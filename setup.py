@@ -23,6 +23,7 @@ setup(
         "tqdm",
         "pyyaml",
         "matplotlib",
+        "scikit-learn",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["contrastive-lw=contrastive_lw.cli:main"]},

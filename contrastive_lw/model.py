@@ -193,3 +193,11 @@ def set_trainable(module: nn.Module, trainable: bool) -> None:
     module.train(trainable)
     for p in module.parameters():
         p.requires_grad_(trainable)
+
+
+def reset_parameters(module: nn.Module) -> None:
+    """Re-initialise every sub-module of ``module`` that has ``reset_parameters`` (PyTorch's default
+    initialisation), from the global RNG."""
+    for layer in module.modules():
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()

@@ -21,7 +21,7 @@ from .device import autocast, resolve_device
 from .errors import CheckpointError, ConfigError
 from .evaluate import block_features
 from .heads import Classifier
-from .model import ArchConfig, LayerwiseNet, set_trainable
+from .model import ArchConfig, LayerwiseNet, reset_parameters, set_trainable
 from .patches import PatchIndex, crop
 from .runs import RunLogger
 
@@ -36,6 +36,10 @@ class TransferConfig:
     * ``frozen``: transferred blocks fixed (eval mode), the new blocks and fc layers train;
     * ``finetune``: everything trains; transferred blocks use ``lr * layer_lr_ratio`` and an
       L2-SP penalty ``l2sp/2 * ||w - w_pretrained||^2``;
+    * non-binary (Plested, Shen & Gedeon 2021, frozen or finetune): the ``reinit`` blocks after the
+      transferred ones are kept in place but re-initialised, train at ``lr * reinit_lr_ratio`` and,
+      with the new layers (at ``lr``), carry plain L2 ``l2/2 * ||w||^2``; BatchNorm parameters
+      carry neither penalty (:func:`nonbinary_groups`, :func:`nonbinary_penalty`);
     * ``linear``: a linear classifier on the transferred blocks' features average-pooled to
       ``pool`` x ``pool`` (of every transferred block, concatenated, when ``all_blocks``), which are
       computed once and cached;
@@ -52,6 +56,9 @@ class TransferConfig:
     weight_decay: float = 0.0
     layer_lr_ratio: float = 1.0
     l2sp: float = 0.0
+    reinit: int = 0
+    reinit_lr_ratio: float = 1.0
+    l2: float = 0.0
     new_widths: tuple[int, ...] = (512,)
     hidden: int = 512
     pool: int = 4
@@ -68,8 +75,12 @@ class TransferConfig:
                 raise ConfigError(f"transfer.{name} must be a positive integer, got {getattr(self, name)}")
         if not 0 < self.keep <= 1:
             raise ConfigError(f"transfer.keep must be a fraction in (0, 1], got {self.keep}")
-        if self.lr <= 0 or self.layer_lr_ratio < 0 or self.l2sp < 0 or self.weight_decay < 0:
-            raise ConfigError("transfer.lr must be > 0; layer_lr_ratio, l2sp and weight_decay >= 0")
+        if self.lr <= 0 or min(self.layer_lr_ratio, self.l2sp, self.weight_decay, self.reinit,
+                                self.reinit_lr_ratio, self.l2) < 0:
+            raise ConfigError("transfer.lr must be > 0; layer_lr_ratio, l2sp, weight_decay, reinit, "
+                              "reinit_lr_ratio and l2 >= 0")
+        if self.reinit and self.mode in ("linear", "head2toe"):
+            raise ConfigError(f"transfer.reinit applies to the frozen and finetune modes, not {self.mode}")
 
     @classmethod
     def from_dict(cls, values: dict) -> TransferConfig:
@@ -86,12 +97,18 @@ class TransferResult:
     seconds: float
 
 
-def transfer_backbone(source: LayerwiseNet, layers: int) -> LayerwiseNet:
-    """A trainable copy of the first ``layers`` blocks of ``source``."""
+def transfer_backbone(source: LayerwiseNet, layers: int, reinit: int = 0) -> LayerwiseNet:
+    """A trainable copy of the first ``layers`` blocks of ``source`` followed by its next ``reinit``
+    blocks with freshly drawn weights (from the global RNG)."""
     if not 1 <= layers <= source.num_blocks:
         raise ConfigError(f"cannot transfer {layers} layers: the initialisation has {source.num_blocks} "
                           "trained block(s); pretrain more layers or transfer fewer")
-    return copy.deepcopy(source.prefix(layers))
+    if layers + reinit > source.num_blocks:
+        raise ConfigError(f"cannot transfer {layers} and re-initialise {reinit} more block(s): the backbone "
+                          f"has {source.num_blocks}; lower --reinit")
+    backbone = copy.deepcopy(source.prefix(layers + reinit))
+    reset_parameters(backbone.blocks[layers:])
+    return backbone
 
 
 def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, config: TransferConfig,
@@ -107,28 +124,27 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
     device_ = distributed.init_distributed(resolve_device(device))
     torch.manual_seed(config.seed)
     train, test = _on_device(train, device_), _on_device(test, device_)  # once, not per epoch
-    backbone = transfer_backbone(source, config.layers).to(device_)
+    backbone = transfer_backbone(source, config.layers, config.reinit).to(device_)
     num_classes = len(train.class_names)
     if config.mode in ("linear", "head2toe"):
         return _train_linear(backbone, train, test, num_classes, config, device_, logger, state_path)
     model = Classifier(backbone, num_classes, config.new_widths, config.hidden, train.images.shape[-1])
     model = model.to(device_, memory_format=torch.channels_last)  # as the backbone's normalised input
-    anchor = [p.detach().clone() for p in backbone.parameters()]
+    transferred = backbone.blocks[: config.layers]
     if config.mode == "frozen":
-        set_trainable(backbone, False)
-        groups = [{"params": [*model.new_blocks.parameters(), *model.fc.parameters()]}]
-    else:
-        groups = [{"params": list(backbone.parameters()), "lr": config.lr * config.layer_lr_ratio},
-                  {"params": [*model.new_blocks.parameters(), *model.fc.parameters()]}]
+        set_trainable(transferred, False)
+    ratios = {"head": 1.0, "reinit": config.reinit_lr_ratio, "transferred": config.layer_lr_ratio}
+    param_groups = nonbinary_groups(model, backbone.blocks, config.layers, config.reinit)
+    anchor = [p.detach().clone() for p in param_groups["transferred"].penalised]
+    groups = [{"params": [p for p in g.params if p.requires_grad], "lr": config.lr * ratios[name]}
+              for name, g in param_groups.items() if any(p.requires_grad for p in g.params)]
     graphed = device_.type == "cuda" and distributed.world_size() == 1
     optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay,
                                  **({"fused": True, "capturable": True} if graphed else {}))
     parallel = nn.parallel.DistributedDataParallel(model) if distributed.world_size() > 1 else model
 
     def penalty() -> torch.Tensor | float:
-        if config.mode != "finetune" or not config.l2sp:
-            return 0.0
-        return config.l2sp / 2 * sum((p - p0).pow(2).sum() for p, p0 in zip(backbone.parameters(), anchor))
+        return nonbinary_penalty(param_groups, anchor, config.l2sp if config.mode == "finetune" else 0.0, config.l2)
 
     def evaluate() -> float:
         model.eval()
@@ -146,7 +162,7 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
     def train_epoch(epoch: int) -> None:
         model.train()
         if config.mode == "frozen":
-            backbone.eval()
+            transferred.eval()
         for index in torch.randperm(len(train.images), device=device_).split(config.batch_size):
             step(index)
     return _fit(model, optimizer, train_epoch, evaluate, config, logger, state_path), model
@@ -247,3 +263,53 @@ def load_init(init: str | Path, target_images: torch.Tensor,
         path = deepest_layer(path)
     mode = load_checkpoint(path, BACKBONE).get("mode", "greedy")
     return {"greedy": "layerwise"}.get(mode, mode), load_backbone(path)
+
+
+@dataclass
+class ParamGroup:
+    """One learning-rate group of the non-binary fine-tune: ``penalised`` parameters carry its weight
+    penalty, ``norm`` ones (BatchNorm) none; ``params`` is both."""
+
+    penalised: list[nn.Parameter]
+    norm: list[nn.Parameter]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [*self.penalised, *self.norm]
+
+
+def nonbinary_groups(model: nn.Module, blocks: nn.Sequential, transferred: int,
+                     reinit: int = 0) -> dict[str, ParamGroup]:
+    """The parameters of ``model`` in the three groups of the non-binary fine-tune (Plested, Shen &
+    Gedeon 2021, arXiv 2107.08585; official code XuyangShen/Non-binary-deep-transfer-learning-for-
+    image-classification, ``timm/optim/optim_factory.py::add_different_lrs``): ``transferred``
+    (``blocks[:transferred]``), ``reinit`` (the next ``reinit`` blocks) and ``head`` (every other
+    parameter of ``model``: new blocks and fully-connected layers). Each is split into penalised
+    parameters and BatchNorm ones, which that code's ``L2SP`` leaves out of both penalties."""
+    parts = {"transferred": list(blocks[:transferred].modules()),
+             "reinit": list(blocks[transferred: transferred + reinit].modules())}
+    taken = {id(p) for modules in parts.values() for m in modules for p in m.parameters(recurse=False)}
+    parts["head"] = list(model.modules())
+    groups = {}
+    for name in ("head", "reinit", "transferred"):
+        penalised, norm = [], []
+        for module in parts[name]:
+            own = [p for p in module.parameters(recurse=False) if name != "head" or id(p) not in taken]
+            (norm if isinstance(module, nn.modules.batchnorm._NormBase) else penalised).extend(own)
+        groups[name] = ParamGroup(penalised, norm)
+    return groups
+
+
+def nonbinary_penalty(groups: dict[str, ParamGroup], anchor: list[torch.Tensor], l2sp: float,
+                      l2: float) -> torch.Tensor | float:
+    """``l2sp/2 * ||w - w0||^2`` over the transferred group's penalised weights (``anchor``: their
+    pretrained values, in order) plus ``l2/2 * ||w||^2`` over the re-initialised and head groups'
+    (L2-SP, Li, Grandvalet & Davoine 2018; the split as in the non-binary code's ``timm/loss/l2sp.py``,
+    which applies L2-SP to every transferred layer here, with one strength). BatchNorm parameters
+    are in neither sum."""
+    total: torch.Tensor | float = 0.0
+    if l2sp:
+        total = total + l2sp / 2 * sum((p - p0).pow(2).sum() for p, p0 in zip(groups["transferred"].penalised, anchor))
+    if l2:
+        total = total + l2 / 2 * sum(p.pow(2).sum() for name in ("head", "reinit") for p in groups[name].penalised)
+    return total

@@ -1,3 +1,4 @@
+import dataclasses
 
 import pytest
 import torch
@@ -182,6 +183,75 @@ def test_head2toe_mode_probes_selected_features_of_every_block(split):
     assert linear.in_features == (4 * 4 * 4 + 6 * 4 * 4) // 2 and len(result.curve) == 3
     with pytest.raises(ConfigError, match="keep"):
         _config(keep=0.0)
+
+
+def _nonbinary_model(transferred=1, reinit=1):
+    from contrastive_lw.model import Classifier
+    from contrastive_lw.transfer import nonbinary_groups, transfer_backbone
+
+    torch.manual_seed(0)
+    source = LayerwiseNet(ArchConfig(widths=(4, 6, 8), batch_norm=(False, True)))
+    backbone = transfer_backbone(source, transferred, reinit)
+    model = Classifier(backbone, 2, (8,), 16)
+    return source, backbone, model, nonbinary_groups(model, backbone.blocks, transferred, reinit)
+
+
+def test_nonbinary_groups_split_head_reinit_transferred_and_batchnorm():
+    source, backbone, model, groups = _nonbinary_model(transferred=1, reinit=2)
+    ids = {name: {id(p) for p in g.params} for name, g in groups.items()}
+    assert sum(len(v) for v in ids.values()) == len(list(model.parameters()))  # each parameter once
+    assert ids["transferred"] == {id(p) for p in backbone.blocks[0].parameters()}
+    assert ids["reinit"] == {id(p) for p in backbone.blocks[1:].parameters()}
+    bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    assert {id(p) for g in groups.values() for p in g.norm} == bn and bn  # the new block's and blocks 2-3's
+    assert not bn & {id(p) for g in groups.values() for p in g.penalised}
+    # transferred block kept, re-initialised blocks redrawn
+    assert torch.equal(backbone.blocks[0].conv.weight, source.blocks[0].conv.weight)
+    assert not torch.equal(backbone.blocks[1].conv.weight, source.blocks[1].conv.weight)
+
+
+def test_nonbinary_penalty_is_l2sp_on_transferred_and_l2_on_the_rest():
+    from contrastive_lw.transfer import nonbinary_penalty
+
+    _, backbone, model, groups = _nonbinary_model(transferred=1, reinit=1)
+    anchor = [p.detach().clone() for p in groups["transferred"].penalised]
+
+    def penalty(**strengths) -> float:
+        with torch.no_grad():
+            return float(nonbinary_penalty(groups, anchor, **strengths))
+    assert penalty(l2sp=1.0, l2=0.0) == 0  # at the pretrained weights
+    with torch.no_grad():
+        backbone.blocks[0].conv.weight.add_(1.0)  # L2-SP sees this, L2 does not
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.add_(100.0)  # neither sees BatchNorm
+    moved = backbone.blocks[0].conv.weight.numel()
+    assert penalty(l2sp=2.0, l2=0.0) == pytest.approx(moved)
+    others = sum(p.pow(2).sum() for name in ("head", "reinit") for p in groups[name].penalised)
+    assert penalty(l2sp=0.0, l2=0.5) == pytest.approx(float(others.detach()) / 4)
+
+
+def test_nonbinary_finetune_uses_three_learning_rates(split, monkeypatch):
+    seen = {}
+    real = torch.optim.Adam
+
+    def spy(groups, **kw):
+        seen["lrs"] = [g["lr"] for g in groups]
+        return real(groups, **kw)
+    monkeypatch.setattr(torch.optim, "Adam", spy)
+    train, test = split
+    config = _config(layers=1, reinit=1, lr=0.01, layer_lr_ratio=0.1, reinit_lr_ratio=0.5, l2=1e-3, l2sp=0.1, epochs=1)
+    result, model = train_transfer(_source(), train, test, config, "cpu")
+    assert seen["lrs"] == pytest.approx([0.01, 0.005, 0.001])  # head, re-initialised, transferred
+    assert 0 <= result.test_acc <= 1 and model.backbone.num_blocks == 2
+    frozen = dataclasses.replace(config, mode="frozen")
+    train_transfer(_source(), train, test, frozen, "cpu")
+    assert seen["lrs"] == pytest.approx([0.01, 0.005])  # the transferred block is frozen
+
+
+def test_reinit_beyond_the_backbone_is_refused(split):
+    with pytest.raises(ConfigError, match="lower --reinit"):
+        train_transfer(_source(), *split, _config(layers=1, reinit=2), "cpu")
 
 
 def test_head2toe_selection_leaves_the_global_rng_alone():

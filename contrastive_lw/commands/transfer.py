@@ -21,6 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr", type=float)
     group.add_argument("--layer-lr-ratio", type=float, help="finetune: lr of transferred blocks = lr x this")
     group.add_argument("--l2sp", type=float, help="finetune: L2-SP strength towards the transferred weights")
+    group.add_argument("--reinit", type=int, help="re-initialise this many blocks after the transferred ones")
+    group.add_argument("--reinit-lr-ratio", type=float, help="lr of the re-initialised blocks = lr x this")
+    group.add_argument("--l2", type=float, help="plain L2 strength on the new and re-initialised layers")
+    group.add_argument("--advice", help="apply the recommendation of `contrastive-lw advise --out FILE` "
+                       "(over --config, under the other flags)")
     group.add_argument("--pool", type=int, help="linear / head2toe: pool each block's map to this side")
     group.add_argument("--keep", type=float, help="head2toe: fraction of feature columns kept")
     group.add_argument("--seed", type=int)
@@ -37,14 +42,17 @@ def run(args: argparse.Namespace) -> int:
     from ..distributed import is_main_process
     from ..errors import ConfigError
     from ..runs import RunLogger, prepare_run_dir
+    from ..advise import read_advice
     from ..transfer import TransferConfig, load_init, train_transfer
 
     settings = file_config(args, {"data", "transfer"})
     data = data_settings(args, settings.get("data"), default="cifar10")
     flags = {"layers": args.layers, "mode": args.mode, "epochs": args.epochs, "batch_size": args.batch_size,
              "lr": args.lr, "layer_lr_ratio": args.layer_lr_ratio, "l2sp": args.l2sp, "pool": args.pool,
-             "keep": args.keep, "seed": args.seed}
-    values = {**settings.get("transfer", {}), **{k: v for k, v in flags.items() if v is not None}}
+             "keep": args.keep, "seed": args.seed, "reinit": args.reinit, "reinit_lr_ratio": args.reinit_lr_ratio,
+             "l2": args.l2}
+    advice = read_advice(args.advice).transfer_values() if args.advice else {}
+    values = {**settings.get("transfer", {}), **advice, **{k: v for k, v in flags.items() if v is not None}}
     config = TransferConfig.from_dict(values)
     train, test = (load_dataset(data["dataset"], split, data["data_root"], data["classes"], data["limit"],
                                 data["download"]) for split in ("train", "test"))
