@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from contrastive_lw.advise import (AdviceRules, Recommendation, halving_plan, neighbours, read_advice, recommend)
 from contrastive_lw.cli import main
