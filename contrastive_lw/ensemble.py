@@ -101,7 +101,7 @@ def train_transfer_ensemble(sources: Sequence[LayerwiseNet], train: ImageData, t
     trained classifier.
 
     Example:
-        >>> results, models = train_transfer_ensemble([net_a, net_b], train, test,
+        >>> results, models = train_transfer_ensemble([net_a, net_b], train, test,  # doctest: +SKIP
         ...                                           [TransferConfig(seed=0), TransferConfig(seed=1)])
     """
     device_ = resolve_device(device)
