@@ -28,7 +28,7 @@ class AdviceRules:
     ``gain_measure`` accuracy (``knn`` or ``linear``) minus the random-weight network's, on held-out
     images. kNN is the default: a linear probe on a wide random block is already strong (CIFAR-10
     classes 5-9, 1 000 training images: block 1's probe 67% pretrained and random alike,
-    docs/STUDY_ADVISE.md).
+    docs/STUDY.md).
 
     * layers: among the blocks with ``gain >= min_gain``, the one with the best ``depth_measure``
       (``linear``, ``knn`` or ``logme``; ties go to the deeper); none: 1 block, and nothing is

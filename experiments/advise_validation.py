@@ -59,7 +59,7 @@ def main() -> None:
     for spec in args.init:
         name, _, path = spec.partition("=")
         widths = tuple(int(w) for w in args.random_widths.split(","))
-        torch.manual_seed(0)  # the random init (the runs in docs/STUDY_ADVISE.md drew it unseeded)
+        torch.manual_seed(0)  # the random init (the runs in docs/STUDY.md drew it unseeded)
         _, net = load_init(path or name, train.images, ArchConfig(widths=widths))
         start = time.perf_counter()
         table = fit_table(net, *split_train(train))

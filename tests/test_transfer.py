@@ -186,7 +186,7 @@ def test_head2toe_mode_probes_selected_features_of_every_block(split):
 
 
 def _nonbinary_model(transferred=1, reinit=1):
-    from contrastive_lw.model import Classifier
+    from contrastive_lw.heads import Classifier
     from contrastive_lw.transfer import nonbinary_groups, transfer_backbone
 
     torch.manual_seed(0)
