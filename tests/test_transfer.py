@@ -148,3 +148,9 @@ def test_head2toe_mode_probes_selected_features_of_every_block(split):
     assert linear.in_features == (4 * 4 * 4 + 6 * 4 * 4) // 2 and len(result.curve) == 3
     with pytest.raises(ConfigError, match="keep"):
         _config(keep=0.0)
+
+
+def test_svm_mode_is_a_transfer_read_out(split):
+    _, result, model = _one_step("svm", split)
+    assert 0.5 < result.test_acc <= 1 and result.curve == [result.test_acc]
+    assert model.weight.shape[0] == 2  # a binary SVM's decision function as two logits
