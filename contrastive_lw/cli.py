@@ -12,7 +12,7 @@ import threading
 from .errors import UserError
 from .memory import keep_freed_memory
 
-COMMANDS = ("pretrain", "supervised", "transfer", "compare", "visualize", "bench")
+COMMANDS = ("pretrain", "supervised", "transfer", "compare", "visualize", "features", "search", "attack", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,6 +70,35 @@ def maximize_activation(net: LayerwiseNet, k: int, units: int = 64, steps: int =
     return logits.detach().sigmoid()
 
 
+def save_image_table(rows: Sequence[Sequence[torch.Tensor]], path: str | Path,
+                     captions: Sequence[Sequence[str]] | None = None, row_titles: Sequence[str] | None = None,
+                     title: str = "") -> Path:
+    """A table of images (each C x H x W, float in [0, 1] or uint8), one caption under each and a
+    title at the left of each row: search results, adversarial examples, ideal class images."""
+    plt = _pyplot()
+    columns = max(len(row) for row in rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.5 * columns + 0.6, 1.65 * len(rows) + 0.4),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(row):
+                ax.set_axis_off()
+                continue
+            image = row[c].detach().cpu()
+            image = image.float() / 255 if image.dtype == torch.uint8 else image.float().clamp(0, 1)
+            ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
+            if captions is not None and c < len(captions[r]):
+                ax.set_xlabel(captions[r][c], fontsize=7)
+        if row_titles is not None:
+            axes[r][0].set_ylabel(row_titles[r], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
 def save_curves(curves: Mapping[str, Sequence[float]], path: str | Path, title: str) -> Path:
     """Test accuracy (%) against epoch, one line per entry."""
     plt = _pyplot()
