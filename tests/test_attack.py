@@ -19,8 +19,8 @@ def trained():
     y = (x.mean(dim=(1, 2, 3)) > 0.5).long()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64, 2))
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
-    for _ in range(100):
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(200):
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
