@@ -30,3 +30,28 @@ def test_units_are_capped_at_the_block_width_and_runs_repeat():
     net = LayerwiseNet(ArchConfig(widths=(4,)))
     first = maximize_activation(net, 1, units=10, steps=5, seed=3)
     assert first.shape[0] == 4 and torch.equal(first, maximize_activation(net, 1, units=10, steps=5, seed=3))
+
+
+def test_class_image_raises_its_logit():
+    from contrastive_lw.model import Classifier
+    from contrastive_lw.visualize import class_images
+
+    torch.manual_seed(0)
+    model = Classifier(LayerwiseNet(ArchConfig(widths=(4,))), num_classes=3, new_widths=(8,), hidden=0)
+    start = class_images(model, [0, 2], steps=0)                     # the faint-noise start
+    ideal = class_images(model, [0, 2], steps=40)
+    assert ideal.shape == (2, 3, 32, 32) and 0 <= ideal.min() and ideal.max() <= 1
+    with torch.no_grad():
+        before, after = model.eval()(start)[:, [0, 2]].diagonal(), model(ideal)[:, [0, 2]].diagonal()
+    assert (after > before).all()
+    variation = [(x.diff(dim=-1).abs().mean() + x.diff(dim=-2).abs().mean()) for x in
+                 (class_images(model, [0], steps=40, tv=0.0), class_images(model, [0], steps=40, tv=5.0))]
+    assert variation[1] < variation[0]                                # the TV penalty smooths the image
+
+
+def test_image_table(tmp_path):
+    from contrastive_lw.visualize import save_image_table
+
+    rows = [[torch.rand(3, 8, 8), torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)], [torch.rand(1, 8, 8)]]
+    path = save_image_table(rows, tmp_path / "t.png", [["a", "b"], ["c"]], ["r1", "r2"], "title")
+    assert path.stat().st_size > 0
