@@ -53,6 +53,12 @@ def test_negative_epsilon_is_refused(trained, capsys):
     assert "--eps must be >= 0" in err and err.count("\n") == 1
 
 
+def test_attack_needs_a_transfer_run(tmp_path, capsys):
+    assert main(["attack", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a finished `contrastive-lw transfer` run" in err and err.count("\n") == 1
+
+
 def test_matches_torchattacks(trained):
     torchattacks = pytest.importorskip("torchattacks")
     model, x, y = trained
