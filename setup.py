@@ -23,8 +23,8 @@ setup(
         "tqdm",
         "pyyaml",
         "matplotlib",
-        "scikit-learn",
+        "scikit-learn>=1.2",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7"], "search": ["faiss-cpu>=1.7"], "attack": ["torchattacks>=3.4"]},
     entry_points={"console_scripts": ["contrastive-lw=contrastive_lw.cli:main"]},
 )

@@ -12,7 +12,8 @@ import threading
 from .errors import UserError
 from .accel.memory import keep_freed_memory
 
-COMMANDS = ("pretrain", "supervised", "transfer", "compare", "advise", "visualize", "bench")
+COMMANDS = ("pretrain", "supervised", "transfer", "compare", "advise", "visualize", "features", "search", "attack",
+            "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

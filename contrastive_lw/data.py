@@ -215,18 +215,21 @@ def _size_and_mtime(path: Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
-def decode_image(path: Path) -> torch.Tensor:
-    """One image file as uint8 RGB C x H x W (torchvision's decoders; PIL for other formats)."""
+def decode_image(path: Path, rgb: bool = True) -> torch.Tensor:
+    """One image file as uint8 RGB C x H x W (torchvision's decoders; PIL for other formats);
+    ``rgb=False`` keeps the file's own channels (grey: 1, RGBA: 4)."""
     raw = path.read_bytes()
     try:
-        image = decode_bytes(torch.frombuffer(bytearray(raw), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = decode_bytes(torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                             mode=ImageReadMode.RGB if rgb else ImageReadMode.UNCHANGED)
         if image.dtype == torch.uint8:
             return image
     except (RuntimeError, ValueError):
         pass  # BMP, TIFF, 16-bit PNG, ...: let PIL try
     try:
         with Image.open(BytesIO(raw)) as img:
-            return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+            pixels = np.array(img.convert("RGB") if rgb or img.mode not in ("L", "RGB", "RGBA") else img)
+            return torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1).contiguous()
     except OSError:
         raise DataError(f"cannot decode image {path}: remove or replace the file") from None
 

@@ -19,13 +19,13 @@ from .data import ImageData
 from .cudagraph import GraphedStep
 from .device import autocast, resolve_device
 from .errors import CheckpointError, ConfigError
-from .evaluate import block_features
+from .evaluate import block_features, fit_linear_svm, standardize
 from .heads import Classifier
 from .model import ArchConfig, LayerwiseNet, reset_parameters, set_trainable
 from .patches import PatchIndex, crop
 from .runs import RunLogger
 
-MODES = ("frozen", "finetune", "linear", "head2toe")
+MODES = ("frozen", "finetune", "linear", "head2toe", "svm")
 TRANSFER_STATE = "contrastive-lw/transfer-state"
 
 
@@ -44,7 +44,9 @@ class TransferConfig:
       ``pool`` x ``pool`` (of every transferred block, concatenated, when ``all_blocks``), which are
       computed once and cached;
     * ``head2toe``: the same on every transferred block, after a group-lasso probe keeps the
-      ``keep`` fraction of feature columns (:mod:`contrastive_lw.head2toe`).
+      ``keep`` fraction of feature columns (:mod:`contrastive_lw.head2toe`);
+    * ``svm``: a linear SVM (scikit-learn ``LinearSVC``) on the ``linear`` mode's features, its C
+      chosen on a validation split of the training set (:func:`~contrastive_lw.evaluate.fit_linear_svm`).
     Training: Adam, batches of random pad-4 crops + horizontal flips (``augment``).
     """
 
@@ -126,7 +128,7 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
     train, test = _on_device(train, device_), _on_device(test, device_)  # once, not per epoch
     backbone = transfer_backbone(source, config.layers, config.reinit).to(device_)
     num_classes = len(train.class_names)
-    if config.mode in ("linear", "head2toe"):
+    if config.mode in ("linear", "head2toe", "svm"):
         return _train_linear(backbone, train, test, num_classes, config, device_, logger, state_path)
     model = Classifier(backbone, num_classes, config.new_widths, config.hidden, train.images.shape[-1])
     model = model.to(device_, memory_format=torch.channels_last)  # as the backbone's normalised input
@@ -176,9 +178,10 @@ def _train_linear(backbone: LayerwiseNet, train: ImageData, test: ImageData, num
     blocks = list(range(1, config.layers + 1)) if every else config.layers
     train_x = block_features(backbone, train.images, blocks, config.pool).to(device)
     test_x = block_features(backbone, test.images, blocks, config.pool).to(device)
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    train_x, test_x = standardize(train_x, test_x)
     train_y, test_y = train.labels.to(device), test.labels.to(device)
+    if config.mode == "svm":
+        return _svm_result(train_x, train_y, test_x, test_y, config.seed)
     if config.mode == "head2toe":
         from .head2toe import select_features
 
@@ -198,6 +201,23 @@ def _train_linear(backbone: LayerwiseNet, train: ImageData, test: ImageData, num
         with torch.no_grad():
             return float((linear(test_x).argmax(1) == test_y).float().mean())
     return _fit(linear, optimizer, train_epoch, evaluate, config, logger, state_path), linear
+
+
+def _svm_result(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                seed: int) -> tuple[TransferResult, nn.Module]:
+    """Fit :func:`~contrastive_lw.evaluate.fit_linear_svm`; the result and its decision function as an ``nn.Linear``."""
+    start = time.perf_counter()
+    svm = fit_linear_svm(train_x, train_y, seed=seed)
+    weight = torch.as_tensor(svm.coef_, dtype=torch.float32)
+    bias = torch.as_tensor(svm.intercept_, dtype=torch.float32)
+    if len(weight) == 1:  # two classes: one decision function w.x + b, as logits (-f/2, f/2)
+        weight, bias = torch.cat([-weight, weight]) / 2, torch.cat([-bias, bias]) / 2
+    linear = nn.Linear(weight.shape[1], weight.shape[0]).to(train_x.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+        accuracy = float((linear(test_x).argmax(1) == test_y).float().mean())
+    return TransferResult(accuracy, [accuracy], 1, time.perf_counter() - start), linear
 
 
 def _fit(model: nn.Module, optimizer: torch.optim.Optimizer, train_epoch: Callable[[int], None],

@@ -1,11 +1,13 @@
 """Figures: first-layer filter grids, what each unit of a deeper block responds to (activation
-maximisation), accuracy-vs-epoch curves, the comparison bar chart."""
+maximisation), the ideal image of each class of a classifier, tables of images, accuracy-vs-epoch
+curves, the comparison bar chart."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .model import LayerwiseNet
 
@@ -41,12 +43,37 @@ def save_filter_grids(weights: Mapping[str, torch.Tensor], path: str | Path) -> 
     return _save(fig, path)
 
 
+def ascend(objective: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int], steps: int = 150,
+           lr: float = 0.1, decay: float = 0.5, tv: float = 0.5, jitter: int = 1, seed: int = 0) -> torch.Tensor:
+    """Regularised gradient ascent on a batch of images in [0, 1] (Simonyan et al. 2013): maximise
+    ``objective(images)`` (one value per image) minus ``decay`` x the squared distance to grey
+    (an L2 pull that keeps what the objective does not care about flat) minus ``tv`` x the total
+    variation (squared differences of neighbouring pixels: no high-frequency noise). The images are
+    sigmoid-bounded and start as faint noise; each step sees them shifted by up to ``jitter``
+    pixels (a random crop of images optimised with a ``jitter`` margin). Returns ``shape`` images."""
+    n, channels, side = shape[0], shape[1], shape[-1]
+    generator = torch.Generator().manual_seed(seed)
+    logits = (0.1 * torch.randn(n, channels, side + 2 * jitter, side + 2 * jitter, generator=generator)).requires_grad_()
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    for _ in range(steps):
+        image = logits.sigmoid()
+        top, left = torch.randint(0, 2 * jitter + 1, (2,), generator=generator).tolist()
+        variation = (image.diff(dim=-1).square().sum() + image.diff(dim=-2).square().sum())
+        loss = (-objective(image[..., top: top + side, left: left + side]).sum()
+                + decay * (image - 0.5).square().sum() + tv * variation)
+        logits.grad, = torch.autograd.grad(loss, logits)
+        optimizer.step()
+    return logits.detach().sigmoid()[..., jitter: jitter + side, jitter: jitter + side]
+
+
 def maximize_activation(net: LayerwiseNet, k: int, units: int = 64, steps: int = 150, lr: float = 0.1,
-                        decay: float = 0.5, seed: int = 0) -> torch.Tensor:
+                        decay: float = 0.5, tv: float = 0.05, jitter: int = 0, seed: int = 0) -> torch.Tensor:
     """For each of the first ``units`` channels of block ``k``, the input patch (receptive-field
-    size, RGB in [0, 1]) that maximises that channel's mean pre-ReLU response, found by gradient
-    ascent from faint noise on a sigmoid-bounded patch, with an L2 pull towards grey (``decay``)
-    that keeps what the unit does not care about flat. Returns units x C x P x P.
+    size, RGB in [0, 1]) that maximises that channel's mean pre-ReLU response, found by
+    :func:`ascend` (L2 pull to grey, total variation). No jitter by default: the patch is all the
+    unit sees, and a shifted patch is another input, not the same one moved (with jitter 1 the
+    block-1 patches of an untrained net excite their units less than random patches do).
+    Returns units x C x P x P.
 
     Example:
         >>> maximize_activation(LayerwiseNet(), k=2, units=4, steps=5).shape
@@ -55,19 +82,63 @@ def maximize_activation(net: LayerwiseNet, k: int, units: int = 64, steps: int =
     was_training = net.training
     net.eval()
     size, units = net.receptive_field(k), min(units, net.out_channels(k))
-    generator = torch.Generator().manual_seed(seed)
-    logits = (0.1 * torch.randn(units, net.arch.in_channels, size, size, generator=generator)).requires_grad_()
-    optimizer = torch.optim.Adam([logits], lr=lr)
     channel = torch.arange(units)
-    for _ in range(steps):
-        patch = logits.sigmoid()
+
+    def response(patch: torch.Tensor) -> torch.Tensor:
         features = net(patch, k - 1) if k > 1 else net.normalize(patch)
-        response = net.blocks[k - 1].pre_activation(features)[channel, channel].mean(dim=(1, 2))
-        loss = -response.sum() + decay * (patch - 0.5).square().sum()
-        logits.grad, = torch.autograd.grad(loss, logits)
-        optimizer.step()
+        return net.blocks[k - 1].pre_activation(features)[channel, channel].mean(dim=(1, 2))
+    patches = ascend(response, (units, net.arch.in_channels, size, size), steps, lr, decay, tv, jitter, seed)
     net.train(was_training)
-    return logits.detach().sigmoid()
+    return patches
+
+
+def class_images(model: nn.Module, classes: Sequence[int], size: int = 32, channels: int = 3, steps: int = 200,
+                 lr: float = 0.05, decay: float = 0.05, tv: float = 0.5, jitter: int = 2, seed: int = 0) -> torch.Tensor:
+    """The "ideal" image of each class in ``classes`` for a classifier of [0, 1] images (``model``,
+    e.g. :func:`contrastive_lw.attack.load_transfer_model`): the input that maximises the class's
+    logit under :func:`ascend`'s L2, total-variation and jitter regularisation. Returns
+    len(classes) x C x size x size.
+
+    Example:
+        >>> clf = Classifier(LayerwiseNet().prefix(1), num_classes=10, new_widths=(8,), hidden=0)
+        >>> class_images(clf, [3, 5], steps=2).shape
+        torch.Size([2, 3, 32, 32])
+    """
+    was_training = model.training
+    model.eval()
+    index = torch.as_tensor(list(classes))
+    images = ascend(lambda x: model(x)[torch.arange(len(index)), index], (len(index), channels, size, size),
+                    steps, lr, decay, tv, jitter, seed)
+    model.train(was_training)
+    return images
+
+
+def save_image_table(rows: Sequence[Sequence[torch.Tensor]], path: str | Path,
+                     captions: Sequence[Sequence[str]] | None = None, row_titles: Sequence[str] | None = None,
+                     title: str = "") -> Path:
+    """A table of images (each C x H x W, float in [0, 1] or uint8), one caption under each and a
+    title at the left of each row: search results, adversarial examples, ideal class images."""
+    columns = max(len(row) for row in rows)
+    fig = _figure(1.5 * columns + 0.6, 1.65 * len(rows) + 0.4)
+    axes = fig.subplots(len(rows), columns, squeeze=False)
+    for r, row in enumerate(rows):
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(row):
+                ax.set_axis_off()
+                continue
+            image = row[c].detach().cpu()
+            image = image.float() / 255 if image.dtype == torch.uint8 else image.float().clamp(0, 1)
+            ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
+            if captions is not None and c < len(captions[r]):
+                ax.set_xlabel(captions[r][c], fontsize=7)
+        if row_titles is not None:
+            axes[r][0].set_ylabel(row_titles[r], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
 
 
 def save_curves(curves: Mapping[str, Sequence[float]], path: str | Path, title: str) -> Path:

@@ -4,10 +4,10 @@ from contrastive_lw.evaluate import block_features, knn_accuracy, linear_probe_a
 from contrastive_lw.model import ArchConfig, LayerwiseNet
 
 
-def _separable(n=200, seed=0):
+def _separable(n=200, seed=0, gap=4.0):
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, 3, (n,), generator=g)
-    x = torch.randn(n, 8, generator=g) + 4 * torch.nn.functional.one_hot(y, 8).float()
+    x = torch.randn(n, 8, generator=g) + gap * torch.nn.functional.one_hot(y, 8).float()
     return x, y
 
 
@@ -39,3 +39,11 @@ def test_linear_probe_does_not_depend_on_the_random_state():
         torch.manual_seed(seed)
         accuracies.add(linear_probe_accuracy(x, y, tx, ty, max_iter=3))
     assert len(accuracies) == 1
+
+
+def test_svm_on_separable_features():
+    from contrastive_lw.evaluate import fit_linear_svm, svm_accuracy
+
+    (x, y), (tx, ty) = _separable(gap=10.0), _separable(seed=1, gap=10.0)  # margins of ~3 std
+    assert svm_accuracy(x, y, tx, ty) >= 0.99
+    assert fit_linear_svm(x, y, cs=(0.5,)).C == 0.5

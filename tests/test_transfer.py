@@ -273,3 +273,9 @@ def test_transfer_state_of_another_config_is_refused(tmp_path, split):
     train_transfer(_source(), *split, _config(epochs=1), "cpu", state_path=tmp_path / "state.pt")
     with pytest.raises(CheckpointError, match="another transfer config: delete it or use a new --out"):
         train_transfer(_source(), *split, _config(epochs=1, lr=0.5), "cpu", state_path=tmp_path / "state.pt")
+
+
+def test_svm_mode_is_a_transfer_read_out(split):
+    _, result, model = _one_step("svm", split)
+    assert 0.5 < result.test_acc <= 1 and result.curve == [result.test_acc]
+    assert model.weight.shape[0] == 2  # a binary SVM's decision function as two logits

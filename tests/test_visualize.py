@@ -44,3 +44,29 @@ def test_drawing_leaves_the_users_matplotlib_backend_alone(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["svg", "False"]
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_class_image_raises_its_logit():
+    from contrastive_lw.heads import Classifier
+    from contrastive_lw.visualize import class_images
+
+    torch.manual_seed(0)
+    model = Classifier(LayerwiseNet(ArchConfig(widths=(4,))), num_classes=3, new_widths=(8,), hidden=0,
+                       image_size=16)
+    start = class_images(model, [0, 2], size=16, steps=0)                     # the faint-noise start
+    ideal = class_images(model, [0, 2], size=16, steps=30)
+    assert ideal.shape == (2, 3, 16, 16) and 0 <= ideal.min() and ideal.max() <= 1
+    with torch.no_grad():
+        before, after = model.eval()(start)[:, [0, 2]].diagonal(), model(ideal)[:, [0, 2]].diagonal()
+    assert (after > before).all()
+    rough, smooth = (class_images(model, [0], size=16, steps=30, tv=tv) for tv in (0.0, 5.0))
+    variation = [x.diff(dim=-1).abs().mean() + x.diff(dim=-2).abs().mean() for x in (rough, smooth)]
+    assert variation[1] < variation[0]                                        # the TV penalty smooths it
+
+
+def test_image_table(tmp_path):
+    from contrastive_lw.visualize import save_image_table
+
+    rows = [[torch.rand(3, 8, 8), torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)], [torch.rand(1, 8, 8)]]
+    path = save_image_table(rows, tmp_path / "t.png", [["a", "b"], ["c"]], ["r1", "r2"], "title")
+    assert path.stat().st_size > 0

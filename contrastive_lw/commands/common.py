@@ -75,3 +75,37 @@ def parse_int_list(text: str) -> list[int]:
 
 def parse_str_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def add_backbone_arguments(parser: argparse.ArgumentParser, layers_default: str | None = "1") -> None:
+    """--init, --layers, --pool, --split, --batch-size, --device, --no-progress: the features of
+    blocks of a backbone over one split of a dataset."""
+    parser.add_argument("--init", required=True,
+                        help="run directory or layerK.pt (layer-wise, end-to-end or supervised), or 'random'")
+    parser.add_argument("--layers", type=parse_int_list, default=layers_default,
+                        help=f"blocks whose pooled outputs are concatenated, e.g. 1,2 (default {layers_default})")
+    parser.add_argument("--pool", type=int, default=4, help="pool each block's map to this side (default 4)")
+    parser.add_argument("--split", choices=("train", "test"), default="test")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def load_split_and_backbone(args: argparse.Namespace, data: dict[str, Any]):
+    """(the ``args.split`` images of ``data``, the ``args.init`` backbone on ``args.device`` (a
+    'random' one drawn with seed 0), the checked layers)."""
+    from ..data import load_dataset
+    from ..device import resolve_device
+    from ..errors import ConfigError
+    from ..features import check_layers
+    from ..transfer import load_init
+
+    if args.pool < 1 or args.batch_size < 1:
+        raise ConfigError(f"--pool and --batch-size must be positive, got {args.pool} and {args.batch_size}")
+    images = load_dataset(data["dataset"], args.split, data["data_root"], data["classes"], data["limit"],
+                          data["download"])
+    import torch
+
+    torch.manual_seed(0)  # a 'random' init is the same network every time
+    net = load_init(args.init, images.images)[1].to(resolve_device(args.device))
+    return images, net, check_layers(net, args.layers)

@@ -5,7 +5,7 @@ import argparse
 
 from .common import add_data_arguments, add_run_arguments, data_settings, file_config
 
-HELP = "transfer the first k pretrained blocks into a classifier (frozen, finetune or linear)"
+HELP = "transfer the first k pretrained blocks into a classifier (frozen, finetune, linear, head2toe or svm)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, "output directory: config.yaml, metrics.jsonl, tb/, results.json")
     group = parser.add_argument_group("transfer (flags override --config)")
     group.add_argument("--layers", type=int, help="number of blocks transferred (k)")
-    group.add_argument("--mode", choices=("frozen", "finetune", "linear", "head2toe"))
+    group.add_argument("--mode", choices=("frozen", "finetune", "linear", "head2toe", "svm"))
     group.add_argument("--epochs", type=int)
     group.add_argument("--batch-size", type=int)
     group.add_argument("--lr", type=float)

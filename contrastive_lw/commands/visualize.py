@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import argparse
 
-HELP = ("redraw figures from a saved study (filter grids, curves, chart) or a pretraining run "
-        "(filters, units of every block)")
+HELP = ("redraw figures from a saved study (filter grids, curves, chart), a pretraining run "
+        "(filters, units of every block) or transfer runs (the ideal image of each class)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="a compare --out directory, or a pretrain run directory")
+    parser.add_argument("run_dir", nargs="+", help="a compare --out directory, a pretrain run directory, or "
+                                                   "transfer run directories (one row of class images each)")
     parser.add_argument("--units", type=int, default=64,
                         help="for a pretrain run: units per block shown by activation maximisation "
                              "(units_layerK.png; 0: none)")
+    parser.add_argument("--out", default=None,
+                        help="for transfer runs: the class-image PNG (default RUN/class_images.png)")
+    parser.add_argument("--steps", type=int, default=200, help="for transfer runs: gradient-ascent steps")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,7 +26,12 @@ def run(args: argparse.Namespace) -> int:
     from ..study import Study, StudyConfig, write_report
     from ..visualize import maximize_activation, save_filter_grid
 
-    run_dir = Path(args.run_dir)
+    if all((Path(d) / "state.pt").is_file() and (Path(d) / "config.yaml").is_file() for d in args.run_dir):
+        print(_class_images(args))
+        return 0
+    if len(args.run_dir) > 1:
+        raise UserError("several directories are drawn together only when all are transfer runs")
+    run_dir = Path(args.run_dir[0])
     if (run_dir / "results.json").is_file():
         study = Study(StudyConfig(), run_dir)
         path = write_report(run_dir, study.load_records(), _saved_setup(run_dir))
@@ -35,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
             print(save_filter_grid(patches, run_dir / f"units_layer{k}.png",
                                    f"block {k}: the {size}x{size} patch that excites each unit most"))
     else:
-        raise UserError(f"{run_dir} holds neither results.json (a study) nor layerK.pt (a pretraining run)")
+        raise UserError(f"{run_dir} holds neither results.json (a study), layerK.pt (a pretraining run) nor "
+                        "config.yaml and state.pt (a transfer run)")
     return 0
 
 
@@ -49,3 +59,24 @@ def _saved_setup(run_dir) -> str:
     study = Study(from_dict(StudyConfig, saved["config"], "results.json config"), run_dir)
     study.setup = saved["setup"]
     return study.setup_text()
+
+
+def _class_images(args):
+    """One row per transfer run: the ideal image of each class (visualize.class_images)."""
+    from pathlib import Path
+
+    from ..attack import load_transfer_model
+    from ..config import load_yaml
+    from ..visualize import class_images, save_image_table
+
+    rows, titles, names = [], [], []
+    for run_dir in map(Path, args.run_dir):
+        model, test = load_transfer_model(run_dir)
+        rows.append(list(class_images(model, range(len(test.class_names)), test.images.shape[-1],
+                                      test.images.shape[1], steps=args.steps)))
+        saved = load_yaml(run_dir / "config.yaml")
+        titles.append(f"{Path(saved['init']).name}, {saved['transfer']['mode']}")
+        names = test.class_names
+    out = args.out or Path(args.run_dir[0]) / "class_images.png"
+    return save_image_table(rows, out, [names] * len(rows), titles,
+                            "ideal class images: the input maximising each class logit (L2, TV, jitter)")

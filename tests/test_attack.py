@@ -1,0 +1,79 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from contrastive_lw.attack import fgsm, pgd, robustness
+from contrastive_lw.cli import main
+from contrastive_lw.errors import ConfigError
+
+EPS = 8 / 255
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A logistic regression on pixels that tells bright images from dark ones, and its data in [0, 1]."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(128, 3, 1, 1, generator=g) * 0.6 + 0.2 + 0.1 * torch.rand(128, 3, 8, 8, generator=g)).clamp(0, 1)
+    y = (x.mean(dim=(1, 2, 3)) > 0.5).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 64, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(200):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval(), x, y
+
+
+def _accuracy(model, x, y):
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def test_pgd_stays_in_the_ball_and_lowers_accuracy(trained):
+    model, x, y = trained
+    adv = pgd(model, x, y, EPS, generator=torch.Generator().manual_seed(1))
+    assert (adv - x).abs().max() <= EPS + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    clean = _accuracy(model, x, y)
+    assert clean > 0.9 and _accuracy(model, adv, y) < clean - 0.2
+    assert _accuracy(model, adv, y) <= _accuracy(model, fgsm(model, x, y, EPS), y) + 1e-6
+    result = robustness(model, (x * 255).round().to(torch.uint8), y, [0.0, EPS], batch_size=50)
+    assert result["pgd"][0.0] == result["clean"] and result["pgd"][EPS] < result["clean"]
+
+
+def test_negative_epsilon_is_refused(trained, capsys):
+    model, x, y = trained
+    for attack in (fgsm, pgd):
+        with pytest.raises(ConfigError, match="epsilon must be >= 0"):
+            attack(model, x, y, -0.1)
+    assert main(["attack", "no-such-run", "--eps", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--eps must be >= 0" in err and err.count("\n") == 1
+
+
+def test_attack_needs_a_transfer_run(tmp_path, capsys):
+    assert main(["attack", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a finished `contrastive-lw transfer` run" in err and err.count("\n") == 1
+
+
+def test_matches_torchattacks(trained):
+    torchattacks = pytest.importorskip("torchattacks")
+    model, x, y = trained
+    ours = pgd(model, x, y, EPS, random_start=False)
+    theirs = torchattacks.PGD(model, eps=EPS, alpha=2 / 255, steps=10, random_start=False)(x, y)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert torch.allclose(fgsm(model, x, y, EPS), torchattacks.FGSM(model, eps=EPS)(x, y), atol=1e-6)
+
+
+def test_attack_command_on_a_transfer_run(tmp_path, capsys):
+    run = tmp_path / "linear"
+    assert main(["transfer", "--init", "random", "--dataset", "sample", "--classes", "0-1", "--limit", "40",
+                 "--layers", "1", "--mode", "linear", "--epochs", "2", "--out", str(run), "--no-progress",
+                 "--device", "cpu"]) == 0
+    assert main(["attack", str(run), "--eps", "0,4", "--images", "12", "--steps", "2", "--device", "cpu"]) == 0
+    table = json.loads((run / "attack" / "attack.json").read_text())
+    assert table["images"] == 12 and table["pgd"]["0/255"] == table["clean"] and "4/255" in table["fgsm"]
+    assert (run / "attack" / "attack_grid.png").stat().st_size > 0
