@@ -13,7 +13,7 @@ from torch import nn
 
 from .data import ImageData
 from .errors import ConfigError, DataError
-from .evaluate import block_features, knn_accuracy, linear_probe_accuracy
+from .evaluate import block_features, knn_accuracy, linear_probe_accuracy, standardize
 from .head2toe import select_features
 from .model import reset_parameters
 
@@ -83,8 +83,7 @@ def head2toe_shares(blocks: list[torch.Tensor], labels: torch.Tensor, keep: floa
     when it chooses ``keep`` of the columns of all ``blocks`` together (Evci et al., 2022,
     "Head2Toe: Utilizing Intermediate Representations for Better Transfer Learning";
     :func:`contrastive_lw.head2toe.select_features`). A block above ``keep`` is favoured."""
-    x = torch.cat(blocks, dim=1)
-    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+    x, = standardize(torch.cat(blocks, dim=1))
     kept = torch.zeros(x.shape[1], dtype=torch.bool)
     kept[select_features(x, labels, keep)] = True
     return [float(part.float().mean()) for part in kept.split([b.shape[1] for b in blocks])]
