@@ -4,7 +4,7 @@ from its directory.
 
 Example:
     >>> model, test = load_transfer_model("runs/transfer-k1")            # doctest: +SKIP
-    >>> x = test.images[:64].float() / 255
+    >>> x = test.images[:64].float() / 255                                # doctest: +SKIP
     >>> x_adv = pgd(model, x, test.labels[:64], eps=8 / 255)              # doctest: +SKIP
 """
 from __future__ import annotations

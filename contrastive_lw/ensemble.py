@@ -44,9 +44,10 @@ from .data import ImageData
 from .device import autocast, resolve_device
 from .errors import ConfigError
 from .heads import Classifier
-from .model import LayerwiseNet, set_trainable
+from .model import LayerwiseNet
 from .runs import RunLogger
-from .transfer import TransferConfig, TransferResult, _batches, _on_device, random_crop_flip, transfer_backbone
+from .transfer import (ParamGroup, TransferConfig, TransferResult, _batches, _on_device, classifier, nonbinary_groups,
+                       nonbinary_penalty, optimizer_groups, random_crop_flip, transfer_backbone)
 
 if TYPE_CHECKING:
     from .study import Study, StudyData
@@ -71,11 +72,8 @@ def _member(source: LayerwiseNet, config: TransferConfig, num_classes: int, imag
             device: torch.device) -> tuple[Classifier, dict[str, torch.Tensor]]:
     """The classifier a separate run of ``config`` starts from, and the RNG state it then has."""
     torch.manual_seed(config.seed)
-    model = Classifier(transfer_backbone(source, config.layers).to(device), num_classes, config.new_widths,
-                       config.hidden, image_size).to(device)
-    if config.mode == "frozen":
-        set_trainable(model.backbone, False)
-    return model, rng_state(device)
+    backbone = transfer_backbone(source, config.layers, config.reinit).to(device)
+    return classifier(backbone, num_classes, config, image_size).to(device), rng_state(device)
 
 
 def _check_members(models: Sequence[nn.Module], configs: Sequence[TransferConfig]) -> None:
@@ -118,13 +116,14 @@ def train_transfer_ensemble(sources: Sequence[LayerwiseNet], train: ImageData, t
     trainable = [name for name, p in models[0].named_parameters() if p.requires_grad]   # in the model's order
     params, buffers = stack_module_state(models)
     params = {name: p.detach().requires_grad_(name in trainable) for name, p in params.items()}
-    anchor = {name: p.detach().clone() for name, p in params.items() if name.startswith("backbone.")}
     template = copy.deepcopy(models[0]).to("meta")
-    backbone_names = [n for n in trainable if n.startswith("backbone.")]
-    head_names = [n for n in trainable if not n.startswith("backbone.")]
-    groups = [{"params": [params[n] for n in head_names]}]
-    if backbone_names:
-        groups.insert(0, {"params": [params[n] for n in backbone_names], "lr": config.lr * config.layer_lr_ratio})
+    name_of = {id(p): name for name, p in models[0].named_parameters()}
+    stacked = {group: ParamGroup([params[name_of[id(p)]] for p in members_group.penalised],
+                                 [params[name_of[id(p)]] for p in members_group.norm])
+               for group, members_group in nonbinary_groups(models[0], models[0].backbone.blocks, config.layers,
+                                                            config.reinit).items()}  # as a separate run's
+    anchor = [p.detach().clone() for p in stacked["transferred"].penalised]
+    groups = optimizer_groups(stacked, config)
     graphed = device_.type == "cuda"
     optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay,
                                  **({"fused": True, "capturable": True} if graphed else {}))
@@ -139,16 +138,14 @@ def train_transfer_ensemble(sources: Sequence[LayerwiseNet], train: ImageData, t
         with autocast(device_):
             out = logits(x.index_select(0, stream_of), shared=False).float()
         loss = F.cross_entropy(out.transpose(1, 2), y.index_select(0, stream_of), reduction="none").mean(1).sum()
-        if config.mode == "finetune" and config.l2sp:
-            loss = loss + config.l2sp / 2 * sum((params[n] - anchor[n]).pow(2).sum() for n in backbone_names)
-        return loss
+        return loss + nonbinary_penalty(stacked, anchor, config.l2sp if config.mode == "finetune" else 0.0, config.l2)
 
     step = GraphedStep(batch_loss, optimizer, config.batch_size, enabled=graphed, batch_dim=1)
 
     def train_epoch() -> None:
         template.train()
         if config.mode == "frozen":
-            template.backbone.eval()
+            template.backbone.blocks[: config.layers].eval()  # re-initialised blocks train
         orders = []
         for seed in seeds:
             with seeded_stream(streams[seed], device_):

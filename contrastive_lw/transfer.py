@@ -113,6 +113,23 @@ def transfer_backbone(source: LayerwiseNet, layers: int, reinit: int = 0) -> Lay
     return backbone
 
 
+def classifier(backbone: LayerwiseNet, num_classes: int, config: TransferConfig, image_size: int) -> Classifier:
+    """The transfer classifier of ``config`` on ``backbone`` (its transferred blocks frozen in
+    frozen mode; re-initialised blocks always train)."""
+    model = Classifier(backbone, num_classes, config.new_widths, config.hidden, image_size)
+    if config.mode == "frozen":
+        set_trainable(backbone.blocks[: config.layers], False)
+    return model
+
+
+def optimizer_groups(param_groups: dict[str, ParamGroup], config: TransferConfig) -> list[dict]:
+    """Adam's parameter groups: each non-binary group's trainable parameters at its learning rate
+    (head ``lr``; re-initialised ``lr * reinit_lr_ratio``; transferred ``lr * layer_lr_ratio``)."""
+    ratios = {"head": 1.0, "reinit": config.reinit_lr_ratio, "transferred": config.layer_lr_ratio}
+    return [{"params": [p for p in g.params if p.requires_grad], "lr": config.lr * ratios[name]}
+            for name, g in param_groups.items() if any(p.requires_grad for p in g.params)]
+
+
 def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, config: TransferConfig,
                    device: str = "auto", logger: RunLogger | None = None,
                    state_path: str | Path | None = None) -> tuple[TransferResult, nn.Module]:
@@ -130,16 +147,11 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
     num_classes = len(train.class_names)
     if config.mode in ("linear", "head2toe", "svm"):
         return _train_linear(backbone, train, test, num_classes, config, device_, logger, state_path)
-    model = Classifier(backbone, num_classes, config.new_widths, config.hidden, train.images.shape[-1])
+    model = classifier(backbone, num_classes, config, train.images.shape[-1])
     model = model.to(device_, memory_format=torch.channels_last)  # as the backbone's normalised input
-    transferred = backbone.blocks[: config.layers]
-    if config.mode == "frozen":
-        set_trainable(transferred, False)
-    ratios = {"head": 1.0, "reinit": config.reinit_lr_ratio, "transferred": config.layer_lr_ratio}
     param_groups = nonbinary_groups(model, backbone.blocks, config.layers, config.reinit)
     anchor = [p.detach().clone() for p in param_groups["transferred"].penalised]
-    groups = [{"params": [p for p in g.params if p.requires_grad], "lr": config.lr * ratios[name]}
-              for name, g in param_groups.items() if any(p.requires_grad for p in g.params)]
+    groups = optimizer_groups(param_groups, config)
     graphed = device_.type == "cuda" and distributed.world_size() == 1
     optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay,
                                  **({"fused": True, "capturable": True} if graphed else {}))
@@ -164,7 +176,7 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
     def train_epoch(epoch: int) -> None:
         model.train()
         if config.mode == "frozen":
-            transferred.eval()
+            backbone.blocks[: config.layers].eval()
         for index in torch.randperm(len(train.images), device=device_).split(config.batch_size):
             step(index)
     return _fit(model, optimizer, train_epoch, evaluate, config, logger, state_path), model

@@ -100,6 +100,7 @@ def class_images(model: nn.Module, classes: Sequence[int], size: int = 32, chann
     len(classes) x C x size x size.
 
     Example:
+        >>> from contrastive_lw.heads import Classifier
         >>> clf = Classifier(LayerwiseNet().prefix(1), num_classes=10, new_widths=(8,), hidden=0)
         >>> class_images(clf, [3, 5], steps=2).shape
         torch.Size([2, 3, 32, 32])
