@@ -24,7 +24,7 @@ from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .losses import LossConfig, build_loss
 from .memory import on_huge_pages
 from .model import ArchConfig, LayerwiseNet, ProjectionHead, set_trainable
-from .patches import POSITIVES, PatchIndex, PatchSampler, crop
+from .patches import NEGATIVES, POSITIVES, PatchIndex, PatchSampler, crop
 from .runs import RunLogger
 
 MODES = ("greedy", "end2end")
@@ -35,7 +35,8 @@ TRAIN_STATE = "contrastive-lw/train-state"
 class PretrainConfig:
     """Everything that shapes a pretraining run. Per-layer tuples repeat their last entry.
 
-    ``positives`` per layer: adjacent / shift / exemplar (see :class:`PatchSampler`).
+    ``positives`` per layer: adjacent / shift / exemplar (see :class:`PatchSampler`); ``negative``:
+    other_image (the paper's) or same_image, for losses that take explicit negatives (triplet).
     ``patch_sizes`` per layer; empty means the receptive field of blocks 1..k.
     The state of the layer in progress is saved to ``state.pt`` every ``save_every`` steps (0: once
     per epoch of ``images * patches_per_image`` patches) and on SIGINT / SIGTERM; it is removed once the
@@ -52,6 +53,7 @@ class PretrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     mode: str = "greedy"
     positives: tuple[str, ...] = ("adjacent", "exemplar")
+    negative: str = "other_image"
     max_shift: int = 2
     patch_sizes: tuple[int, ...] = ()
     init_scale: float = 0.1
@@ -73,6 +75,8 @@ class PretrainConfig:
             object.__setattr__(self, "steps_per_layer", (self.steps_per_layer,))
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.negative not in NEGATIVES:
+            raise ConfigError(f"negative must be one of {list(NEGATIVES)}, got {self.negative!r}")
         bad = [p for p in self.positives if p not in POSITIVES]
         if bad or not self.positives:
             raise ConfigError(f"positives must be among {list(POSITIVES)}, got {list(self.positives)}")
@@ -259,7 +263,7 @@ class LayerwisePretrainer:
         steps = cfg.steps(len(images), k if greedy else 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup_fraction))
         sampler = PatchSampler(patch, per_layer(cfg.positives, k), cfg.max_shift,
-                               seed=cfg.seed * 1000 + k, device=device)
+                               seed=cfg.seed * 1000 + k, device=device, negative=cfg.negative)
         augment = build_augmentation(cfg.augment, cfg.arch.in_channels).to(device)
         torch.manual_seed(cfg.seed * 1000 + k)
         first = self._load_state(k, net, stage, optimizer, scheduler, sampler)

@@ -36,6 +36,12 @@ def test_pretrain_steps_per_layer_per_layer(tmp_path, npz):
     assert [torch.load(out / f"layer{k}.pt", weights_only=True)["metrics"]["steps"] for k in (1, 2)] == [3, 1]
 
 
+def test_pretrain_negative_flag_reaches_the_config(tmp_path, npz):
+    out = tmp_path / "run"
+    assert _pretrain(npz, out, "--layers", "1", "--negative", "same_image") == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["pretrain"]["negative"] == "same_image"
+
+
 def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "contrastive_lw", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "pretrain" in result.stdout

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--distance", choices=("cosine", "sqeuclidean"))
     group.add_argument("--positive", type=parse_str_list,
                        help="per layer, last repeats: adjacent, shift or exemplar (default adjacent,exemplar)")
+    group.add_argument("--negative", choices=("other_image", "same_image"),
+                       help="triplet negatives: a patch of another image (default, the paper's) or a "
+                            "non-overlapping patch of the anchor's own image")
     group.add_argument("--patch-size", type=parse_int_list, help="per layer (default: the receptive field)")
     group.add_argument("--no-pool1", action="store_true", help="block 1 without max-pool (the paper's ablation)")
     group.add_argument("--no-augment", action="store_true")
@@ -44,7 +47,8 @@ def pretrain_settings(args: argparse.Namespace, saved: dict[str, Any] | None) ->
     loss, augment = dict(values.get("loss", {})), dict(values.get("augment", {}))
     flags = {"mode": args.mode, "epochs_per_layer": args.epochs_per_layer, "steps_per_layer": args.steps_per_layer,
              "batch_size": args.batch_size, "lr": args.lr, "positives": args.positive,
-             "patch_sizes": args.patch_size, "seed": args.seed}
+             "patch_sizes": args.patch_size, "seed": args.seed,
+             "negative": getattr(args, "negative", None)}
     values.update({k: v for k, v in flags.items() if v is not None})
     loss.update({k: v for k, v in {"name": args.loss, "margin": args.margin, "mining": args.mining,
                                    "distance": args.distance}.items() if v is not None})
