@@ -10,7 +10,8 @@ on standardised features, 200 iterations) trained on a fixed random subset of ``
 3 blocks on all of them took 7 min on the shared 2 cores) and tested on all 5 000 target test images, on the features (:func:`contrastive_lw.evaluate.block_features`, average-pooled to
 ``--pool`` x ``--pool``) of each block k alone (``block_k``) and of blocks 1..k concatenated
 (``blocks_1..k``, the all-block read-out). ``--init random`` reads out the same architecture
-untrained (normalised on the target images, as ``compare``'s random init); ``--init supervised``
+untrained (normalised on the target images, as ``compare``'s random init); ``--init RUN_DIR`` reads
+out a run kept with ``--keep`` again (read-out ablations: ``--pool``, ``--probe-wd``); ``--init supervised``
 trains it with labels on the source classes as ``contrastive-lw supervised --epochs
 --supervised-epochs`` does (the baseline's wall time is its training time). The row, appended to
 ``OUT/results.jsonl``: name, init, seed, the full pretrain config and the overrides, accuracies,
@@ -93,7 +94,7 @@ def macs_per_image(net: LayerwiseNet, side: int = 32) -> int:
     return total
 
 
-def read_out(net: LayerwiseNet, target, target_test, pool: int) -> dict[str, float]:
+def read_out(net: LayerwiseNet, target, target_test, pool: int, weight_decay: float = 1e-4) -> dict[str, float]:
     """Linear-probe accuracy (%) of each block alone and of blocks 1..k concatenated (the features
     of every block computed in one pass, then split into blocks)."""
     blocks = list(range(1, net.num_blocks + 1))
@@ -103,10 +104,11 @@ def read_out(net: LayerwiseNet, target, target_test, pool: int) -> dict[str, flo
     accs = {}
     for k in blocks:
         accs[f"block_{k}"] = 100 * linear_probe_accuracy(train_parts[k - 1], target.labels,
-                                                         test_parts[k - 1], target_test.labels)
+                                                         test_parts[k - 1], target_test.labels, weight_decay)
         if k > 1:
             accs[f"blocks_1..{k}"] = 100 * linear_probe_accuracy(torch.cat(train_parts[:k], 1), target.labels,
-                                                                 torch.cat(test_parts[:k], 1), target_test.labels)
+                                                                 torch.cat(test_parts[:k], 1), target_test.labels,
+                                                                 weight_decay)
     return accs
 
 
@@ -138,15 +140,17 @@ def run(args: argparse.Namespace) -> dict:
             result = train_supervised(source, source_test, config.arch, sup, tmp, "cpu", tensorboard=False)
             net = load_init(tmp, target.images)[1]
         per_layer = [result.seconds]
-    else:
+    elif args.init == "random":
         torch.manual_seed(args.seed)
         net = load_init("random", target.images, config.arch)[1]
+    else:  # a kept run: read out again (another pool or probe weight decay), nothing trained
+        net = load_init(args.init, target.images)[1]
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    accs = read_out(net, target, target_test, args.pool)
+    accs = read_out(net, target, target_test, args.pool, args.probe_wd)
     row = {"name": args.name, "init": args.init, "seed": args.seed, "layers": args.layers, "overrides": args.set,
            "supervised_epochs": args.supervised_epochs if args.init == "supervised" else None,
-           "pool": args.pool, "probe_train": len(target.images), "probe_test": len(target_test.images),
+           "pool": args.pool, "probe_wd": args.probe_wd, "probe_train": len(target.images), "probe_test": len(target_test.images),
            "accs": accs, "train_seconds": round(train_seconds, 1), "layer_seconds": [round(s, 1) for s in per_layer],
            "probe_seconds": round(time.perf_counter() - start, 1), "macs": macs_per_image(net),
            "config": to_dict(config), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -193,12 +197,14 @@ def markdown_table(rows: list[dict], names: list[str] | None = None, by_seed: bo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", help="row name (one config; seeds share it)")
-    parser.add_argument("--init", choices=("layerwise", "random", "supervised"), default="layerwise")
+    parser.add_argument("--init", default="layerwise",
+                        help="layerwise, random, supervised, or a kept run directory to read out again")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--supervised-epochs", type=int, default=5)
     parser.add_argument("--pool", type=int, default=4)
+    parser.add_argument("--probe-wd", type=float, default=1e-4, help="the probe's L2 weight (default: evaluate's)")
     parser.add_argument("--probe-train", type=int, default=10000,
                         help="target train images for the probe, a fixed class-mixed subset (0: all 25 000)")
     parser.add_argument("--dataset", default="cifar10")
