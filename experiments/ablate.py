@@ -128,8 +128,8 @@ def run(args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             trainer = LayerwisePretrainer(config, run_dir if args.keep else tmp, "cpu", progress=False,
                                           tensorboard=False)
-            if args.keep and run_dir.exists():
-                raise SystemExit(f"{run_dir} exists: pick another --name or remove it")
+            if args.keep and run_dir.exists() and not args.resume:
+                raise SystemExit(f"{run_dir} exists: pick another --name, remove it or --resume it")
             net = trainer.fit(source.images)
             per_layer = [load_checkpoint(p, BACKBONE)["metrics"]["seconds"]
                          for _, p in sorted(layer_checkpoints(trainer.out_dir).items())]
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
     row = {"name": args.name, "init": args.init, "seed": args.seed, "layers": args.layers, "overrides": args.set,
            "supervised_epochs": args.supervised_epochs if args.init == "supervised" else None,
            "pool": args.pool, "probe_wd": args.probe_wd, "probe_train": len(target.images), "probe_test": len(target_test.images),
-           "accs": accs, "train_seconds": round(train_seconds, 1), "layer_seconds": [round(s, 1) for s in per_layer],
+           "accs": accs, "train_seconds": round(sum(per_layer) if args.resume else train_seconds, 1), "layer_seconds": [round(s, 1) for s in per_layer],
            "probe_seconds": round(time.perf_counter() - start, 1), "macs": macs_per_image(net),
            "config": to_dict(config), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = Path(args.out)
@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="5-9")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep the pretraining run under OUT/runs/")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --keep: continue a kept run after its last finished layer (the pretraining "
+                             "time is then the sum of the layers' own seconds)")
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--table", action="store_true", help="print the markdown table of OUT/results.jsonl")
     parser.add_argument("--names", help="comma-separated rows for --table, in this order")

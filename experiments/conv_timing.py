@@ -75,7 +75,7 @@ def greedy_step(k: int, batch: int, rounds: int) -> dict:
     set_trainable(stage, True)
     optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-3)
     patch = net.receptive_field(k)
-    loss_fn, x = build_loss(LossConfig()), torch.rand(3 * batch, 3, patch, patch)
+    loss_fn, x = build_loss(LossConfig(name="triplet")), torch.rand(3 * batch, 3, patch, patch)
 
     def step() -> None:
         train_step(stage, loss_fn, optimizer, frozen_features(net, x, k - 1), 3)

@@ -16,12 +16,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layers", type=int, help="number of blocks to pretrain (default: all of --widths)")
     group.add_argument("--widths", type=parse_int_list, help="filters per block, e.g. 64,128,256")
     group.add_argument("--mode", choices=("greedy", "end2end"), help="layer by layer (default) or all at once")
-    group.add_argument("--epochs-per-layer", type=float)
+    group.add_argument("--epochs-per-layer", type=float,
+                       help="every layer's length in epochs (default: blocks 1-2 one epoch, deeper blocks 100 steps)")
     group.add_argument("--steps-per-layer", type=parse_int_list,
                        help="per layer, last repeats, e.g. 1200,300; overrides --epochs-per-layer")
     group.add_argument("--batch-size", type=int)
-    group.add_argument("--lr", type=float)
-    group.add_argument("--loss", choices=("triplet", "infonce"))
+    group.add_argument("--lr", type=float, help="default 0.003 (the paper's triplet setting was run at 0.001)")
+    group.add_argument("--loss", choices=("triplet", "infonce"),
+                       help="infonce (default: in-batch softmax) or triplet (the paper's cosine triplet loss)")
     group.add_argument("--margin", type=float)
     group.add_argument("--mining", choices=("none", "hardest", "semihard"))
     group.add_argument("--distance", choices=("cosine", "sqeuclidean"))
@@ -50,6 +52,8 @@ def pretrain_settings(args: argparse.Namespace, saved: dict[str, Any] | None) ->
              "patch_sizes": args.patch_size, "seed": args.seed,
              "negative": getattr(args, "negative", None)}
     values.update({k: v for k, v in flags.items() if v is not None})
+    if args.epochs_per_layer is not None and args.steps_per_layer is None:
+        values["steps_per_layer"] = []  # --epochs-per-layer alone sets every layer's length
     loss.update({k: v for k, v in {"name": args.loss, "margin": args.margin, "mining": args.mining,
                                    "distance": args.distance}.items() if v is not None})
     if args.widths:
