@@ -102,7 +102,7 @@ def layer_step(net: LayerwiseNet, k: int, batch: int, device: torch.device, loss
     stage = nn.Sequential(*net.blocks[first - 1: k], head)
     set_trainable(stage, True)
     optimizer = adamw(stage.parameters(), 1e-3, 0.0, device)
-    loss_fn = build_loss(loss or LossConfig())
+    loss_fn = build_loss(loss or LossConfig(name="triplet"))
     views = 3 if loss_fn.uses_negatives else 2
     fixed = torch.rand(views * batch, net.arch.in_channels, patch, patch, device=device)
 

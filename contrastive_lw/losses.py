@@ -17,11 +17,12 @@ LOSSES = ("triplet", "infonce")
 
 @dataclass(frozen=True)
 class LossConfig:
-    """``name``: ``triplet`` (margin loss on a distance, optional in-batch negative mining) or
-    ``infonce`` (in-batch softmax over patches: each anchor's positive is its class, every other
-    patch of the batch a negative; :func:`nt_xent`, lightly's ``NTXentLoss`` across processes)."""
+    """``name``: ``infonce`` (the default: in-batch softmax over patches: each anchor's positive is
+    its class, every other patch of the batch a negative; :func:`nt_xent`, lightly's ``NTXentLoss``
+    across processes) or ``triplet`` (the paper's margin loss on a distance, optional in-batch
+    negative mining; ``margin``, ``distance`` and ``mining`` apply to it alone)."""
 
-    name: str = "triplet"
+    name: str = "infonce"
     margin: float = 0.5
     distance: str = "cosine"
     mining: str = "none"

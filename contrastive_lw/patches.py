@@ -9,6 +9,7 @@ import torch
 from .errors import ConfigError, DataError
 
 POSITIVES = ("adjacent", "shift", "exemplar")
+NEGATIVES = ("other_image", "same_image")
 
 
 class PatchIndex(NamedTuple):
@@ -53,7 +54,11 @@ class PatchSampler:
         * ``adjacent``: the touching neighbour patch (left, right, above or below) of the same image;
         * ``shift``: a patch of the same image shifted by 1..``max_shift`` pixels (overlapping);
         * ``exemplar``: the same patch (the two views differ only by augmentation).
-    The negative is a patch at a random place of a different, random image.
+    Negatives (``negative``):
+        * ``other_image``: a patch at a random place of a different, random image (the paper's);
+        * ``same_image``: a patch of the anchor's own image that does not overlap it (at least
+          ``min(patch_size, places // 2)`` pixels away along a random axis, ``places`` the positions
+          a patch can take there): a harder negative, the same scene's colours and lighting.
     For video clips (N x T x C x H x W, :meth:`sample_video`) the positive is the same place in the
     clip's last frame. All index arithmetic is batched on the images' device; a seeded sampler
     gives the same patches again.
@@ -66,9 +71,12 @@ class PatchSampler:
     """
 
     def __init__(self, patch_size: int, positive: str = "adjacent", max_shift: int = 2,
-                 seed: int | None = None, device: torch.device | str = "cpu") -> None:
+                 seed: int | None = None, device: torch.device | str = "cpu", negative: str = "other_image") -> None:
         if positive not in POSITIVES:
             raise ConfigError(f"positive must be one of {list(POSITIVES)}, got {positive!r}")
+        if negative not in NEGATIVES:
+            raise ConfigError(f"negative must be one of {list(NEGATIVES)}, got {negative!r}")
+        self.negative = negative
         if patch_size < 1 or max_shift < 1:
             raise ConfigError("patch_size and max_shift must be positive")
         self.patch_size, self.positive, self.max_shift = patch_size, positive, max_shift
@@ -98,8 +106,25 @@ class PatchSampler:
         image = self._randint(0, n - 1, batch_size, device)
         negative = (v * places).long().minimum(places - 1)
         positive_place = anchor + offset
+        if self.negative == "same_image":
+            return (PatchIndex(image, *anchor), PatchIndex(image, *positive_place),
+                    PatchIndex(image, *self._away_from(anchor, negative, places, batch_size, device)))
         return (PatchIndex(image, *anchor), PatchIndex(image, *positive_place),
                 PatchIndex((image + self._randint(1, n - 1, batch_size, device)) % n, *negative))
+
+    def _away_from(self, anchor: torch.Tensor, uniform: torch.Tensor, places: torch.Tensor, batch_size: int,
+                   device: torch.device | str) -> torch.Tensor:
+        """2 x B positions in the anchors' own images: along one random axis at a circular offset in
+        [d, places - d] from the anchor (so at least d = min(patch, places // 2) pixels away: no
+        overlap where the images have room), along the other the ``uniform`` draw."""
+        gap = torch.minimum(places // 2, torch.full_like(places, self.patch_size)).clamp_min(1)
+        spread = (places - 2 * gap + 1).clamp_min(1)
+        u = torch.rand(batch_size, generator=self.generator, device=device)
+        away = (anchor + gap + (u * spread).long().minimum(spread - 1)) % places
+        axis = self._randint(0, 1, batch_size, device)
+        rows = torch.where(axis == 0, away[0], uniform[0])
+        cols = torch.where(axis == 1, away[1], uniform[1])
+        return torch.stack([rows, cols])
 
     def sample_video(self, clips: torch.Tensor, batch_size: int) -> Triplets:
         """Triplets from clips N x T x C x H x W: anchor in the first frame, positive at the same

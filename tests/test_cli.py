@@ -36,6 +36,32 @@ def test_pretrain_steps_per_layer_per_layer(tmp_path, npz):
     assert [torch.load(out / f"layer{k}.pt", weights_only=True)["metrics"]["steps"] for k in (1, 2)] == [3, 1]
 
 
+def test_pretrain_negative_flag_reaches_the_config(tmp_path, npz):
+    out = tmp_path / "run"
+    assert _pretrain(npz, out, "--layers", "1", "--negative", "same_image") == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["pretrain"]["negative"] == "same_image"
+
+
+def test_plain_pretrain_defaults_are_the_ablations_winner_and_the_paper_stays_reachable():
+    import argparse
+
+    from contrastive_lw.commands.pretrain import add_arguments, pretrain_settings
+    from contrastive_lw.pretrain import PretrainConfig
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def config(*flags):
+        return PretrainConfig.from_dict(pretrain_settings(parser.parse_args(["--out", "x", *flags]), None))
+    plain = config("--layers", "3")
+    assert (plain.loss.name, plain.lr, plain.positives) == ("infonce", 0.003, ("adjacent", "exemplar"))
+    assert [plain.steps(25_000, k) for k in (1, 2, 3)] == [782, 782, 100]
+    paper = config("--layers", "3", "--loss", "triplet", "--lr", "0.001")
+    assert (paper.loss.name, paper.loss.distance, paper.loss.margin, paper.loss.mining, paper.negative) == (
+        "triplet", "cosine", 0.5, "none", "other_image")
+    assert [config("--epochs-per-layer", "2").steps(25_000, k) for k in (1, 3)] == [1564, 1564]
+
+
 def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "contrastive_lw", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "pretrain" in result.stdout

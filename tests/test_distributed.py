@@ -14,7 +14,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, images):
     np.savez(tmp_path / "images.npz", images=images.numpy())
     common = ["-m", "contrastive_lw", "pretrain", "--dataset", f"npz:{tmp_path / 'images.npz'}",
               "--widths", "4", "--steps-per-layer", "5", "--batch-size", "32", "--no-augment",
-              "--mining", "hardest", "--no-progress"]
+              "--loss", "triplet", "--mining", "hardest", "--no-progress"]  # triplet: no longer the default
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env, check=True)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -43,6 +43,24 @@ def test_negative_comes_from_another_image():
     assert len(negative.image.unique()) == SHAPE[0]
 
 
+@pytest.mark.parametrize("size", [7, 13])
+def test_same_image_negative_is_a_non_overlapping_patch_of_the_anchors_image(size):
+    anchor, _, negative = _indices("exemplar", size=size, negative="same_image")
+    assert torch.equal(anchor.image, negative.image) and _in_bounds(negative, size)
+    places = 32 - size + 1
+    gap = min(size, places // 2)
+    dy, dx = (negative.top - anchor.top).abs(), (negative.left - anchor.left).abs()
+    assert bool((dy.maximum(dx) >= gap).all())  # never the anchor's own patch
+    if size == 7:  # room enough: never overlapping
+        assert bool((dy.maximum(dx) >= size).all())
+    assert len(set(zip(negative.top.tolist(), negative.left.tolist()))) > places ** 2 // 2  # spread out
+
+
+def test_unknown_negative_is_a_clear_error():
+    with pytest.raises(ConfigError, match="negative must be one of"):
+        PatchSampler(7, negative="elsewhere")
+
+
 def test_patches_are_cut_where_the_indices_say():
     images = torch.arange(2 * 3 * 32 * 32).reshape(2, 3, 32, 32).to(torch.int64)
     where = PatchIndex(torch.tensor([1]), torch.tensor([4]), torch.tensor([9]))

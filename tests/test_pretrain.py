@@ -148,7 +148,7 @@ def test_steps_per_layer_reads_one_int_as_every_layers():
 
 
 @pytest.mark.parametrize("bad", [dict(batch_size=0), dict(lr=0.0), dict(mode="joint"),
-                                 dict(positives=("near",)), dict(steps_per_layer=-1),
+                                 dict(positives=("near",)), dict(steps_per_layer=-1), dict(negative="near"),
                                  dict(steps_per_layer=(10, -1))])
 def test_bad_config_values(bad):
     with pytest.raises(ConfigError):

@@ -35,6 +35,7 @@ class _CrashAt(torch.nn.Module):
     def __init__(self, loss, at):
         super().__init__()
         self.loss, self.at, self.uses_negatives = loss, at, loss.uses_negatives
+        self.compares_all_pairs = getattr(loss, "compares_all_pairs", False)  # InfoNCE (the default): same path
 
     def forward(self, *embeddings):
         self.at -= 1

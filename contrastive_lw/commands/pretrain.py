@@ -16,17 +16,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layers", type=int, help="number of blocks to pretrain (default: all of --widths)")
     group.add_argument("--widths", type=parse_int_list, help="filters per block, e.g. 64,128,256")
     group.add_argument("--mode", choices=("greedy", "end2end"), help="layer by layer (default) or all at once")
-    group.add_argument("--epochs-per-layer", type=float)
+    group.add_argument("--epochs-per-layer", type=float,
+                       help="every layer's length in epochs (default: blocks 1-2 one epoch, deeper blocks 100 steps)")
     group.add_argument("--steps-per-layer", type=parse_int_list,
                        help="per layer, last repeats, e.g. 1200,300; overrides --epochs-per-layer")
     group.add_argument("--batch-size", type=int)
-    group.add_argument("--lr", type=float)
-    group.add_argument("--loss", choices=("triplet", "infonce"))
+    group.add_argument("--lr", type=float, help="default 0.003 (the paper's triplet setting was run at 0.001)")
+    group.add_argument("--loss", choices=("triplet", "infonce"),
+                       help="infonce (default: in-batch softmax) or triplet (the paper's cosine triplet loss)")
     group.add_argument("--margin", type=float)
     group.add_argument("--mining", choices=("none", "hardest", "semihard"))
     group.add_argument("--distance", choices=("cosine", "sqeuclidean"))
     group.add_argument("--positive", type=parse_str_list,
                        help="per layer, last repeats: adjacent, shift or exemplar (default adjacent,exemplar)")
+    group.add_argument("--negative", choices=("other_image", "same_image"),
+                       help="triplet negatives: a patch of another image (default, the paper's) or a "
+                            "non-overlapping patch of the anchor's own image")
     group.add_argument("--patch-size", type=parse_int_list, help="per layer (default: the receptive field)")
     group.add_argument("--no-pool1", action="store_true", help="block 1 without max-pool (the paper's ablation)")
     group.add_argument("--no-augment", action="store_true")
@@ -44,8 +49,11 @@ def pretrain_settings(args: argparse.Namespace, saved: dict[str, Any] | None) ->
     loss, augment = dict(values.get("loss", {})), dict(values.get("augment", {}))
     flags = {"mode": args.mode, "epochs_per_layer": args.epochs_per_layer, "steps_per_layer": args.steps_per_layer,
              "batch_size": args.batch_size, "lr": args.lr, "positives": args.positive,
-             "patch_sizes": args.patch_size, "seed": args.seed}
+             "patch_sizes": args.patch_size, "seed": args.seed,
+             "negative": getattr(args, "negative", None)}
     values.update({k: v for k, v in flags.items() if v is not None})
+    if args.epochs_per_layer is not None and args.steps_per_layer is None:
+        values["steps_per_layer"] = []  # --epochs-per-layer alone sets every layer's length
     loss.update({k: v for k, v in {"name": args.loss, "margin": args.margin, "mining": args.mining,
                                    "distance": args.distance}.items() if v is not None})
     if args.widths:

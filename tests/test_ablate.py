@@ -1,0 +1,32 @@
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SPEC = importlib.util.spec_from_file_location("ablate", Path(__file__).parents[1] / "experiments" / "ablate.py")
+ablate = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(ablate)
+
+
+def test_overrides_set_nested_keys_from_yaml_and_cut_the_widths():
+    config = ablate.pretrain_config(["loss.name=infonce", "loss.temperature=0.2", "positives=[exemplar]",
+                                     "arch.widths=[32, 16, 8]"], layers=2, seed=3)
+    assert (config.loss.name, config.loss.temperature, config.positives) == ("infonce", 0.2, ("exemplar",))
+    assert config.arch.widths == (32, 16) and config.seed == 3
+    with pytest.raises(SystemExit):
+        ablate.pretrain_config(["lr"], layers=1, seed=0)
+
+
+def test_macs_count_every_block():
+    from contrastive_lw.model import ArchConfig, LayerwiseNet
+
+    net = LayerwiseNet(ArchConfig(widths=(64, 128, 256)))
+    assert ablate.macs_per_image(net) == 27 * 27 * 108 * 64 + 11 * 11 * 576 * 128 + 3 * 3 * 1152 * 256
+
+
+def test_table_averages_seeds_per_name_in_the_order_asked():
+    rows = [{"name": n, "init": "layerwise", "seed": s, "accs": {"block_1": a, "block_2": a, "blocks_1..2": a},
+             "train_seconds": 10.0, "macs": 2e6} for n, s, a in [("a", 0, 80.0), ("a", 1, 82.0), ("b", 0, 70.0)]]
+    table = ablate.markdown_table(rows, names=["b", "a"]).splitlines()
+    assert table[0].startswith("| run | init | seeds | block 1 | block 2 | blocks 1..2 |")
+    assert table[2].startswith("| b | layerwise | 0 | 70.0 |") and "| 81.0 ± 1.4 |" in table[3]
