@@ -63,6 +63,7 @@ class _SignalAt(torch.nn.Module):
     def __init__(self, trainer, at):
         super().__init__()
         self.trainer, self.loss, self.at, self.uses_negatives = trainer, trainer.loss_fn, at, trainer.loss_fn.uses_negatives
+        self.compares_all_pairs = getattr(self.loss, "compares_all_pairs", False)  # the loss's own path
 
     def forward(self, *embeddings):
         self.at -= 1
