@@ -8,33 +8,39 @@ from .common import add_config_arguments, file_config, parse_int_list
 HELP = "benchmark: matmul ceiling, per-layer throughput, data pipeline, layer-wise vs end-to-end, SimCLR peer"
 
 
+# BenchConfig fields with a flag of their own (every field: --set bench.FIELD=VALUE)
+_FIELD_FLAGS = (
+    ("batch_sizes", parse_int_list,
+     "per layer, for the throughput figures (default 2048,512; a GPU wants e.g. 32768,8192)"),
+    ("probe_images", int,
+     "target-class training images of the linear probe, half as many test images (default 2000; the real "
+     "CIFAR-10 allows 10000)"),
+    ("seeds", int, "pretraining seeds per race run, averaged (default 1; each one multiplies the race's time)"),
+    ("paired_rounds", int,
+     "re-time the two runs each race compares back to back this many times (default 3; 0: no re-timing): a "
+     "time ratio the machine's drift between minutes hardly moves"),
+    ("race_batch", int,
+     "pretraining batch of the race and the SimCLR peer, both sides alike (default 512; a GPU wants several "
+     "thousand)"),
+    ("deeper_steps", float,
+     "greedy's blocks 2..k train this fraction of block 1's steps (default 0.25; 1: the same steps for every "
+     "block)"),
+    ("resolution", float,
+     "each side's time to the target: its first run reaching it, to this fraction of its steps (default "
+     "0.125; each halving can add a run per side)"),
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench.json", help="JSON file for the figures")
     add_config_arguments(parser, "YAML with a bench section (BenchConfig's fields)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (about a minute on 2 CPU cores)")
-    parser.add_argument("--batch-sizes", type=parse_int_list, default=None,
-                        help="per layer, for the throughput figures (default 2048,512; a GPU wants e.g. 32768,8192)")
-    parser.add_argument("--probe-images", type=int, default=None,
-                        help="target-class training images of the linear probe, half as many test images "
-                             "(default 2000; the real CIFAR-10 allows 10000)")
+    for field, kind, text in _FIELD_FLAGS:
+        parser.add_argument("--" + field.replace("_", "-"), type=kind, default=None, help=text)
     parser.add_argument("--heldout-test", action="store_true",
                         help="also test the probe on the target classes' training images it does not train on "
                              "(never pretrained on either: 20 000 more on CIFAR-10 with --probe-images 10000, "
                              "half the probe's noise)")
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="pretraining seeds per race run, averaged (default 1; each one multiplies the race's time)")
-    parser.add_argument("--paired-rounds", type=int, default=None,
-                        help="re-time the two runs each race compares back to back this many times (default 3; "
-                             "0: no re-timing): a time ratio the machine's drift between minutes hardly moves")
-    parser.add_argument("--race-batch", type=int, default=None,
-                        help="pretraining batch of the race and the SimCLR peer, both sides alike (default 512; "
-                             "a GPU wants several thousand)")
-    parser.add_argument("--deeper-steps", type=float, default=None,
-                        help="greedy's blocks 2..k train this fraction of block 1's steps (default 0.25; "
-                             "1: the same steps for every block)")
-    parser.add_argument("--resolution", type=float, default=None,
-                        help="each side's time to the target: its first run reaching it, to this fraction of its "
-                             "steps (default 0.125; each halving can add a run per side)")
     parser.add_argument("--dataset", default="sample", help="source of images (default: the bundled sample)")
     parser.add_argument("--source-classes", default="0-4", help="classes the race pretrains on (default 0-4)")
     parser.add_argument("--target-classes", default="5-9",
@@ -53,9 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import from_dict, to_dict
 
     values = {**to_dict(BenchConfig.quick() if args.quick else BenchConfig()), **file_config(args, {"bench"}).get("bench", {})}
-    flags = {"batch_sizes": args.batch_sizes or None, "seeds": args.seeds, "paired_rounds": args.paired_rounds,
-             "race_batch": args.race_batch, "deeper_steps": args.deeper_steps, "resolution": args.resolution,
-             "probe_images": args.probe_images}
+    flags = {field: getattr(args, field) for field, _, _ in _FIELD_FLAGS}
     config = from_dict(BenchConfig, {**values, **{k: v for k, v in flags.items() if v is not None}}, "bench config")
     source, target, target_test = race_data(args.dataset, args.data_root, args.source_classes, args.target_classes,
                                             config.probe_images, args.heldout_test)
