@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-train", type=int, default=10000,
                         help="target train images for the probe, a fixed class-mixed subset (0: all 25 000)")
     parser.add_argument("--dataset", default="cifar10")
-    parser.add_argument("--data-root", default="/work/shared/data")
+    parser.add_argument("--data-root", default="../shared/data")
     parser.add_argument("--source", default="0-4")
     parser.add_argument("--target", default="5-9")
     parser.add_argument("--threads", type=int, default=2)

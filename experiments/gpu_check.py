@@ -2,7 +2,7 @@
 benchmark on the GPU and the paper-protocol timing, and writes every figure, with the GPU's name,
 torch / CUDA versions and the date, to one JSON (default ``docs/bench/gpu-<date>.json``)::
 
-    python experiments/make_gpu_subset.py --data-root /work/shared/data   # on the CPU machine, once
+    python experiments/make_gpu_subset.py --data-root ../shared/data   # on the CPU machine, once
     python experiments/gpu_check.py                                       # on the GPU machine
     python experiments/gpu_check.py --table docs/bench/gpu-*.json          # the README / PERFORMANCE table
 

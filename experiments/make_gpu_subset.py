@@ -3,7 +3,7 @@ no copy of the datasets: one uint8 ``.npz`` (``images`` N x 3 x 32 x 32, ``label
 ``class_names``, ``split``: 0 train / 1 test) of class-balanced training and test images,
 compressed (10 000 images: ~25 MB)::
 
-    python experiments/make_gpu_subset.py --data-root /work/shared/data [--out data/gpu_subset.npz]
+    python experiments/make_gpu_subset.py --data-root ../shared/data [--out data/gpu_subset.npz]
 
 The default output path is ignored by git; carry it to the GPU machine with the checkout.
 """
