@@ -15,7 +15,8 @@ T = TypeVar("T")
 
 
 def from_dict(cls: type[T], values: dict[str, Any] | None, where: str = "config") -> T:
-    """Build dataclass ``cls`` from ``values``; nested dataclasses are built recursively.
+    """Build dataclass ``cls`` from ``values``; nested dataclasses are built recursively, each on
+    top of its field's own default (a partial mapping changes only the keys it names).
 
     Raises:
         ConfigError: naming any unknown key (and the valid ones) or a value of the wrong kind.
@@ -32,7 +33,7 @@ def from_dict(cls: type[T], values: dict[str, Any] | None, where: str = "config"
         if dataclasses.is_dataclass(kind):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}.{name} must be a mapping, got {value!r}")
-            value = from_dict(kind, value, f"{where}.{name}")
+            value = from_dict(kind, _merged(_field_default(fields[name]), value), f"{where}.{name}")
         else:
             value = _check_scalar(value, kind, f"{where}.{name}")
         kwargs[name] = value
@@ -40,6 +41,21 @@ def from_dict(cls: type[T], values: dict[str, Any] | None, where: str = "config"
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def _field_default(f: dataclasses.Field) -> dict[str, Any]:
+    """The plain-dict form of a dataclass field's default (its factory's product), {} without one."""
+    if f.default_factory is not dataclasses.MISSING:
+        return to_dict(f.default_factory())
+    return {} if f.default is dataclasses.MISSING else to_dict(f.default)
+
+
+def _merged(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` on top of ``base``, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in values.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _check_scalar(value: Any, kind: Any, where: str) -> Any:
