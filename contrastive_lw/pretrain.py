@@ -45,7 +45,7 @@ class PretrainConfig:
     layer is saved as ``layerK.pt``.
     ``init_scale`` shrinks the conv weights' default initialisation, so that filter structure the
     loss does not act on (init noise) stays faint and the learned filters show.
-    The defaults (in-batch softmax, lr 0.003) are the best of the ablations in docs/STUDY.md; the
+    The defaults (in-batch softmax, lr 0.003) were chosen by the ablations in docs/STUDY.md; the
     paper's method is ``loss: {name: triplet}`` (cosine distance, margin 0.5, random negatives from
     other images, adjacent positives for block 1), with ``lr: 0.001`` the former default exactly.
     The default ``steps_per_layer`` (0, 0, 100) gives blocks 1 and 2 one epoch each and block 3 on 100
@@ -311,7 +311,7 @@ class LayerwisePretrainer:
             if step + 1 < steps and (self._stop_signal is not None or (step + 1) % save_every == 0):
                 self._save_state(k, step + 1, net, stage, optimizer, scheduler, sampler, loss.item())
                 self._stop_if_asked(f"in layer {k} at step {step + 1}")
-            final_loss = loss.item() if step + 1 == steps else final_loss
+        final_loss = loss.item() if first < steps else final_loss  # else resumed at the layer's end
         self._save_layer(net, stage.head, k, steps, time.perf_counter() - start, final_loss)
         if prefix == 0 and distributed.is_main_process():  # this stage trained block 1
             self._save_filters(net, logger)

@@ -291,8 +291,8 @@ def load_init(init: str | Path, target_images: torch.Tensor,
         net.set_normalization(target_images)
         return "random", net
     path = Path(init)
-    if path.is_dir() and deepest_layer(path) is not None:
-        path = deepest_layer(path)
+    if path.is_dir() and (deepest := deepest_layer(path)) is not None:
+        path = deepest
     mode = load_checkpoint(path, BACKBONE).get("mode", "greedy")
     return {"greedy": "layerwise"}.get(mode, mode), load_backbone(path)
 
