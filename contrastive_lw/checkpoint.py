@@ -87,14 +87,20 @@ def load_checkpoint(path: str | Path, kind: str, map_location: str | torch.devic
 
 
 def save_backbone(path: str | Path, net, mode: str, trained_blocks: int | None = None, **extra: Any) -> None:
-    """Save a :class:`~contrastive_lw.model.LayerwiseNet` of which the first ``trained_blocks``
-    (default: all) are trained, with how (``greedy``, ``end2end``, ``supervised``) and ``extra`` entries."""
-    from .config import to_dict
-
-    save_checkpoint({"kind": BACKBONE, "arch": to_dict(net.arch),
+    """Save a backbone (:class:`~contrastive_lw.blocks.BlockNet`) of which the first ``trained_blocks``
+    (default: all) are trained, with what rebuilds it (``backbone_spec``; ``arch`` too for the
+    ``lw`` net, as format-1 readers expect), how it was trained (``greedy``, ``end2end``,
+    ``supervised``) and ``extra`` entries."""
+    spec = net.spec
+    save_checkpoint({"kind": BACKBONE, "backbone_spec": spec, **({"arch": spec["arch"]} if "arch" in spec else {}),
                      "trained_blocks": trained_blocks or net.num_blocks,
                      "mode": mode, "backbone": {n: t.detach().cpu() for n, t in net.state_dict().items()},
                      **extra}, path)
+
+
+def saved_spec(payload: dict[str, Any]) -> dict[str, Any]:
+    """The backbone description of a backbone checkpoint (files without one hold the ``lw`` net)."""
+    return payload.get("backbone_spec") or {"name": "lw", "arch": payload["arch"]}
 
 
 def layer_checkpoints(run_dir: str | Path) -> dict[int, Path]:
@@ -114,7 +120,8 @@ def deepest_layer(run_dir: str | Path) -> Path | None:
 
 
 def load_backbone(source: str | Path, map_location: str | torch.device = "cpu"):
-    """The pretrained :class:`~contrastive_lw.model.LayerwiseNet` in a checkpoint file or in a run
+    """The pretrained backbone (:class:`~contrastive_lw.blocks.BlockNet`: the ``lw`` net or a
+    torchvision one, rebuilt from the checkpoint's description) in a checkpoint file or in a run
     directory (its deepest finished layer), holding the trained blocks only.
 
     Example:
@@ -122,8 +129,7 @@ def load_backbone(source: str | Path, map_location: str | torch.device = "cpu"):
         >>> net.receptive_field(3)                    # doctest: +SKIP
         25
     """
-    from .config import from_dict
-    from .model import ArchConfig, LayerwiseNet
+    from .backbones import backbone_from_spec
 
     source = Path(source)
     if source.is_dir():
@@ -132,8 +138,7 @@ def load_backbone(source: str | Path, map_location: str | torch.device = "cpu"):
             raise CheckpointError(f"{source} holds no finished layer (layerK.pt): pretrain first")
         source = deepest
     payload = load_checkpoint(source, BACKBONE, map_location)
-    arch = from_dict(ArchConfig, payload["arch"], "checkpoint arch")
-    net = LayerwiseNet(arch)
+    net = backbone_from_spec(saved_spec(payload))
     try:
         net.load_state_dict(payload["backbone"])
     except RuntimeError as err:

@@ -19,3 +19,7 @@ class CheckpointError(UserError):
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; finished layers are kept on disk."""
+
+
+class WeightsError(UserError):
+    """Pretrained weights are missing (offline) or belong to another architecture."""

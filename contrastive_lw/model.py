@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .accel import kernels
 from .accel.conv import Conv2d, MatmulReluMaxPool
-from .config import per_layer
-from .device import in_vmap
+from .blocks import BlockNet
+from .config import per_layer, to_dict
 from .errors import ConfigError
 
 
@@ -100,11 +101,9 @@ class ConvBlock(nn.Sequential):
         raise AssertionError("a ConvBlock always holds a ReLU")
 
 
-class LayerwiseNet(nn.Module):
-    """A stack of :class:`ConvBlock` s trained one block at a time.
-
-    Inputs are images in [0, 1] (float) or uint8; the network normalises them with its own
-    per-channel ``mean``/``std`` buffers, so a loaded backbone needs no outside preprocessing.
+class LayerwiseNet(BlockNet):
+    """A stack of :class:`ConvBlock` s trained one block at a time: the project's own backbone
+    (``--backbone lw``), with the :class:`~contrastive_lw.blocks.BlockNet` interface.
 
     Example:
         >>> net = LayerwiseNet(ArchConfig())
@@ -119,41 +118,13 @@ class LayerwiseNet(nn.Module):
         self.arch = arch or ArchConfig()
         self.blocks = nn.Sequential(*(ConvBlock(*self.arch.block(k))
                                       for k in range(1, self.arch.num_blocks + 1)))
-        self.register_buffer("mean", torch.full((self.arch.in_channels,), 0.5))
-        self.register_buffer("std", torch.full((self.arch.in_channels,), 0.25))
+        self._init_normalization(self.arch.in_channels)
 
     @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
-    def set_normalization(self, images: torch.Tensor) -> None:
-        """Set the per-channel mean/std from uint8 images N x C x H x W (a sample is enough)."""
-        x = images[: 4096].float().div_(255)
-        self.mean.copy_(x.mean(dim=(0, 2, 3)))
-        self.std.copy_(x.std(dim=(0, 2, 3)).clamp_min(1e-3))
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """``(x - mean) / std`` per channel (uint8 input: ``x / 255`` first), laid out channels_last,
-        the layout the convolutions are fastest in on CPU and GPU (docs/PERFORMANCE.md). The
-        arithmetic runs before the layout change, and not as one fused ``addcmul``, whose rounding
-        made a two-process run drift from the one-process run. On the CPU, without gradient, one
-        pass of a C kernel does the same float32 operations (:func:`accel.kernels.normalize`)."""
-        fast = kernels.normalize(x, self.mean, self.std)
-        if fast is not None:
-            return fast
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255)
-        x = (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
-        if in_vmap(x):  # an ensemble member (contrastive_lw.ensemble): vmap cannot query layouts
-            return x
-        return x.contiguous(memory_format=torch.channels_last)
-
-    def forward(self, x: torch.Tensor, num_blocks: int | None = None) -> torch.Tensor:
-        """Features after the first ``num_blocks`` blocks (all by default)."""
-        return self.blocks[: self.num_blocks if num_blocks is None else num_blocks](self.normalize(x))
+    def spec(self) -> dict[str, Any]:
+        return {"name": "lw", "arch": to_dict(self.arch)}
 
     def receptive_field(self, k: int | None = None) -> int:
-        """Side of the input patch that one output unit of block ``k`` sees."""
         size, jump = 1, 1
         for block in self.blocks[: self._check_k(k)]:
             size += (block.kernel_size - 1) * jump
@@ -161,8 +132,10 @@ class LayerwiseNet(nn.Module):
             jump *= block.pool
         return size
 
+    def stride(self, k: int | None = None) -> int:
+        return math.prod(block.pool for block in self.blocks[: self._check_k(k)])
+
     def output_size(self, input_size: int, k: int | None = None) -> int:
-        """Spatial side of block ``k``'s output for a square input of side ``input_size``."""
         size = input_size
         for block in self.blocks[: self._check_k(k)]:
             size = (size - block.kernel_size + 1) // block.pool
@@ -172,20 +145,9 @@ class LayerwiseNet(nn.Module):
         return self.arch.widths[self._check_k(k) - 1]
 
     def prefix(self, k: int) -> LayerwiseNet:
-        """A network made of (shared, not copied) blocks 1..k and the same normalisation."""
-        net = LayerwiseNet.__new__(LayerwiseNet)
-        nn.Module.__init__(net)
-        net.arch = self.arch.truncated(self._check_k(k))
-        net.blocks = self.blocks[:k]
-        net.register_buffer("mean", self.mean)
-        net.register_buffer("std", self.std)
+        net = self._share_prefix(LayerwiseNet.__new__(LayerwiseNet), k)
+        net.arch = self.arch.truncated(k)
         return net
-
-    def _check_k(self, k: int | None) -> int:
-        k = self.num_blocks if k is None else k
-        if not 1 <= k <= self.num_blocks:
-            raise ConfigError(f"block index {k} out of range: the network has {self.num_blocks} blocks")
-        return k
 
 
 def set_trainable(module: nn.Module, trainable: bool) -> None:

@@ -1,4 +1,4 @@
-"""Greedy layer-wise (and end-to-end) contrastive pretraining of a :class:`LayerwiseNet`."""
+"""Greedy layer-wise (and end-to-end) contrastive pretraining of a backbone (:mod:`contrastive_lw.blocks`)."""
 from __future__ import annotations
 
 import contextlib
@@ -24,6 +24,9 @@ from .device import autocast, resolve_device
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .losses import LossConfig, build_loss
 from .accel.memory import on_huge_pages
+from .backbones import BackboneConfig, build_backbone
+from .blocks import BlockNet
+from .checkpoint import saved_spec
 from .heads import ProjectionHead
 from .model import ArchConfig, LayerwiseNet, set_trainable
 from .patches import NEGATIVES, POSITIVES, PatchIndex, PatchSampler, crop
@@ -31,19 +34,25 @@ from .runs import RunLogger
 
 MODES = ("greedy", "end2end")
 TRAIN_STATE = "contrastive-lw/train-state"
+HEAD_MAX_SIDE = 4  # a block's map wider than this is average-pooled to 4 x 4 before its projection head
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     """Everything that shapes a pretraining run. Per-layer tuples repeat their last entry.
 
+    ``backbone``: ``lw`` (the :class:`LayerwiseNet` of ``arch``) or a torchvision network
+    (:mod:`contrastive_lw.backbones`; ``arch`` then unused). Without ``patch_sizes``, block k trains on
+    patches of its receptive field while that is smaller than the images, else on two augmented
+    views of the whole image (exemplar positives), and a block's map wider than 4 x 4 is
+    average-pooled to 4 x 4 before its projection head.
     ``positives`` per layer: adjacent / shift / exemplar (see :class:`PatchSampler`); ``negative``:
     other_image (the paper's) or same_image, for losses that take explicit negatives (triplet).
     ``patch_sizes`` per layer; empty means the receptive field of blocks 1..k.
     The state of the layer in progress is saved to ``state.pt`` every ``save_every`` steps (0: once
     per epoch of ``images * patches_per_image`` patches) and on SIGINT / SIGTERM; it is removed once the
     layer is saved as ``layerK.pt``.
-    ``init_scale`` shrinks the conv weights' default initialisation, so that filter structure the
+    ``init_scale`` shrinks the ``lw`` conv weights' default initialisation, so that filter structure the
     loss does not act on (init noise) stays faint and the learned filters show.
     The defaults (in-batch softmax, lr 0.003) were chosen by the ablations in docs/STUDY.md; the
     paper's method is ``loss: {name: triplet}`` (cosine distance, margin 0.5, random negatives from
@@ -56,6 +65,7 @@ class PretrainConfig:
     """
 
     arch: ArchConfig = field(default_factory=ArchConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     mode: str = "greedy"
@@ -153,8 +163,24 @@ def rank_columns(views: int, batch_size: int) -> tuple[int, torch.Tensor] | None
         :, distributed.shard(torch.arange(batch_size))].flatten()
 
 
+def layer_patch(net: BlockNet, k: int, config: PretrainConfig, image_side: int) -> tuple[int, str]:
+    """Patch side and positive kind of layer ``k``: the given ``patch_sizes`` entry, else block k's
+    receptive field while it is smaller than the images, else the whole image with exemplar
+    positives (two augmented views of it)."""
+    positive = per_layer(config.positives, k)
+    if config.patch_sizes:
+        return per_layer(config.patch_sizes, k), positive
+    field_side = net.receptive_field(k)
+    if field_side < image_side:
+        return field_side, positive
+    if net.output_size(image_side, k) < 1:
+        raise ConfigError(f"block {k}'s receptive field {field_side} is larger than the {image_side}x{image_side} "
+                          "images and its output on them is empty: use fewer layers or smaller kernels")
+    return image_side, "exemplar"
+
+
 @torch.no_grad()
-def frozen_features(net: LayerwiseNet, x: torch.Tensor, prefix: int) -> torch.Tensor:
+def frozen_features(net: BlockNet, x: torch.Tensor, prefix: int) -> torch.Tensor:
     """Patches (float in [0, 1]) through the network's normalisation and its first ``prefix``
     (frozen) blocks, without recording gradients."""
     return net(x, prefix)
@@ -191,16 +217,17 @@ class Interrupted(KeyboardInterrupt):
 class _Stage(nn.Module):
     """What one pretraining stage trains: its block(s) and projection head."""
 
-    def __init__(self, blocks: nn.Sequential, head: ProjectionHead) -> None:
+    def __init__(self, blocks: nn.Sequential, head: ProjectionHead, pool: int | None = None) -> None:
         super().__init__()
-        self.blocks, self.head = blocks, head
+        self.blocks, self.head, self.pool = blocks, head, pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(x))
+        x = self.blocks(x)
+        return self.head(x if self.pool is None else F.adaptive_avg_pool2d(x, self.pool))
 
 
 class LayerwisePretrainer:
-    """Trains blocks 1..K of a :class:`LayerwiseNet` without labels and checkpoints each one.
+    """Trains blocks 1..K of a backbone without labels and checkpoints each one.
 
     Greedy mode: for k = 1..K, blocks < k are frozen (eval mode, no gradients), block k and a new
     projection head k train on patches of block k's receptive field, then ``layerK.pt`` is saved.
@@ -226,53 +253,55 @@ class LayerwisePretrainer:
         self.loss_fn = build_loss(config.loss, gather_distributed=distributed.world_size() > 1).to(self.device)
         self._stop_signal: int | None = None
 
-    def fit(self, images: torch.Tensor) -> LayerwiseNet:
+    def fit(self, images: torch.Tensor) -> BlockNet:
         """Pretrain on uint8 images N x C x H x W, or video clips N x T x C x H x W (then the
         positive is the anchor's place in the clip's last frame); returns the trained network."""
         cfg = self.config
         if images.dim() not in (4, 5) or images.dtype != torch.uint8:
             raise ConfigError(f"images must be uint8 N x C x H x W (or clips N x T x C x H x W), got "
                               f"{images.dtype} {tuple(images.shape)}")
-        if images.shape[-3] != cfg.arch.in_channels:
-            raise ConfigError(f"images have {images.shape[-3]} channels but arch.in_channels is "
-                              f"{cfg.arch.in_channels}: set arch.in_channels to match")
         net = self.initial_network(images)
+        if images.shape[-3] != net.in_channels:
+            raise ConfigError(f"images have {images.shape[-3]} channels but the backbone takes {net.in_channels}: "
+                              f"{'set arch.in_channels to match' if cfg.backbone.name == 'lw' else 'convert them to RGB'}")
         done = self._resume(net)
         net = net.to(self.device, memory_format=torch.channels_last)
         images = images.to(self.device)
-        stages = range(done + 1, cfg.arch.num_blocks + 1) if cfg.mode == "greedy" else (
-            [cfg.arch.num_blocks] if done < cfg.arch.num_blocks else [])
+        stages = range(done + 1, net.num_blocks + 1) if cfg.mode == "greedy" else (
+            [net.num_blocks] if done < net.num_blocks else [])
         logger = RunLogger(self.out_dir, self.tensorboard)
         with logger, _catch_signals(self):
             for k in stages:
                 self._train_layer(net, k, images, logger)
         return net.cpu()
 
-    def initial_network(self, images: torch.Tensor) -> LayerwiseNet:
+    def initial_network(self, images: torch.Tensor) -> BlockNet:
         """The network as :meth:`fit` draws it before any training: seeded, its input normalised
-        by ``images``' channel statistics, every conv weight scaled by ``init_scale``."""
+        by ``images``' channel statistics (ImageNet's for pretrained torchvision weights), every
+        ``lw`` conv weight scaled by ``init_scale``."""
         torch.manual_seed(self.config.seed)
-        net = LayerwiseNet(self.config.arch)
+        net = build_backbone(self.config.backbone, self.config.arch)
         net.set_normalization(images.flatten(0, -4))
-        with torch.no_grad():
-            for block in net.blocks:
-                block.conv.weight.mul_(self.config.init_scale)
+        if isinstance(net, LayerwiseNet):
+            with torch.no_grad():
+                for block in net.blocks:
+                    block.conv.weight.mul_(self.config.init_scale)
         return net
 
-    def _resume(self, net: LayerwiseNet) -> int:
+    def _resume(self, net: BlockNet) -> int:
         """Load the deepest finished layer of the run directory; returns how many blocks it holds."""
         path = deepest_layer(self.out_dir)
         if path is None:
             return 0
         payload = load_checkpoint(path, BACKBONE)
-        if payload["arch"] != to_dict(self.config.arch):
+        if saved_spec(payload) != net.spec:
             raise CheckpointError(f"{path} was written for another architecture: use a new --out")
         net.load_state_dict(payload["backbone"])
         return payload["trained_blocks"]
 
-    def _train_layer(self, net: LayerwiseNet, k: int, images: torch.Tensor, logger: RunLogger) -> None:
+    def _train_layer(self, net: BlockNet, k: int, images: torch.Tensor, logger: RunLogger) -> None:
         cfg, device = self.config, self.device
-        patch = per_layer(cfg.patch_sizes, k) if cfg.patch_sizes else net.receptive_field(k)
+        patch, positive = layer_patch(net, k, cfg, min(images.shape[-2:]))
         side = net.output_size(patch, k)
         if side < 1:
             raise ConfigError(f"{patch}x{patch} patches are smaller than block {k}'s receptive field "
@@ -281,15 +310,17 @@ class LayerwisePretrainer:
         prefix = k - 1 if greedy else 0
         set_trainable(net.blocks[:prefix], False)
         torch.manual_seed(cfg.seed * 1000 + k)  # before the head is drawn: a run resumed between layers draws the same
-        stage = _Stage(net.blocks[prefix:k], ProjectionHead(net.out_channels(k) * side * side, cfg.embed_dim,
-                                                             cfg.head_hidden).to(device))
+        pooled = min(side, HEAD_MAX_SIDE)
+        stage = _Stage(net.blocks[prefix:k], ProjectionHead(net.out_channels(k) * pooled * pooled, cfg.embed_dim,
+                                                             cfg.head_hidden).to(device),
+                       pooled if side > HEAD_MAX_SIDE else None)
         set_trainable(stage, True)
         optimizer = adamw(stage.parameters(), cfg.lr, cfg.weight_decay, device)
         steps = cfg.steps(len(images), k if greedy else 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup_fraction))
-        sampler = PatchSampler(patch, per_layer(cfg.positives, k), cfg.max_shift,
+        sampler = PatchSampler(patch, positive, cfg.max_shift,
                                seed=cfg.seed * 1000 + k, device=device, negative=cfg.negative)
-        augment = build_augmentation(cfg.augment, cfg.arch.in_channels).to(device)
+        augment = build_augmentation(cfg.augment, net.in_channels).to(device)
         first, final_loss = self._load_state(k, net, stage, optimizer, scheduler, sampler)
         model = nn.parallel.DistributedDataParallel(stage) if distributed.world_size() > 1 else stage
         views = 3 if self.loss_fn.uses_negatives else 2
@@ -321,7 +352,7 @@ class LayerwisePretrainer:
         if self._stop_signal is not None:
             raise Interrupted(f"stopped by signal {self._stop_signal} {where}; run the same command again to continue")
 
-    def _load_state(self, k: int, net: LayerwiseNet, stage: _Stage, optimizer: torch.optim.Optimizer,
+    def _load_state(self, k: int, net: BlockNet, stage: _Stage, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler) -> tuple[int, float]:
         """Restore the layer in progress from ``state.pt``; returns the step to continue from and
         the loss of the step before it (NaN when there is none)."""
@@ -339,7 +370,7 @@ class LayerwisePretrainer:
         restore_rng_state(state, self.device)
         return state["step"], state.get("loss", math.nan)
 
-    def _save_state(self, k: int, step: int, net: LayerwiseNet, stage: _Stage, optimizer: torch.optim.Optimizer,
+    def _save_state(self, k: int, step: int, net: BlockNet, stage: _Stage, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler, loss: float) -> None:
         if distributed.is_main_process():
             state = {
@@ -369,7 +400,7 @@ class LayerwisePretrainer:
         logger.log((k - 1) * 1_000_000 + step + 1, row, prefix=f"layer{k}/")
         bar.set_postfix(loss=f"{value:.4f}")
 
-    def _save_layer(self, net: LayerwiseNet, head: nn.Module, k: int, steps: int,
+    def _save_layer(self, net: BlockNet, head: nn.Module, k: int, steps: int,
                     seconds: float, loss: float) -> None:
         if distributed.is_main_process():
             save_backbone(self.out_dir / f"layer{k}.pt", net, self.config.mode, trained_blocks=k,
@@ -378,10 +409,10 @@ class LayerwisePretrainer:
             (self.out_dir / "state.pt").unlink(missing_ok=True)
         distributed.barrier()
 
-    def _save_filters(self, net: LayerwiseNet, logger: RunLogger) -> None:
+    def _save_filters(self, net: BlockNet, logger: RunLogger) -> None:
         from .visualize import filter_grid, save_filter_grid
 
-        weight = net.blocks[0].conv.weight
+        weight = net.first_conv().weight
         logger.image("filters/layer1", filter_grid(weight))
         how = "layer-wise" if self.config.mode == "greedy" else "end-to-end"
         save_filter_grid(weight, self.out_dir / "filters_layer1.png", f"block-1 filters ({how}, unsupervised)")
