@@ -10,7 +10,8 @@ from typing import Any
 __version__ = "0.1.0"
 _PUBLIC = {"load_backbone": "checkpoint", "ArchConfig": "model", "ConvBlock": "model",
            "LayerwiseNet": "model", "ProjectionHead": "heads", "Classifier": "heads",
-           "keep_freed_memory": "accel.memory"}
+           "keep_freed_memory": "accel.memory", "BlockNet": "blocks", "BackboneConfig": "backbones",
+           "TorchvisionBackbone": "backbones", "build_backbone": "backbones"}
 __all__ = sorted(_PUBLIC)
 
 

@@ -37,6 +37,8 @@ from .model import ArchConfig, LayerwiseNet
 TORCHVISION = ("resnet18", "resnet50", "vgg11_bn", "vgg16_bn", "mobilenet_v3_small")
 BACKBONES = ("lw", *TORCHVISION)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TORCHVISION_BLOCKS = 5  # every torchvision backbone here is cut into five blocks
+TORCHVISION_PREFIX = "torchvision:"  # an --init naming a torchvision network, e.g. torchvision:resnet18
 CIFAR_STEM_MAX_SIDE = 64  # a 3x3 stride-1 stem keeps the input's resolution: meant for small images
 _CLASSIFIER_KEYS = ("fc.", "classifier.")
 
@@ -60,6 +62,12 @@ class BackboneConfig:
             raise ConfigError(f"backbone.blocks must be >= 0 (0: all), got {self.blocks}")
         if self.name == "lw" and (self.cifar_stem or self.weights != "none"):
             raise ConfigError("--cifar-stem and --weights apply to torchvision backbones, not lw")
+        if self.blocks > TORCHVISION_BLOCKS:
+            raise ConfigError(f"{self.name} has {TORCHVISION_BLOCKS} blocks, not {self.blocks}: ask for fewer")
+
+    def num_blocks(self, arch: ArchConfig) -> int:
+        """How many blocks the backbone built from this config (and ``arch`` for ``lw``) has."""
+        return arch.num_blocks if self.name == "lw" else self.blocks or TORCHVISION_BLOCKS
 
 
 class TorchvisionBackbone(BlockNet):
@@ -72,8 +80,6 @@ class TorchvisionBackbone(BlockNet):
         if config.name not in TORCHVISION:
             raise ConfigError(f"{config.name!r} is not a torchvision backbone: choose one of {', '.join(TORCHVISION)}")
         stages = _stages(config.name, torchvision_model(config.name, config.weights), config.cifar_stem)
-        if config.blocks > len(stages):
-            raise ConfigError(f"{config.name} has {len(stages)} blocks, not {config.blocks}: ask for fewer")
         self.blocks = nn.Sequential(*stages[: config.blocks or None])
         self.config = dataclasses.replace(config, blocks=len(self.blocks))
         self.pretrained = config.weights.lower() != "none"

@@ -44,7 +44,7 @@ from .data import ImageData
 from .device import autocast, resolve_device
 from .errors import ConfigError
 from .heads import Classifier
-from .model import LayerwiseNet
+from .blocks import BlockNet
 from .runs import RunLogger
 from .transfer import (ParamGroup, TransferConfig, TransferResult, _batches, _on_device, classifier, nonbinary_groups,
                        nonbinary_penalty, optimizer_groups, random_crop_flip, transfer_backbone)
@@ -68,7 +68,7 @@ def seeded_stream(state: dict[str, torch.Tensor], device: torch.device) -> Itera
         restore_rng_state(saved, device)
 
 
-def _member(source: LayerwiseNet, config: TransferConfig, num_classes: int, image_size: int,
+def _member(source: BlockNet, config: TransferConfig, num_classes: int, image_size: int,
             device: torch.device) -> tuple[Classifier, dict[str, torch.Tensor]]:
     """The classifier a separate run of ``config`` starts from, and the RNG state it then has."""
     torch.manual_seed(config.seed)
@@ -89,7 +89,7 @@ def _check_members(models: Sequence[nn.Module], configs: Sequence[TransferConfig
         raise ConfigError("ensemble members must have the same architecture (their backbones differ)")
 
 
-def train_transfer_ensemble(sources: Sequence[LayerwiseNet], train: ImageData, test: ImageData,
+def train_transfer_ensemble(sources: Sequence[BlockNet], train: ImageData, test: ImageData,
                             configs: Sequence[TransferConfig], device: str = "auto",
                             loggers: Sequence[RunLogger | None] | None = None,
                             ) -> tuple[list[TransferResult], list[Classifier]]:
@@ -180,7 +180,7 @@ def train_transfer_ensemble(sources: Sequence[LayerwiseNet], train: ImageData, t
     return results, models
 
 
-def architecture(net: LayerwiseNet, layers: int) -> tuple:
+def architecture(net: BlockNet, layers: int) -> tuple:
     """What members of one ensemble must share: the names and shapes of blocks 1..``layers``."""
     return tuple((name, tuple(value.shape)) for name, value in net.prefix(layers).state_dict().items())
 
@@ -198,7 +198,7 @@ def run_study_ensembles(study: Study, records: list[dict], data: StudyData, size
         if mode in ENSEMBLE_MODES and (init, mode, k, seed) not in done:
             cells[mode, k].append((init, seed))
     for (mode, k), members in cells.items():
-        by_arch: dict[tuple, list[tuple[str, int, LayerwiseNet]]] = defaultdict(list)
+        by_arch: dict[tuple, list[tuple[str, int, BlockNet]]] = defaultdict(list)
         for init, seed in members:
             net = study._init(init, seed, data.source, data.source_test, data.target)
             by_arch[architecture(net, k)].append((init, seed, net))
@@ -208,7 +208,7 @@ def run_study_ensembles(study: Study, records: list[dict], data: StudyData, size
 
 
 def _study_ensemble(study: Study, records: list[dict], data: StudyData, mode: str, k: int,
-                    group: list[tuple[str, int, LayerwiseNet]]) -> None:
+                    group: list[tuple[str, int, BlockNet]]) -> None:
     """One ensemble of the study: train it, log each member in its run directory, add its records."""
     configs = [dataclasses.replace(study.config.transfer, mode=mode, layers=k, seed=seed) for _, seed, _ in group]
     with contextlib.ExitStack() as stack:

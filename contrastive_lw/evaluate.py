@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .model import LayerwiseNet
+from .blocks import BlockNet
 
 
-def pool_blocks(net: LayerwiseNet, images: torch.Tensor, blocks: Sequence[int], pool: int = 4) -> torch.Tensor:
+def pool_blocks(net: BlockNet, images: torch.Tensor, blocks: Sequence[int], pool: int = 4) -> torch.Tensor:
     """Features N x D of one batch (uint8, or float in [0, 1]): the output of each block in
     ``blocks`` (1-based, ascending) average-pooled to ``pool`` x ``pool`` (no larger than the map),
     flattened and concatenated. Differentiable; works for any network with ``normalize`` and ``blocks``."""
@@ -23,7 +23,7 @@ def pool_blocks(net: LayerwiseNet, images: torch.Tensor, blocks: Sequence[int], 
 
 
 @torch.no_grad()
-def block_features(net: LayerwiseNet, images: torch.Tensor, blocks: int | list[int], pool: int = 4,
+def block_features(net: BlockNet, images: torch.Tensor, blocks: int | list[int], pool: int = 4,
                    batch_size: int = 1024, progress: bool | None = False) -> torch.Tensor:
     """:func:`pool_blocks` of uint8 ``images`` (an int k in ``blocks`` means block k alone) as float32
     on the CPU. Runs in eval mode on the network's device, batch by batch (a tqdm bar when

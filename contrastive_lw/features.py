@@ -49,7 +49,7 @@ def check_images(images: torch.Tensor, channels: int, size: tuple[int, int] | No
 
 def in_channels(net: nn.Module) -> int:
     """Channels the backbone's first convolution takes."""
-    return next(m for m in net.modules() if isinstance(m, nn.Conv2d)).in_channels
+    return net.first_conv().in_channels
 
 
 def fingerprint(net: nn.Module) -> str:

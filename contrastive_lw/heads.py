@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .model import LayerwiseNet
+from .blocks import BlockNet
 
 
 class ProjectionHead(nn.Sequential):
@@ -47,12 +47,13 @@ class Classifier(nn.Module):
     before the ReLU, as :class:`~contrastive_lw.model.ConvBlock` does: the same map, the ReLU on a 4x smaller one.
 
     Example:
+        >>> from contrastive_lw.model import LayerwiseNet
         >>> clf = Classifier(LayerwiseNet().prefix(1), num_classes=10, new_widths=(512,), hidden=512)
         >>> clf(torch.rand(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
 
-    def __init__(self, backbone: LayerwiseNet, num_classes: int, new_widths: tuple[int, ...] = (512,),
+    def __init__(self, backbone: BlockNet, num_classes: int, new_widths: tuple[int, ...] = (512,),
                  hidden: int = 512, image_size: int = 32) -> None:
         super().__init__()
         self.backbone = backbone

@@ -20,7 +20,7 @@ from .config import from_dict, to_dict
 from .data import ImageData, load_dataset
 from .errors import ConfigError
 from .evaluate import block_features, knn_accuracy
-from .model import LayerwiseNet
+from .blocks import BlockNet
 from .pretrain import LayerwisePretrainer, PretrainConfig
 from .runs import RunLogger
 from .supervised import train_supervised
@@ -69,9 +69,9 @@ class StudyConfig:
         if bad or not (self.inits and self.modes and self.layers and self.seeds):
             raise ConfigError(f"study needs inits among {list(INITS)}, modes among {list(STUDY_MODES)}, "
                               f"layers and seeds; got {bad or 'an empty list'}")
-        if max(self.layers) > self.pretrain.arch.num_blocks or min(self.layers) < 1:
-            raise ConfigError(f"layers {list(self.layers)} must lie in 1..{self.pretrain.arch.num_blocks} "
-                              "(the pretrained blocks)")
+        blocks = self.pretrain.backbone.num_blocks(self.pretrain.arch)
+        if max(self.layers) > blocks or min(self.layers) < 1:
+            raise ConfigError(f"layers {list(self.layers)} must lie in 1..{blocks} (the pretrained blocks)")
 
     @classmethod
     def from_dict(cls, values: dict) -> StudyConfig:
@@ -135,16 +135,16 @@ class Study:
         return records
 
     def _init(self, init: str, seed: int, source: ImageData, source_test: ImageData,
-              target: ImageData) -> LayerwiseNet:
+              target: ImageData) -> BlockNet:
         """The network ``init`` starts from for ``seed``, trained once and kept on disk."""
         cfg, run_dir = self.config, self.out_dir / f"seed{seed}" / init
         if init == "random":
             torch.manual_seed(seed)
-            return load_init("random", target.images, cfg.pretrain.arch)[1]
+            return load_init("random", target.images, cfg.pretrain.arch, cfg.pretrain.backbone)[1]
         if not any(run_dir.glob("layer*.pt")):
             if init == "supervised":
                 train_supervised(source, source_test, cfg.pretrain.arch, dataclasses.replace(cfg.supervised, seed=seed),
-                                 run_dir, self.device)
+                                 run_dir, self.device, backbone=cfg.pretrain.backbone)
             else:
                 mode = "greedy" if init == "layerwise" else "end2end"
                 pretrain = dataclasses.replace(cfg.pretrain, mode=mode, seed=seed)
@@ -161,20 +161,23 @@ class Study:
 
     def setup_text(self) -> str:
         cfg, setup = self.config, self.setup
-        widths = ", ".join(map(str, cfg.pretrain.arch.widths))
-        steps = [cfg.pretrain.steps(setup["source_train"], k) for k in range(1, cfg.pretrain.arch.num_blocks + 1)]
+        backbone, blocks = cfg.pretrain.backbone, cfg.pretrain.backbone.num_blocks(cfg.pretrain.arch)
+        shape = (f"Block widths {', '.join(map(str, cfg.pretrain.arch.widths))}" if backbone.name == "lw" else
+                 f"Backbone {backbone.name}{' (CIFAR stem)' if backbone.cifar_stem else ''}, weights "
+                 f"{backbone.weights}, {blocks} blocks")
+        steps = [cfg.pretrain.steps(setup["source_train"], k) for k in range(1, blocks + 1)]
         steps_text = str(steps[0]) if len(set(steps)) == 1 else " / ".join(map(str, steps))
         return (f"source (pretraining, supervised baseline): `{cfg.source.dataset}` classes {cfg.source.classes or 'all'}, "
                 f"{setup['source_train']} train images; target: `{cfg.target.dataset}` classes "
                 f"{cfg.target.classes or 'all'} ({', '.join(setup['classes'])}), {setup['target_train']} train / "
-                f"{setup['target_test']} test images. Block widths {widths}; pretraining "
+                f"{setup['target_test']} test images. {shape}; pretraining "
                 f"{cfg.pretrain.loss.name} loss, {steps_text} steps per layer of "
                 f"batch {cfg.pretrain.batch_size}; supervised baseline {cfg.supervised.epochs} epochs; transfer "
                 f"{cfg.transfer.epochs} epochs, Adam lr {cfg.transfer.lr}, new blocks {list(cfg.transfer.new_widths)}, "
                 f"fc {cfg.transfer.hidden}; seeds {list(cfg.seeds)}.")
 
 
-def knn_result(net: LayerwiseNet, k: int, target: ImageData, target_test: ImageData, pool: int) -> TransferResult:
+def knn_result(net: BlockNet, k: int, target: ImageData, target_test: ImageData, pool: int) -> TransferResult:
     """kNN accuracy (lightly's ``knn_predict``) of block ``k``'s pooled features, as a record."""
     start = time.perf_counter()
     accuracy = knn_accuracy(block_features(net, target.images, k, pool), target.labels,

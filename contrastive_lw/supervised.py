@@ -9,22 +9,25 @@ import torch
 from .checkpoint import save_backbone
 from .config import to_dict
 from .data import ImageData
-from .model import ArchConfig, LayerwiseNet
+from .backbones import BackboneConfig, build_backbone
+from .model import ArchConfig
 from .runs import RunLogger
 from .transfer import TransferConfig, TransferResult, train_transfer
 
 
 def train_supervised(train: ImageData, test: ImageData, arch: ArchConfig, config: TransferConfig,
-                     out_dir: str | Path, device: str = "auto", tensorboard: bool = True) -> TransferResult:
-    """Train every block of a fresh ``LayerwiseNet(arch)`` plus a classifier head on labelled
-    ``train`` (CIFAR-100, or the source classes of the class-split protocol) and save its blocks
-    as ``out_dir/layerK.pt`` (mode ``supervised``): the "supervised" initialisation for transfer."""
+                     out_dir: str | Path, device: str = "auto", tensorboard: bool = True,
+                     backbone: BackboneConfig | None = None) -> TransferResult:
+    """Train every block of a fresh backbone (``backbone``, by default the ``lw`` net of ``arch``)
+    plus a classifier head on labelled ``train`` (CIFAR-100, or the source classes of the
+    class-split protocol) and save its blocks as ``out_dir/layerK.pt`` (mode ``supervised``): the
+    "supervised" initialisation for transfer."""
     torch.manual_seed(config.seed)
-    net = LayerwiseNet(arch)
+    net = build_backbone(backbone, arch)
     net.set_normalization(train.images)
-    config = dataclasses.replace(config, mode="finetune", layers=arch.num_blocks)
+    config = dataclasses.replace(config, mode="finetune", layers=net.num_blocks)
     with RunLogger(out_dir, tensorboard) as logger:
         result, model = train_transfer(net, train, test, config, device, logger)
-    save_backbone(Path(out_dir) / f"layer{arch.num_blocks}.pt", model.backbone, "supervised",
+    save_backbone(Path(out_dir) / f"layer{net.num_blocks}.pt", model.backbone, "supervised",
                   config=to_dict(config), metrics=dataclasses.asdict(result))
     return result

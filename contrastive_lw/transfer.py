@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
+from .backbones import TORCHVISION, TORCHVISION_PREFIX, BackboneConfig, build_backbone
+from .blocks import BlockNet
 from .checkpoint import (BACKBONE, deepest_layer, load_backbone, load_checkpoint, restore_rng_state, rng_state,
                          save_checkpoint)
 from .config import from_dict, to_dict
@@ -21,7 +24,7 @@ from .device import autocast, resolve_device
 from .errors import CheckpointError, ConfigError
 from .evaluate import block_features, fit_linear_svm, standardize
 from .heads import Classifier
-from .model import ArchConfig, LayerwiseNet, reset_parameters, set_trainable
+from .model import ArchConfig, reset_parameters, set_trainable
 from .patches import PatchIndex, crop
 from .runs import RunLogger
 
@@ -99,7 +102,7 @@ class TransferResult:
     seconds: float
 
 
-def transfer_backbone(source: LayerwiseNet, layers: int, reinit: int = 0) -> LayerwiseNet:
+def transfer_backbone(source: BlockNet, layers: int, reinit: int = 0) -> BlockNet:
     """A trainable copy of the first ``layers`` blocks of ``source`` followed by its next ``reinit``
     blocks with freshly drawn weights (from the global RNG)."""
     if not 1 <= layers <= source.num_blocks:
@@ -113,7 +116,7 @@ def transfer_backbone(source: LayerwiseNet, layers: int, reinit: int = 0) -> Lay
     return backbone
 
 
-def classifier(backbone: LayerwiseNet, num_classes: int, config: TransferConfig, image_size: int) -> Classifier:
+def classifier(backbone: BlockNet, num_classes: int, config: TransferConfig, image_size: int) -> Classifier:
     """The transfer classifier of ``config`` on ``backbone`` (its transferred blocks frozen in
     frozen mode; re-initialised blocks always train)."""
     model = Classifier(backbone, num_classes, config.new_widths, config.hidden, image_size)
@@ -130,7 +133,7 @@ def optimizer_groups(param_groups: dict[str, ParamGroup], config: TransferConfig
             for name, g in param_groups.items() if any(p.requires_grad for p in g.params)]
 
 
-def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, config: TransferConfig,
+def train_transfer(source: BlockNet, train: ImageData, test: ImageData, config: TransferConfig,
                    device: str = "auto", logger: RunLogger | None = None,
                    state_path: str | Path | None = None) -> tuple[TransferResult, nn.Module]:
     """Train a classifier on ``train`` from the first ``config.layers`` blocks of ``source``;
@@ -182,7 +185,7 @@ def train_transfer(source: LayerwiseNet, train: ImageData, test: ImageData, conf
     return _fit(model, optimizer, train_epoch, evaluate, config, logger, state_path), model
 
 
-def _train_linear(backbone: LayerwiseNet, train: ImageData, test: ImageData, num_classes: int,
+def _train_linear(backbone: BlockNet, train: ImageData, test: ImageData, num_classes: int,
                   config: TransferConfig, device: torch.device, logger: RunLogger | None,
                   state_path: str | Path | None) -> tuple[TransferResult, nn.Module]:
     """Linear classifier on cached, standardised, pooled block features (Head2Toe: selected ones)."""
@@ -281,20 +284,28 @@ def random_crop_flip(images: torch.Tensor, padding: int = 4) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
 
 
-def load_init(init: str | Path, target_images: torch.Tensor,
-              arch: ArchConfig | None = None) -> tuple[str, LayerwiseNet]:
-    """The starting network for ``init``: ``random`` (an ``arch`` network normalised on
-    ``target_images``) or a run directory / checkpoint (layer-wise, end-to-end or supervised).
-    Returns (name, network)."""
+def load_init(init: str | Path, target_images: torch.Tensor, arch: ArchConfig | None = None,
+              backbone: BackboneConfig | None = None) -> tuple[str, BlockNet]:
+    """The starting network for ``init``: ``random`` (the ``backbone`` / ``arch`` network, drawn from
+    the global RNG), ``torchvision:NAME`` (that torchvision network with ``backbone``'s stem and
+    weights), or a run directory / checkpoint (layer-wise, end-to-end or supervised). A network
+    without trained normalisation is normalised on ``target_images``. Returns (name, network)."""
+    backbone = backbone or BackboneConfig()
     if str(init) == "random":
-        net = LayerwiseNet(arch or ArchConfig())
-        net.set_normalization(target_images)
-        return "random", net
-    path = Path(init)
-    if path.is_dir() and (deepest := deepest_layer(path)) is not None:
-        path = deepest
-    mode = load_checkpoint(path, BACKBONE).get("mode", "greedy")
-    return {"greedy": "layerwise"}.get(mode, mode), load_backbone(path)
+        net = build_backbone(backbone, arch)
+    elif str(init).startswith(TORCHVISION_PREFIX):
+        name = str(init)[len(TORCHVISION_PREFIX):]
+        if name not in TORCHVISION:
+            raise ConfigError(f"--init {init}: choose one of {', '.join(TORCHVISION_PREFIX + n for n in TORCHVISION)}")
+        net = build_backbone(dataclasses.replace(backbone, name=name, blocks=0))
+    else:
+        path = Path(init)
+        if path.is_dir() and (deepest := deepest_layer(path)) is not None:
+            path = deepest
+        mode = load_checkpoint(path, BACKBONE).get("mode", "greedy")
+        return {"greedy": "layerwise"}.get(mode, mode), load_backbone(path)
+    net.set_normalization(target_images)
+    return str(init), net
 
 
 @dataclass

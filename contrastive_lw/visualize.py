@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .model import LayerwiseNet
+from .blocks import BlockNet
 
 
 def filter_grid(weight: torch.Tensor, padding: int = 1) -> torch.Tensor:
@@ -66,7 +66,7 @@ def ascend(objective: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[in
     return logits.detach().sigmoid()[..., jitter: jitter + side, jitter: jitter + side]
 
 
-def maximize_activation(net: LayerwiseNet, k: int, units: int = 64, steps: int = 150, lr: float = 0.1,
+def maximize_activation(net: BlockNet, k: int, units: int = 64, steps: int = 150, lr: float = 0.1,
                         decay: float = 0.5, tv: float = 0.05, jitter: int = 0, seed: int = 0) -> torch.Tensor:
     """For each of the first ``units`` channels of block ``k``, the input patch (receptive-field
     size, RGB in [0, 1]) that maximises that channel's mean pre-ReLU response, found by
@@ -76,6 +76,7 @@ def maximize_activation(net: LayerwiseNet, k: int, units: int = 64, steps: int =
     Returns units x C x P x P.
 
     Example:
+        >>> from contrastive_lw.model import LayerwiseNet
         >>> maximize_activation(LayerwiseNet(), k=2, units=4, steps=5).shape
         torch.Size([4, 3, 13, 13])
     """
@@ -87,7 +88,7 @@ def maximize_activation(net: LayerwiseNet, k: int, units: int = 64, steps: int =
     def response(patch: torch.Tensor) -> torch.Tensor:
         features = net(patch, k - 1) if k > 1 else net.normalize(patch)
         return net.blocks[k - 1].pre_activation(features)[channel, channel].mean(dim=(1, 2))
-    patches = ascend(response, (units, net.arch.in_channels, size, size), steps, lr, decay, tv, jitter, seed)
+    patches = ascend(response, (units, net.in_channels, size, size), steps, lr, decay, tv, jitter, seed)
     net.train(was_training)
     return patches
 
@@ -101,6 +102,7 @@ def class_images(model: nn.Module, classes: Sequence[int], size: int = 32, chann
 
     Example:
         >>> from contrastive_lw.heads import Classifier
+        >>> from contrastive_lw.model import LayerwiseNet
         >>> clf = Classifier(LayerwiseNet().prefix(1), num_classes=10, new_widths=(8,), hidden=0)
         >>> class_images(clf, [3, 5], steps=2).shape
         torch.Size([2, 3, 32, 32])

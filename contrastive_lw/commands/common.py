@@ -65,6 +65,32 @@ def data_settings(args: argparse.Namespace, saved: dict[str, Any] | None, defaul
     return values
 
 
+BACKBONE_HELP = ("lw (default: the project's conv net, shaped by --widths), resnet18, resnet50, vgg11_bn, "
+                 "vgg16_bn or mobilenet_v3_small (torchvision)")
+
+
+def add_backbone_choice(parser: argparse.ArgumentParser | argparse._ArgumentGroup, backbone: bool = True) -> None:
+    """--backbone (unless ``backbone`` is False), --cifar-stem, --weights: which network, how built."""
+    if backbone:
+        parser.add_argument("--backbone", help=BACKBONE_HELP)
+    parser.add_argument("--cifar-stem", action="store_true", default=None,
+                        help="torchvision nets: a 3x3 stride-1 stem for 32x32 images instead of ImageNet's")
+    parser.add_argument("--weights", help="torchvision nets: none (default), DEFAULT, a weights name such as "
+                                          "IMAGENET1K_V1 (from the torch hub cache, $TORCH_HOME) or a state-dict file")
+
+
+def backbone_settings(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``backbone`` config section: saved values with the flags that were given on top; an
+    ``--init torchvision:NAME`` names the network."""
+    values = dict(saved or {})
+    init = str(getattr(args, "init", "") or "")
+    if init.startswith("torchvision:"):
+        values["name"] = init.split(":", 1)[1]
+    flags = {"name": getattr(args, "backbone", None), "cifar_stem": args.cifar_stem, "weights": args.weights}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return values
+
+
 def parse_int_list(text: str) -> list[int]:
     """``"64,128"`` -> [64, 128]."""
     try:
@@ -78,10 +104,12 @@ def parse_str_list(text: str) -> list[str]:
 
 
 def add_backbone_arguments(parser: argparse.ArgumentParser, layers_default: str | None = "1") -> None:
-    """--init, --layers, --pool, --split, --batch-size, --device, --no-progress: the features of
-    blocks of a backbone over one split of a dataset."""
+    """--init (with --backbone, --cifar-stem, --weights), --layers, --pool, --split, --batch-size,
+    --device, --no-progress: the features of blocks of a backbone over one split of a dataset."""
     parser.add_argument("--init", required=True,
-                        help="run directory or layerK.pt (layer-wise, end-to-end or supervised), or 'random'")
+                        help="run directory or layerK.pt (layer-wise, end-to-end or supervised), 'random' "
+                             "(the --backbone net) or torchvision:NAME")
+    add_backbone_choice(parser)
     parser.add_argument("--layers", type=parse_int_list, default=layers_default,
                         help=f"blocks whose pooled outputs are concatenated, e.g. 1,2 (default {layers_default})")
     parser.add_argument("--pool", type=int, default=4, help="pool each block's map to this side (default 4)")
@@ -94,6 +122,8 @@ def add_backbone_arguments(parser: argparse.ArgumentParser, layers_default: str 
 def load_split_and_backbone(args: argparse.Namespace, data: dict[str, Any]):
     """(the ``args.split`` images of ``data``, the ``args.init`` backbone on ``args.device`` (a
     'random' one drawn with seed 0), the checked layers)."""
+    from ..backbones import BackboneConfig
+    from ..config import from_dict
     from ..data import load_dataset
     from ..device import resolve_device
     from ..errors import ConfigError
@@ -107,5 +137,6 @@ def load_split_and_backbone(args: argparse.Namespace, data: dict[str, Any]):
     import torch
 
     torch.manual_seed(0)  # a 'random' init is the same network every time
-    net = load_init(args.init, images.images)[1].to(resolve_device(args.device))
+    backbone = from_dict(BackboneConfig, backbone_settings(args), "backbone")
+    net = load_init(args.init, images.images, backbone=backbone)[1].to(resolve_device(args.device))
     return images, net, check_layers(net, args.layers)

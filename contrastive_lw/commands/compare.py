@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_config_arguments, file_config
+from .common import add_backbone_choice, add_config_arguments, file_config
 
 HELP = "run the transfer study (inits x modes x layers x seeds) and write results.json, report.md, figures/"
 
@@ -15,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=None, help="overrides data_root of the config")
     parser.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
     parser.add_argument("--no-pool1", action="store_true", help="block 1 without max-pool (pooling ablation)")
+    add_backbone_choice(parser.add_argument_group("backbone (overrides pretrain.backbone of the config; a "
+                                                  "torchvision net is built up to the deepest of the study's layers)"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--force", action="store_true", help="continue in --out even if its config differs")
     parser.add_argument("--no-progress", action="store_true")
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     config = StudyConfig.from_dict(file_config(args, default=DEFAULT_STUDY))
     if args.data_root:
         config = dataclasses.replace(config, data_root=args.data_root)
+    config = with_backbone(config, args)
     if args.no_pool1:
         arch = config.pretrain.arch
         arch = dataclasses.replace(arch, pools=(1, *(arch.pools[1:] or arch.pools)))
@@ -52,3 +55,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"{init:>10} {mode:>8} k={k}: {100 * mean:5.1f} ± {100 * std:.1f} % ({n} seeds)")
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+def with_backbone(config, args: argparse.Namespace):
+    """``config`` with the --backbone / --cifar-stem / --weights flags applied to its pretraining
+    section; a torchvision net gets as many blocks as the study transfers."""
+    import dataclasses
+
+    from ..backbones import BackboneConfig
+    from ..config import from_dict, to_dict
+    from .common import backbone_settings
+
+    values = backbone_settings(args, to_dict(config.pretrain.backbone))
+    if values.get("name", "lw") != "lw" and not values.get("blocks"):
+        values["blocks"] = max(config.layers)
+    backbone = from_dict(BackboneConfig, values, "backbone")
+    return dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, backbone=backbone))

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_data_arguments, add_run_arguments, data_settings, file_config, parse_int_list, parse_str_list
+from .common import (add_backbone_choice, add_data_arguments, add_run_arguments, backbone_settings, data_settings,
+                     file_config, parse_int_list, parse_str_list)
 
 HELP = "pretrain conv blocks without labels, one layer at a time (or end-to-end)"
 
@@ -13,8 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
     add_run_arguments(parser, "run directory; re-running into it resumes after its last finished layer")
     group = parser.add_argument_group("training (flags override --config)")
-    group.add_argument("--layers", type=int, help="number of blocks to pretrain (default: all of --widths)")
-    group.add_argument("--widths", type=parse_int_list, help="filters per block, e.g. 64,128,256")
+    add_backbone_choice(group)
+    group.add_argument("--layers", type=int,
+                       help="number of blocks to pretrain (default: all of --widths; a torchvision net's five)")
+    group.add_argument("--widths", type=parse_int_list, help="lw: filters per block, e.g. 64,128,256")
     group.add_argument("--mode", choices=("greedy", "end2end"), help="layer by layer (default) or all at once")
     group.add_argument("--epochs-per-layer", type=float,
                        help="every layer's length in epochs (default: blocks 1-2 one epoch, deeper blocks 100 steps)")
@@ -45,6 +48,7 @@ def pretrain_settings(args: argparse.Namespace, saved: dict[str, Any] | None) ->
     from ..model import ArchConfig
 
     values = dict(saved or {})
+    backbone = backbone_settings(args, values.get("backbone"))
     arch = {**to_dict(ArchConfig()), **values.get("arch", {})}
     loss, augment = dict(values.get("loss", {})), dict(values.get("augment", {}))
     flags = {"mode": args.mode, "epochs_per_layer": args.epochs_per_layer, "steps_per_layer": args.steps_per_layer,
@@ -58,7 +62,9 @@ def pretrain_settings(args: argparse.Namespace, saved: dict[str, Any] | None) ->
                                    "distance": args.distance}.items() if v is not None})
     if args.widths:
         arch["widths"] = args.widths
-    if args.layers is not None:
+    if args.layers is not None and backbone.get("name", "lw") != "lw":
+        backbone["blocks"] = args.layers
+    elif args.layers is not None:
         if not 1 <= args.layers <= len(arch["widths"]):
             raise ConfigError(f"--layers must be between 1 and {len(arch['widths'])} (the number of "
                               "--widths); pass more --widths for a deeper network")
@@ -68,7 +74,7 @@ def pretrain_settings(args: argparse.Namespace, saved: dict[str, Any] | None) ->
         arch["pools"] = [1, *(pools[1:] or pools)]
     if args.no_augment:
         augment["enabled"] = False
-    return {**values, "arch": arch, "loss": loss, "augment": augment}
+    return {**values, "arch": arch, "backbone": backbone, "loss": loss, "augment": augment}
 
 
 def run(args: argparse.Namespace) -> int:

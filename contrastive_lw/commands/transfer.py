@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_data_arguments, add_run_arguments, data_settings, file_config
+from .common import add_backbone_choice, add_data_arguments, add_run_arguments, backbone_settings, data_settings, file_config
 
 HELP = "transfer the first k pretrained blocks into a classifier (frozen, finetune, linear, head2toe or svm)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", required=True,
-                        help="run directory or layerK.pt (layer-wise, end-to-end or supervised), or 'random'")
+                        help="run directory or layerK.pt (layer-wise, end-to-end or supervised), 'random' "
+                             "(the --backbone net) or torchvision:NAME (with --weights)")
+    add_backbone_choice(parser.add_argument_group("backbone of a 'random' or torchvision:NAME init"))
     add_data_arguments(parser, default="cifar10")
     add_run_arguments(parser, "output directory: config.yaml, metrics.jsonl, tb/, results.json")
     group = parser.add_argument_group("transfer (flags override --config)")
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..config import to_dict
+    from ..backbones import BackboneConfig
+    from ..config import from_dict, to_dict
     from ..data import load_dataset
     from ..distributed import is_main_process
     from ..errors import ConfigError
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ..advise import read_advice
     from ..transfer import TransferConfig, load_init, train_transfer
 
-    settings = file_config(args, {"data", "transfer"})
+    settings = file_config(args, {"data", "transfer", "backbone"})
     data = data_settings(args, settings.get("data"), default="cifar10")
     flags = {"layers": args.layers, "mode": args.mode, "epochs": args.epochs, "batch_size": args.batch_size,
              "lr": args.lr, "layer_lr_ratio": args.layer_lr_ratio, "l2sp": args.l2sp, "pool": args.pool,
@@ -59,8 +62,10 @@ def run(args: argparse.Namespace) -> int:
     if train.labels is None or test.labels is None:
         raise ConfigError(f"transfer needs labelled data; {data['dataset']} has no labels")
     torch.manual_seed(config.seed)  # a random init is the same on every rank and every run
-    init, net = load_init(args.init, train.images)
-    out = prepare_run_dir(args.out, {"init": str(args.init), "data": data, "transfer": to_dict(config)}, args.force)
+    backbone = from_dict(BackboneConfig, backbone_settings(args, settings.get("backbone")), "backbone")
+    init, net = load_init(args.init, train.images, backbone=backbone)
+    out = prepare_run_dir(args.out, {"init": str(args.init), "backbone": to_dict(backbone), "data": data,
+                                     "transfer": to_dict(config)}, args.force)
     with RunLogger(out) as logger:
         result, _ = train_transfer(net, train, test, config, args.device, logger, out / "state.pt")
     record = {"init": init, "mode": config.mode, "layers": config.layers, "seed": config.seed,
