@@ -30,7 +30,15 @@ from .errors import ConfigError
 @dataclass(frozen=True)
 class Head2ToeConfig:
     """Head2Toe's settings; the defaults are the paper's (T = 8192, lambda = 1e-4, F = 0.1) and the
-    official code's learning config (Adam, lr 0.1 with cosine decay, 500 steps)."""
+    official code's learning config (Adam, lr 0.1 with cosine decay, 500 steps).
+
+    * ``target_size`` (T): about how many values each layer's pooled map keeps (:func:`pool_size`);
+    * ``group_lasso`` (lambda): strength of ``sum_i ||W[:, i]||_2`` in the selection fit;
+    * ``keep_fraction`` (F): the fraction of all layers' features kept, ``int(F * D)``;
+    * ``units``: read every residual unit inside the blocks too (:func:`layer_extractor`);
+    * ``lr``, ``steps``: Adam's initial learning rate and the number of batches of each fit.
+    Memory: the features of every training image, N x D float32 on the CPU (D ~ T x layers).
+    """
 
     target_size: int = 8192
     group_lasso: float = 1e-4

@@ -49,6 +49,8 @@ class TransferConfig:
       every transferred block's (and residual unit's) features pooled to about
       ``head2toe.target_size`` values and L2-normalised per layer, the ``head2toe.keep_fraction``
       chosen by a group-lasso fit (``head2toe.group_lasso``), a fresh linear head retrained on them;
+      both fits run ``head2toe.steps`` batches at ``head2toe.lr`` (cosine decay), the retrain
+      evaluated ``epochs`` times along the way; its wall time includes the features and the selection;
     * ``svm``: a linear SVM (scikit-learn ``LinearSVC``) on the ``linear`` mode's features, its C
       chosen on a validation split of the training set (:func:`~contrastive_lw.evaluate.fit_linear_svm`).
     Training: Adam, batches of random pad-4 crops + horizontal flips (``augment``).
@@ -222,7 +224,7 @@ def _train_head2toe(backbone: LayerwiseNet, train: ImageData, test: ImageData, n
     them for ``head2toe.steps`` batches, evaluated ``epochs`` times along the way."""
     from .head2toe import batch_order, layer_features, linear_head, select_features, train_steps
 
-    h2t = config.head2toe
+    start, h2t = time.perf_counter(), config.head2toe
     train_x, sizes = layer_features(backbone, train.images, h2t.target_size, h2t.units)
     train_y, test_y = train.labels.to(device), test.labels.to(device)
     selection = select_features(train_x.to(device), train_y, sizes, h2t, config.batch_size, config.seed)
@@ -233,6 +235,7 @@ def _train_head2toe(backbone: LayerwiseNet, train: ImageData, test: ImageData, n
     optimizer = torch.optim.Adam(linear.parameters(), lr=h2t.lr)
     order = batch_order(len(train_x), config.batch_size, h2t.steps, generator)
     chunks = torch.arange(h2t.steps).tensor_split(config.epochs)
+    prepared = time.perf_counter() - start
 
     def evaluate() -> float:
         with torch.no_grad():
@@ -241,7 +244,7 @@ def _train_head2toe(backbone: LayerwiseNet, train: ImageData, test: ImageData, n
                                                                chunks[epoch], h2t.lr),
                   evaluate, config, logger, state_path)
     kept = {name: [count, sizes[name]] for name, count in selection.counts().items()}
-    return dataclasses.replace(result, head2toe_kept=kept), linear
+    return dataclasses.replace(result, seconds=result.seconds + prepared, head2toe_kept=kept), linear
 
 
 def _svm_result(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
