@@ -13,8 +13,8 @@ from torch import nn
 
 from .data import ImageData
 from .errors import ConfigError, DataError
-from .evaluate import block_features, knn_accuracy, linear_probe_accuracy, standardize
-from .head2toe import select_features
+from .evaluate import block_features, knn_accuracy, linear_probe_accuracy
+from .head2toe import Head2ToeConfig, normalize_layers, select_features
 from .model import reset_parameters
 
 
@@ -82,11 +82,12 @@ def head2toe_shares(blocks: list[torch.Tensor], labels: torch.Tensor, keep: floa
     """Per block, the fraction of its feature columns that Head2Toe's group-lasso selection keeps
     when it chooses ``keep`` of the columns of all ``blocks`` together (Evci et al., 2022,
     "Head2Toe: Utilizing Intermediate Representations for Better Transfer Learning";
-    :func:`contrastive_lw.head2toe.select_features`). A block above ``keep`` is favoured."""
-    x, = standardize(torch.cat(blocks, dim=1))
-    kept = torch.zeros(x.shape[1], dtype=torch.bool)
-    kept[select_features(x, labels, keep)] = True
-    return [float(part.float().mean()) for part in kept.split([b.shape[1] for b in blocks])]
+    :func:`contrastive_lw.head2toe.select_features`, each block's features L2-normalised as
+    Head2Toe's are). A block above ``keep`` is favoured."""
+    sizes = {str(k): block.shape[1] for k, block in enumerate(blocks)}
+    x = normalize_layers(torch.cat(blocks, dim=1), sizes.values())
+    counts = select_features(x, labels, sizes, Head2ToeConfig(keep_fraction=keep)).counts()
+    return [count / size for count, size in zip(counts.values(), sizes.values())]
 
 
 def random_like(net: nn.Module, seed: int = 0) -> nn.Module:

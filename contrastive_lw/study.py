@@ -219,9 +219,10 @@ def write_report(out_dir: str | Path, records: list[dict], setup: str = "") -> P
 
 def write_figures(out_dir: Path, records: list[dict]) -> list[Path]:
     """Filter grids and the deepest shared block's units (unsupervised vs supervised, activation
-    maximisation), fine-tuning curves, the bar chart of the grid."""
+    maximisation), fine-tuning curves, the bar chart of the grid, the features Head2Toe kept per layer
+    (the deepest head2toe cells of the first seed, one series per init)."""
     from .checkpoint import load_backbone
-    from .visualize import maximize_activation, save_bar_chart, save_curves, save_filter_grids
+    from .visualize import maximize_activation, save_bar_chart, save_curves, save_filter_grids, save_kept_features
 
     figures = out_dir / "figures"
     written = []
@@ -250,4 +251,10 @@ def write_figures(out_dir: Path, records: list[dict]) -> list[Path]:
         groups[f"{mode}, {k} layer{'s' * (k > 1)}"][init] = (mean, std)
     if groups:
         written.append(save_bar_chart(groups, figures / "comparison.png", "target test accuracy by init, mode, depth"))
+    head2toe = [r for r in records if r["mode"] == "head2toe" and r.get("head2toe_kept") and r["seed"] == seed]
+    if head2toe:
+        k = max(r["layers"] for r in head2toe)
+        kept = {f"{r['init']} init": r["head2toe_kept"] for r in head2toe if r["layers"] == k}
+        written.append(save_kept_features(kept, figures / "head2toe_kept.png",
+                                          f"Head2Toe on {k} block(s): features kept per layer (seed {seed})"))
     return written

@@ -23,6 +23,7 @@ from .cudagraph import GraphedStep
 from .device import autocast, resolve_device
 from .errors import CheckpointError, ConfigError
 from .evaluate import block_features, fit_linear_svm, standardize
+from .head2toe import Head2ToeConfig
 from .heads import Classifier
 from .model import ArchConfig, reset_parameters, set_trainable
 from .patches import PatchIndex, crop
@@ -46,8 +47,12 @@ class TransferConfig:
     * ``linear``: a linear classifier on the transferred blocks' features average-pooled to
       ``pool`` x ``pool`` (of every transferred block, concatenated, when ``all_blocks``), which are
       computed once and cached;
-    * ``head2toe``: the same on every transferred block, after a group-lasso probe keeps the
-      ``keep`` fraction of feature columns (:mod:`contrastive_lw.head2toe`);
+    * ``head2toe``: Head2Toe as published (:mod:`contrastive_lw.head2toe`, settings ``head2toe``):
+      every transferred block's (and residual unit's) features pooled to about
+      ``head2toe.target_size`` values and L2-normalised per layer, the ``head2toe.keep_fraction``
+      chosen by a group-lasso fit (``head2toe.group_lasso``), a fresh linear head retrained on them;
+      both fits run ``head2toe.steps`` batches at ``head2toe.lr`` (cosine decay), the retrain
+      evaluated ``epochs`` times along the way; its wall time includes the features and the selection;
     * ``svm``: a linear SVM (scikit-learn ``LinearSVC``) on the ``linear`` mode's features, its C
       chosen on a validation split of the training set (:func:`~contrastive_lw.evaluate.fit_linear_svm`).
     Training: Adam, batches of random pad-4 crops + horizontal flips (``augment``).
@@ -68,7 +73,7 @@ class TransferConfig:
     hidden: int = 512
     pool: int = 4
     all_blocks: bool = True
-    keep: float = 0.25
+    head2toe: Head2ToeConfig = Head2ToeConfig()
     augment: bool = True
     seed: int = 0
 
@@ -78,8 +83,6 @@ class TransferConfig:
         for name in ("layers", "epochs", "batch_size", "pool"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"transfer.{name} must be a positive integer, got {getattr(self, name)}")
-        if not 0 < self.keep <= 1:
-            raise ConfigError(f"transfer.keep must be a fraction in (0, 1], got {self.keep}")
         if self.lr <= 0 or min(self.layer_lr_ratio, self.l2sp, self.weight_decay, self.reinit,
                                 self.reinit_lr_ratio, self.l2) < 0:
             raise ConfigError("transfer.lr must be > 0; layer_lr_ratio, l2sp, weight_decay, reinit, "
@@ -94,12 +97,14 @@ class TransferConfig:
 
 @dataclass
 class TransferResult:
-    """Test accuracy after the last epoch, the per-epoch test curve, its best epoch, wall time."""
+    """Test accuracy after the last epoch, the per-epoch test curve, its best epoch, wall time;
+    Head2Toe: each layer's name -> [features kept, features it has]."""
 
     test_acc: float
     curve: list[float]
     best_epoch: int
     seconds: float
+    head2toe_kept: dict[str, list[int]] | None = None
 
 
 def transfer_backbone(source: BlockNet, layers: int, reinit: int = 0) -> BlockNet:
@@ -188,20 +193,16 @@ def train_transfer(source: BlockNet, train: ImageData, test: ImageData, config: 
 def _train_linear(backbone: BlockNet, train: ImageData, test: ImageData, num_classes: int,
                   config: TransferConfig, device: torch.device, logger: RunLogger | None,
                   state_path: str | Path | None) -> tuple[TransferResult, nn.Module]:
-    """Linear classifier on cached, standardised, pooled block features (Head2Toe: selected ones)."""
-    every = config.all_blocks or config.mode == "head2toe"
-    blocks = list(range(1, config.layers + 1)) if every else config.layers
+    """Linear classifier on cached, standardised, pooled block features (Head2Toe: :func:`_train_head2toe`)."""
+    if config.mode == "head2toe":
+        return _train_head2toe(backbone, train, test, num_classes, config, device, logger, state_path)
+    blocks = list(range(1, config.layers + 1)) if config.all_blocks else config.layers
     train_x = block_features(backbone, train.images, blocks, config.pool).to(device)
     test_x = block_features(backbone, test.images, blocks, config.pool).to(device)
     train_x, test_x = standardize(train_x, test_x)
     train_y, test_y = train.labels.to(device), test.labels.to(device)
     if config.mode == "svm":
         return _svm_result(train_x, train_y, test_x, test_y, config.seed)
-    if config.mode == "head2toe":
-        from .head2toe import select_features
-
-        selected = select_features(train_x, train_y, config.keep)
-        train_x, test_x = train_x[:, selected], test_x[:, selected]
     linear = nn.Linear(train_x.shape[1], num_classes).to(device)
     optimizer = torch.optim.Adam(linear.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
@@ -216,6 +217,36 @@ def _train_linear(backbone: BlockNet, train: ImageData, test: ImageData, num_cla
         with torch.no_grad():
             return float((linear(test_x).argmax(1) == test_y).float().mean())
     return _fit(linear, optimizer, train_epoch, evaluate, config, logger, state_path), linear
+
+
+def _train_head2toe(backbone: LayerwiseNet, train: ImageData, test: ImageData, num_classes: int,
+                    config: TransferConfig, device: torch.device, logger: RunLogger | None,
+                    state_path: str | Path | None) -> tuple[TransferResult, nn.Module]:
+    """Head2Toe: select features of every layer by group lasso, then retrain a fresh linear head on
+    them for ``head2toe.steps`` batches, evaluated ``epochs`` times along the way."""
+    from .head2toe import batch_order, layer_features, linear_head, select_features, train_steps
+
+    start, h2t = time.perf_counter(), config.head2toe
+    train_x, sizes = layer_features(backbone, train.images, h2t.target_size, h2t.units)
+    train_y, test_y = train.labels.to(device), test.labels.to(device)
+    selection = select_features(train_x.to(device), train_y, sizes, h2t, config.batch_size, config.seed)
+    train_x = selection.apply(train_x).to(device)
+    test_x = selection.apply(layer_features(backbone, test.images, h2t.target_size, h2t.units)[0]).to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+    linear = linear_head(train_x.shape[1], num_classes, generator).to(device)
+    optimizer = torch.optim.Adam(linear.parameters(), lr=h2t.lr)
+    order = batch_order(len(train_x), config.batch_size, h2t.steps, generator)
+    chunks = torch.arange(h2t.steps).tensor_split(config.epochs)
+    prepared = time.perf_counter() - start
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return float((linear(test_x).argmax(1) == test_y).float().mean())
+    result = _fit(linear, optimizer, lambda epoch: train_steps(linear, optimizer, train_x, train_y, order,
+                                                               chunks[epoch], h2t.lr),
+                  evaluate, config, logger, state_path)
+    kept = {name: [count, sizes[name]] for name, count in selection.counts().items()}
+    return dataclasses.replace(result, seconds=result.seconds + prepared, head2toe_kept=kept), linear
 
 
 def _svm_result(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,

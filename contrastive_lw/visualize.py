@@ -1,6 +1,6 @@
 """Figures: first-layer filter grids, what each unit of a deeper block responds to (activation
 maximisation), the ideal image of each class of a classifier, tables of images, accuracy-vs-epoch
-curves, the comparison bar chart."""
+curves, the comparison bar chart, the features Head2Toe kept per layer."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
@@ -177,6 +177,26 @@ def save_bar_chart(groups: Mapping[str, Mapping[str, tuple[float, float]]], path
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def save_kept_features(kept: Mapping[str, Mapping[str, Sequence[int]]], path: str | Path, title: str) -> Path:
+    """Bars of how many features Head2Toe kept from each layer, one bar per series at each layer:
+    ``kept[series][layer] = (kept, features of the layer)``; each layer's feature count is under its name."""
+    layers = list(dict.fromkeys(layer for counts in kept.values() for layer in counts))
+    width = 0.8 / max(1, len(kept))
+    fig = _figure(max(5.0, 1.1 * len(layers) + 1.5), 4.2)
+    ax = fig.subplots()
+    for i, (name, counts) in enumerate(kept.items()):
+        xs = [j + (i - (len(kept) - 1) / 2) * width for j in range(len(layers))]
+        ax.bar(xs, [counts[layer][0] if layer in counts else 0 for layer in layers], width, label=name)
+    sizes = {layer: counts[layer][1] for counts in kept.values() for layer in counts}
+    ax.set_xticks(range(len(layers)), [f"{layer}\nof {sizes[layer]}" for layer in layers], fontsize=8)
+    ax.set_ylabel("features kept")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    if len(kept) > 1:
+        ax.legend()
     return _save(fig, path)
 
 

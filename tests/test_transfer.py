@@ -61,24 +61,6 @@ def test_frozen_two_blocks_keep_weights_and_batchnorm_statistics_and_learn(split
     assert result.test_acc > 0.75  # two balanced classes: chance is 0.5
 
 
-def test_head2toe_trains_and_tests_on_the_same_selected_columns(split, monkeypatch):
-    """The columns chosen on the training features are the ones the test features are read at."""
-    from contrastive_lw import head2toe, transfer
-
-    chosen = torch.tensor([1, 5, 40])
-    monkeypatch.setattr(head2toe, "select_features", lambda x, y, keep: chosen)
-    seen = []
-    real = transfer.nn.Linear.forward
-    monkeypatch.setattr(transfer.nn.Linear, "forward", lambda self, x: seen.append(x.detach().clone()) or real(self, x))
-    train, test = split
-    features = {len(d.images): transfer.block_features(_source(), d.images, [1, 2], 4) for d in (train, test)}
-    result, linear = train_transfer(_source(), train, test, _config(mode="head2toe", layers=2, keep=0.1, epochs=1), "cpu")
-    assert linear.in_features == len(chosen)
-    mean, std = features[len(train.images)].mean(0), features[len(train.images)].std(0).clamp_min(1e-6)
-    expected_test = ((features[len(test.images)] - mean) / std)[:, chosen]
-    assert torch.allclose(seen[-1], expected_test, atol=1e-5)  # the last call is the test evaluation
-
-
 def test_finetune_mode_trains_everything_and_leaves_the_source_alone(split):
     source, _, model = _one_step("finetune", split)
     before = _source().blocks[0].conv.weight
@@ -167,24 +149,6 @@ def test_transfer_resumes_after_a_crash_bit_for_bit(tmp_path, split, monkeypatch
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model_b.state_dict().values()))
 
 
-def test_head2toe_selection_finds_the_informative_features():
-    from contrastive_lw.head2toe import select_features
-
-    torch.manual_seed(0)
-    y = torch.randint(0, 2, (400,))
-    x = torch.randn(400, 40)
-    x[:, 7] += 3 * y
-    x[:, 23] -= 3 * y
-    assert {7, 23} <= set(select_features(x, y, keep=0.1).tolist())
-
-
-def test_head2toe_mode_probes_selected_features_of_every_block(split):
-    result, linear = train_transfer(_source(), *split, _config(mode="head2toe", layers=2, keep=0.5, epochs=3), "cpu")
-    assert linear.in_features == (4 * 4 * 4 + 6 * 4 * 4) // 2 and len(result.curve) == 3
-    with pytest.raises(ConfigError, match="keep"):
-        _config(keep=0.0)
-
-
 def _nonbinary_model(transferred=1, reinit=1):
     from contrastive_lw.heads import Classifier
     from contrastive_lw.transfer import nonbinary_groups, transfer_backbone
@@ -252,19 +216,6 @@ def test_nonbinary_finetune_uses_three_learning_rates(split, monkeypatch):
 def test_reinit_beyond_the_backbone_is_refused(split):
     with pytest.raises(ConfigError, match="lower --reinit"):
         train_transfer(_source(), *split, _config(layers=1, reinit=2), "cpu")
-
-
-def test_head2toe_selection_leaves_the_global_rng_alone():
-    """The seed of a transfer run decides what follows the selection (no manual_seed inside it)."""
-    from contrastive_lw.head2toe import select_features
-
-    x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
-    torch.manual_seed(123)
-    expected = torch.rand(3)
-    torch.manual_seed(123)
-    first = select_features(x, y, keep=0.5, steps=5)
-    assert torch.equal(torch.rand(3), expected)
-    assert torch.equal(select_features(x, y, keep=0.5, steps=5, seed=0), first)  # its own seed repeats it
 
 
 def test_transfer_state_of_another_config_is_refused(tmp_path, split):

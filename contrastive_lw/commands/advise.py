@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--blocks {args.blocks} is beyond the backbone: it has {net.num_blocks} block(s)")
     start = time.perf_counter()
     train, held = split_train(target, args.held_out, args.seed)
-    table = fit_table(net, train, held, args.blocks, base.pool, base.keep, args.seed)
+    table = fit_table(net, train, held, args.blocks, base.pool, base.head2toe.keep_fraction, args.seed)
     per_class = len(target) / len(target.labels.unique())
     rec = recommend(table, per_class, rules)
     payload = {"init": str(args.init), "init_kind": init, "data": data, "backbone_blocks": net.num_blocks,

@@ -28,8 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--l2", type=float, help="plain L2 strength on the new and re-initialised layers")
     group.add_argument("--advice", help="apply the recommendation of `contrastive-lw advise --out FILE` "
                        "(over --config, under the other flags)")
-    group.add_argument("--pool", type=int, help="linear / head2toe: pool each block's map to this side")
-    group.add_argument("--keep", type=float, help="head2toe: fraction of feature columns kept")
+    group.add_argument("--pool", type=int, help="linear / svm: pool each block's map to this side")
+    group.add_argument("--h2t-target", type=int, metavar="T",
+                       help="head2toe: pool each layer's map to about T values (default 8192)")
+    group.add_argument("--h2t-lambda", type=float, help="head2toe: group-lasso strength (default 1e-4)")
+    group.add_argument("--h2t-keep", type=float, metavar="F",
+                       help="head2toe: fraction of all layers' features kept (default 0.1)")
+    group.add_argument("--h2t-units", action="store_true", default=None,
+                       help="head2toe: read every residual unit inside the blocks too, not only each block's output")
     group.add_argument("--seed", type=int)
 
 
@@ -52,10 +58,14 @@ def run(args: argparse.Namespace) -> int:
     data = data_settings(args, settings.get("data"), default="cifar10")
     flags = {"layers": args.layers, "mode": args.mode, "epochs": args.epochs, "batch_size": args.batch_size,
              "lr": args.lr, "layer_lr_ratio": args.layer_lr_ratio, "l2sp": args.l2sp, "pool": args.pool,
-             "keep": args.keep, "seed": args.seed, "reinit": args.reinit, "reinit_lr_ratio": args.reinit_lr_ratio,
+             "seed": args.seed, "reinit": args.reinit, "reinit_lr_ratio": args.reinit_lr_ratio,
              "l2": args.l2}
     advice = read_advice(args.advice).transfer_values() if args.advice else {}
+    head2toe = {"target_size": args.h2t_target, "group_lasso": args.h2t_lambda, "keep_fraction": args.h2t_keep,
+                "units": args.h2t_units}
     values = {**settings.get("transfer", {}), **advice, **{k: v for k, v in flags.items() if v is not None}}
+    if any(v is not None for v in head2toe.values()):
+        values["head2toe"] = {**values.get("head2toe", {}), **{k: v for k, v in head2toe.items() if v is not None}}
     config = TransferConfig.from_dict(values)
     train, test = (load_dataset(data["dataset"], split, data["data_root"], data["classes"], data["limit"],
                                 data["download"]) for split in ("train", "test"))
@@ -72,6 +82,13 @@ def run(args: argparse.Namespace) -> int:
               **dataclasses.asdict(result)}
     if is_main_process():
         (out / "results.json").write_text(json.dumps({"records": [record]}, indent=1))
+        if result.head2toe_kept:
+            from ..visualize import save_kept_features
+
+            save_kept_features({init: result.head2toe_kept}, out / "figures" / "head2toe_kept.png",
+                               f"Head2Toe: features kept per layer ({init} init)")
+            print("head2toe kept " + ", ".join(f"{name} {kept}/{size}" for name, (kept, size)
+                                               in result.head2toe_kept.items()))
     print(f"{init} init, {config.mode}, {config.layers} layer(s): test accuracy {100 * result.test_acc:.2f}% "
           f"(best epoch {result.best_epoch}) in {result.seconds:.0f} s -> {out}")
     return 0
