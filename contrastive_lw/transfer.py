@@ -219,7 +219,7 @@ def _train_linear(backbone: BlockNet, train: ImageData, test: ImageData, num_cla
     return _fit(linear, optimizer, train_epoch, evaluate, config, logger, state_path), linear
 
 
-def _train_head2toe(backbone: LayerwiseNet, train: ImageData, test: ImageData, num_classes: int,
+def _train_head2toe(backbone: BlockNet, train: ImageData, test: ImageData, num_classes: int,
                     config: TransferConfig, device: torch.device, logger: RunLogger | None,
                     state_path: str | Path | None) -> tuple[TransferResult, nn.Module]:
     """Head2Toe: select features of every layer by group lasso, then retrain a fresh linear head on
