@@ -21,12 +21,14 @@ from .data import ImageData, load_dataset
 from .errors import ConfigError
 from .evaluate import block_features, knn_accuracy
 from .blocks import BlockNet
+from .model import LayerwiseNet
 from .pretrain import LayerwisePretrainer, PretrainConfig
 from .runs import RunLogger
 from .supervised import train_supervised
 from .transfer import MODES, TransferConfig, TransferResult, load_init, train_transfer
 
 INITS = ("layerwise", "end2end", "supervised", "random")
+UNIT_IMAGE_MAX_SIDE = 25  # the report draws the units of the deepest block whose receptive field is this small
 STUDY_MODES = (*MODES, "knn")
 
 
@@ -230,11 +232,16 @@ def write_figures(out_dir: Path, records: list[dict]) -> list[Path]:
     backbones = {init: load_backbone(out_dir / f"seed{seed}" / init) for init in ("layerwise", "end2end", "supervised")
                  if any((out_dir / f"seed{seed}" / init).glob("layer*.pt"))}
     if backbones:
-        written.append(save_filter_grids({f"{init} block 1": net.blocks[0].conv.weight
+        written.append(save_filter_grids({f"{init} block 1": net.first_conv().weight
                                           for init, net in backbones.items()}, figures / "filters.png"))
         deepest = min(net.num_blocks for net in backbones.values())
+        net = next(iter(backbones.values()))
+        while deepest > 1 and net.receptive_field(deepest) > UNIT_IMAGE_MAX_SIDE:
+            deepest -= 1  # a torchvision stage's units see most of the image: too costly to ascend for a report
         if deepest > 1:
-            units = {f"{init} block {deepest}": maximize_activation(net, deepest) for init, net in backbones.items()}
+            count = 64 if isinstance(net, LayerwiseNet) else 16  # a torchvision stage costs ~50x an lw block
+            units = {f"{init} block {deepest}": maximize_activation(net, deepest, units=count)
+                     for init, net in backbones.items()}
             written.append(save_filter_grids(units, figures / f"units_block{deepest}.png"))
     finetune = [r for r in records if r["mode"] == "finetune"]
     if finetune:

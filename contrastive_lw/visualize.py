@@ -69,7 +69,8 @@ def ascend(objective: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[in
 def maximize_activation(net: BlockNet, k: int, units: int = 64, steps: int = 150, lr: float = 0.1,
                         decay: float = 0.5, tv: float = 0.05, jitter: int = 0, seed: int = 0) -> torch.Tensor:
     """For each of the first ``units`` channels of block ``k``, the input patch (receptive-field
-    size, RGB in [0, 1]) that maximises that channel's mean pre-ReLU response, found by
+    size, at most 64 pixels a side; RGB in [0, 1]) that maximises that channel's mean pre-ReLU
+    response (a block without ``pre_activation``, such as a torchvision stage: its output), found by
     :func:`ascend` (L2 pull to grey, total variation). No jitter by default: the patch is all the
     unit sees, and a shifted patch is another input, not the same one moved (with jitter 1 the
     block-1 patches of an untrained net excite their units less than random patches do).
@@ -82,12 +83,13 @@ def maximize_activation(net: BlockNet, k: int, units: int = 64, steps: int = 150
     """
     was_training = net.training
     net.eval()
-    size, units = net.receptive_field(k), min(units, net.out_channels(k))
+    size, units = min(net.receptive_field(k), 64), min(units, net.out_channels(k))
     channel = torch.arange(units)
+    block = net.blocks[k - 1]
+    map_of = getattr(block, "pre_activation", block)
 
     def response(patch: torch.Tensor) -> torch.Tensor:
-        features = net(patch, k - 1) if k > 1 else net.normalize(patch)
-        return net.blocks[k - 1].pre_activation(features)[channel, channel].mean(dim=(1, 2))
+        return map_of(net(patch, k - 1))[channel, channel].mean(dim=(1, 2))
     patches = ascend(response, (units, net.in_channels, size, size), steps, lr, decay, tv, jitter, seed)
     net.train(was_training)
     return patches

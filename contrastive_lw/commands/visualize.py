@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"figures in {run_dir / 'figures'}, report {path}")
     elif layer_checkpoints(run_dir):
         net = load_backbone(run_dir)
-        print(save_filter_grid(net.blocks[0].conv.weight, run_dir / "filters_layer1.png", "block-1 filters"))
+        print(save_filter_grid(net.first_conv().weight, run_dir / "filters_layer1.png", "block-1 filters"))
         for k in range(1, net.num_blocks + 1) if args.units > 0 else ():
             patches, size = maximize_activation(net, k, args.units), net.receptive_field(k)
             print(save_filter_grid(patches, run_dir / f"units_layer{k}.png",
