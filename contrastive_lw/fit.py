@@ -122,7 +122,8 @@ class BlockFit:
         """Standard error of :meth:`gain` for an accuracy ``measure`` (knn or linear): the binomial
         s.e. ``sqrt(p (1 - p) / n)`` of each accuracy on the ``held_out`` images, with Laplace's
         estimate ``p = (correct + 1) / (n + 2)`` (never 0), combined as for independent samples
-        (an upper bound: both are scored on the same images, which correlates them)."""
+        (both are scored on the same images: when their errors are positively correlated, as for
+        two read-outs of similar features, the paired s.e. is smaller)."""
         if measure not in ("knn", "linear"):
             raise ConfigError(f"a standard error needs an accuracy measure (knn or linear), got {measure!r}")
         n = self.held_out

@@ -71,6 +71,14 @@ def report(results: list[dict]) -> str:
     within = sum(r["gap_points"] <= 1 for r in results)
     cheap = sum(r["cost_fraction"] <= 0.2 for r in results)
     gaps = ", ".join(f"{r['gap_points']:+.1f}" for r in results)
+    points = [p for p in gain_points(results) if p["init"] != "random"]
+    if len(points) > 2:
+        from scipy.stats import spearmanr
+
+        rho = spearmanr([p["fit"] for p in points], [p["gain"] for p in points])
+        lines += ["", f"Fit (kNN gain over random weights) vs test gain over the random init, the {len(points)} "
+                  f"pretrained (target, init, k) points: Spearman rho {rho.statistic:.2f} (p = {rho.pvalue:.2f}); "
+                  f"test gains {min(p['gain'] for p in points) * 100:+.1f} to {max(p['gain'] for p in points) * 100:+.1f} points."]
     lines += ["", f"Within 1 point of the grid's best: {within} of {len(results)} (gaps {gaps}); at <= 1/5 of the grid's cost: {cheap} of "
               f"{len(results)} (mean fraction {sum(r['cost_fraction'] for r in results) / len(results):.2f})."]
     return "\n".join(lines)
