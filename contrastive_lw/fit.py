@@ -127,9 +127,11 @@ class BlockFit:
         if measure not in ("knn", "linear"):
             raise ConfigError(f"a standard error needs an accuracy measure (knn or linear), got {measure!r}")
         n = self.held_out
-        variances = [((acc * n + 1) / (n + 2)) * (1 - (acc * n + 1) / (n + 2)) / n
-                     for acc in (getattr(self, measure), getattr(self, measure + "_random"))]
-        return math.sqrt(sum(variances))
+
+        def variance(accuracy: float) -> float:
+            p = (accuracy * n + 1) / (n + 2)
+            return p * (1 - p) / n
+        return math.sqrt(variance(getattr(self, measure)) + variance(getattr(self, measure + "_random")))
 
     def gain_z(self, measure: str = "knn") -> float:
         """:meth:`gain` in standard errors (:meth:`gain_se`)."""
@@ -190,8 +192,13 @@ def _per_block(net: nn.Module, images: torch.Tensor, blocks: int, pool: int) -> 
 
 def table_rows(table: list[BlockFit]) -> list[dict]:
     """The table as JSON-ready dicts (with the kNN and linear-probe gains and their standard errors)."""
-    return [{**asdict(row), **{f"{m}_{key}": getattr(row, method)(m) for m in ("knn", "linear")
-                               for key, method in (("gain", "gain"), ("gain_se", "gain_se"))}} for row in table]
+    rows = []
+    for row in table:
+        extra = {}
+        for m in ("knn", "linear"):
+            extra[f"{m}_gain"], extra[f"{m}_gain_se"] = row.gain(m), row.gain_se(m)
+        rows.append({**asdict(row), **extra})
+    return rows
 
 
 def format_table(table: list[BlockFit]) -> str:
