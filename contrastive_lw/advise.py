@@ -26,29 +26,34 @@ class AdviceRules:
     """The mapping from fit measures to settings (``experiments/configs/advise_rules.yaml`` spells
     out the defaults; pass your own with ``advise --rules FILE``). ``gain`` is a block's
     ``gain_measure`` accuracy (``knn`` or ``linear``) minus the random-weight network's, on held-out
-    images. kNN is the default: a linear probe on a wide random block is already strong (CIFAR-10
-    classes 5-9, 1 000 training images: block 1's probe 67% pretrained and random alike,
-    docs/STUDY.md).
+    images; it *counts* when it is at least ``min_gain`` and more than ``gain_se`` standard errors
+    (:meth:`~contrastive_lw.fit.BlockFit.gain_se`: on 200 held-out images an accuracy near 50% has an
+    s.e. of 3.5 points, and two random networks differed by 4.5 kNN points, docs/STUDY.md). kNN is the
+    default measure: a linear probe on a wide random block is already strong (block 1's probe 67%
+    pretrained and random alike, docs/STUDY.md).
 
-    * layers: among the blocks with ``gain >= min_gain``, the one with the best ``depth_measure``
-      (``linear``, ``knn`` or ``logme``; ties go to the deeper); none: 1 block, and nothing is
-      expected from the pretrained weights;
-    * reinit: with ``reinit_rest``, the blocks above k are kept in place and re-initialised;
+    * layers: among the blocks whose gain counts, the one with the best ``depth_measure``
+      (``linear``, ``knn`` or ``logme``; ties go to the deeper); none: the pretrained weights are no
+      better than random ones, so 1 block is transferred, the blocks above it are re-initialised and
+      everything trains at the head's rate (training from scratch at the backbone's full depth);
+    * reinit: with ``reinit_rest``, the blocks above k are kept in place and re-initialised (the
+      non-binary paper's way; always when nothing fits);
     * mode: ``head2toe`` when Head2Toe keeps a shallower block's features at ``head2toe_ratio`` x the
       rate of block k's (the useful features lie below k); else ``frozen`` when the fit is strong
-      (``gain >= strong_gain``) and the target has at most ``frozen_max_per_class`` training images a
-      class; else ``finetune``;
+      (the gain counts and is >= ``strong_gain``) and the target has at most
+      ``frozen_max_per_class`` training images a class; else ``finetune``;
     * lr_ratios: head 1, re-initialised ``reinit_lr_ratio``, transferred ``lr_ratio_strong`` /
-      ``lr_ratio_weak`` / ``lr_ratio_none`` for a strong / weak (>= min_gain) / no fit;
+      ``lr_ratio_weak`` / ``lr_ratio_none`` for a strong / weak (counts) / no fit;
     * l2sp: ``l2sp_strong`` / ``l2sp_weak`` / 0 likewise (0 when frozen: nothing moves);
     * l2: ``l2`` on the head and re-initialised blocks (the paper code's 0.0005).
     """
 
     gain_measure: str = "knn"
+    gain_se: float = 2.0
     min_gain: float = 0.02
     strong_gain: float = 0.10
     depth_measure: str = "linear"
-    reinit_rest: bool = False
+    reinit_rest: bool = True
     head2toe_ratio: float = 2.0
     frozen_max_per_class: int = 100
     reinit_lr_ratio: float = 1.0
@@ -66,6 +71,8 @@ class AdviceRules:
             raise ConfigError(f"rules.depth_measure must be linear, knn or logme, got {self.depth_measure!r}")
         if not 0 <= self.min_gain <= self.strong_gain:
             raise ConfigError("rules: need 0 <= min_gain <= strong_gain")
+        if self.gain_se < 0:
+            raise ConfigError(f"rules.gain_se must be >= 0 standard errors, got {self.gain_se}")
 
     @classmethod
     def from_dict(cls, values: dict) -> AdviceRules:
@@ -112,19 +119,23 @@ def recommend(table: list[BlockFit], per_class: float, rules: AdviceRules | None
     rules = rules or AdviceRules()
     depth = len(table)
     measure = rules.gain_measure
-    gated = [r for r in table if r.gain(measure) >= rules.min_gain - 1e-9]  # slack: 0.69 - 0.67 < 0.02 in floats
+    counted = [r for r in table if _counts(r, rules)]
+    gate = (f"{measure} accuracy beats random weights by >= {100 * rules.min_gain:g} points and > "
+            f"{rules.gain_se:g} s.e.")
     reasons = {}
-    if gated:
-        best = max(gated, key=lambda r: (getattr(r, rules.depth_measure), r.block))
-        k, gain = best.block, best.gain(measure)
+    if counted:
+        best = max(counted, key=lambda r: (getattr(r, rules.depth_measure), r.block))
+        k = best.block
         reasons["layers"] = (f"block {k} has the best {rules.depth_measure} score ({_score(best, rules.depth_measure)}) "
-                             f"of the {len(gated)} block(s) whose {measure} accuracy beats random weights by >= "
-                             f"{100 * rules.min_gain:.0f} points (block {k}: {100 * gain:+.1f})")
+                             f"of the {len(counted)} block(s) whose {gate} (block {k}: {_gain(best, measure)})")
     else:
-        k, gain = 1, max(r.gain(measure) for r in table)
-        reasons["layers"] = (f"no block's {measure} accuracy beats random weights by {100 * rules.min_gain:.0f} points (best "
-                             f"{100 * gain:+.1f}): transfer the minimum, 1 block")
-    fit = "strong" if gain >= rules.strong_gain - 1e-9 else "weak" if gain >= rules.min_gain - 1e-9 else "none"
+        best = max(table, key=lambda r: r.gain_z(measure))
+        k = 1
+        reasons["layers"] = (f"no block's {gate} (best: block {best.block}, {_gain(best, measure)}): the pretrained "
+                             "weights count as random ones; transfer 1 block and train the rest from scratch")
+    gain = best.gain(measure)
+    fit = "none" if not counted else "strong" if gain >= rules.strong_gain - 1e-9 else "weak"
+    said = f"{fit} fit of block {k} ({_gain(best, measure)})" if counted else "no fit"
     below = [r.head2toe_kept for r in table[: k - 1]]
     spread = max(below, default=0.0)
     own = table[k - 1].head2toe_kept
@@ -134,24 +145,35 @@ def recommend(table: list[BlockFit], per_class: float, rules: AdviceRules | None
                            f"block {k}'s (>= x{rules.head2toe_ratio}): read features from every depth")
     elif fit == "strong" and per_class <= rules.frozen_max_per_class:
         mode = "frozen"
-        reasons["mode"] = (f"strong fit ({100 * gain:+.1f} points) and {per_class:.0f} <= "
-                           f"{rules.frozen_max_per_class} images a class: keep the transferred blocks fixed")
+        reasons["mode"] = (f"{said} and {per_class:.0f} <= {rules.frozen_max_per_class} images a class: keep the "
+                           "transferred blocks fixed")
     else:
         mode = "finetune"
-        reasons["mode"] = (f"{fit} fit ({100 * gain:+.1f} points) with {per_class:.0f} images a class: "
-                           "fine-tune, the transferred blocks at their own rate")
-    reinit = depth - k if rules.reinit_rest and mode != "head2toe" else 0
-    reasons["reinit"] = (f"rules.reinit_rest: the {reinit} block(s) above {k} stay, re-initialised" if reinit
-                         else "the blocks above k are dropped (rules.reinit_rest off, head2toe, or none above)")
+        reasons["mode"] = f"{said} with {per_class:.0f} images a class: fine-tune, the transferred blocks at their own rate"
+    reinit = depth - k if (rules.reinit_rest or fit == "none") and mode != "head2toe" else 0
+    reasons["reinit"] = (f"the {reinit} block(s) above {k} stay, re-initialised ("
+                         + ("no fit: keep the backbone's depth" if fit == "none" else "rules.reinit_rest") + ")"
+                         if reinit else "the blocks above k are dropped (rules.reinit_rest off, head2toe, or none above)")
     transferred = {"strong": rules.lr_ratio_strong, "weak": rules.lr_ratio_weak, "none": rules.lr_ratio_none}[fit]
     lr_ratios = {"head": 1.0, "reinit": rules.reinit_lr_ratio, "transferred": transferred}
-    reasons["lr_ratios"] = (f"{fit} fit of block {k} ({100 * gain:+.1f} points): transferred blocks at x{transferred} "
-                            f"the head's rate, re-initialised at x{rules.reinit_lr_ratio}")
+    reasons["lr_ratios"] = (f"{said}: transferred blocks at x{transferred} the head's rate, re-initialised at "
+                            f"x{rules.reinit_lr_ratio}")
     l2sp = 0.0 if mode != "finetune" else {"strong": rules.l2sp_strong, "weak": rules.l2sp_weak, "none": 0.0}[fit]
     reasons["l2sp"] = ("no L2-SP: the transferred blocks do not move" if mode != "finetune" else
-                       f"{fit} fit: L2-SP {l2sp:g} towards the pretrained weights")
+                       f"{said}: L2-SP {l2sp:g} towards the pretrained weights")
     reasons["l2"] = f"plain L2 {rules.l2:g} on the head and re-initialised blocks (rules.l2; the paper code's 0.0005)"
     return Recommendation(k, mode, reinit, lr_ratios, l2sp, rules.l2, reasons)
+
+
+def _counts(row: BlockFit, rules: AdviceRules) -> bool:
+    """Whether ``row``'s gain clears both gates of ``rules`` (slack: 0.69 - 0.67 < 0.02 in floats)."""
+    gain = row.gain(rules.gain_measure)
+    return gain >= rules.min_gain - 1e-9 and gain > rules.gain_se * row.gain_se(rules.gain_measure)
+
+
+def _gain(row: BlockFit, measure: str) -> str:
+    return (f"{100 * row.gain(measure):+.1f} points = {row.gain_z(measure):+.1f} s.e. of "
+            f"{100 * row.gain_se(measure):.1f} on {row.held_out} held-out images")
 
 
 def _score(row: BlockFit, measure: str) -> str:

@@ -113,10 +113,30 @@ class BlockFit:
     logme: float
     logme_random: float
     head2toe_kept: float
+    held_out: int  # the images the kNN and linear-probe accuracies are scored on
 
     def gain(self, measure: str = "knn") -> float:
         """``measure`` (knn, linear or logme) of the pretrained blocks minus the random-weight network's."""
         return getattr(self, measure) - getattr(self, measure + "_random")
+
+    def gain_se(self, measure: str = "knn") -> float:
+        """Standard error of :meth:`gain` for an accuracy ``measure`` (knn or linear): the binomial
+        s.e. ``sqrt(p (1 - p) / n)`` of each accuracy on the ``held_out`` images, with Laplace's
+        estimate ``p = (correct + 1) / (n + 2)`` (never 0), combined as for independent samples
+        (both are scored on the same images: when their errors are positively correlated, as for
+        two read-outs of similar features, the paired s.e. is smaller)."""
+        if measure not in ("knn", "linear"):
+            raise ConfigError(f"a standard error needs an accuracy measure (knn or linear), got {measure!r}")
+        n = self.held_out
+
+        def variance(accuracy: float) -> float:
+            p = (accuracy * n + 1) / (n + 2)
+            return p * (1 - p) / n
+        return math.sqrt(variance(getattr(self, measure)) + variance(getattr(self, measure + "_random")))
+
+    def gain_z(self, measure: str = "knn") -> float:
+        """:meth:`gain` in standard errors (:meth:`gain_se`)."""
+        return self.gain(measure) / self.gain_se(measure)
 
 
 def split_train(data: ImageData, fraction: float = 0.2, seed: int = 0) -> tuple[ImageData, ImageData]:
@@ -161,7 +181,7 @@ def fit_table(net: nn.Module, train: ImageData, held: ImageData, blocks: int | N
             scores["knn" + suffix] = knn_accuracy(tr, train.labels, he, held.labels)
             scores["linear" + suffix] = linear_probe_accuracy(tr, train.labels, he, held.labels, max_iter=probe_iter)
             scores["logme" + suffix] = logme(tr, train.labels)
-        table.append(BlockFit(k + 1, head2toe_kept=shares[k], **scores))
+        table.append(BlockFit(k + 1, head2toe_kept=shares[k], held_out=len(held), **scores))
     return table
 
 
@@ -172,16 +192,23 @@ def _per_block(net: nn.Module, images: torch.Tensor, blocks: int, pool: int) -> 
 
 
 def table_rows(table: list[BlockFit]) -> list[dict]:
-    """The table as JSON-ready dicts (with the kNN and linear-probe gains)."""
-    return [{**asdict(row), "knn_gain": row.gain("knn"), "linear_gain": row.gain("linear")} for row in table]
+    """The table as JSON-ready dicts (with the kNN and linear-probe gains and their standard errors)."""
+    rows = []
+    for row in table:
+        extra = {}
+        for m in ("knn", "linear"):
+            extra[f"{m}_gain"], extra[f"{m}_gain_se"] = row.gain(m), row.gain_se(m)
+        rows.append({**asdict(row), **extra})
+    return rows
 
 
 def format_table(table: list[BlockFit]) -> str:
-    """A Markdown table of the measures, accuracies in %."""
-    lines = ["| block | kNN | kNN random | kNN gain | linear | linear random | linear gain | LogME | LogME random "
-             "| Head2Toe kept |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """A Markdown table of the measures, accuracies in %, gains with their standard errors."""
+    lines = ["| block | kNN | kNN random | kNN gain (s.e.) | linear | linear random | linear gain (s.e.) | LogME "
+             "| LogME random | Head2Toe kept |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
-        lines.append(f"| {r.block} | {100 * r.knn:.1f} | {100 * r.knn_random:.1f} | {100 * r.gain('knn'):+.1f} | "
-                     f"{100 * r.linear:.1f} | {100 * r.linear_random:.1f} | {100 * r.gain('linear'):+.1f} | {r.logme:.3f} | "
+        gains = {m: f"{100 * r.gain(m):+.1f} ({100 * r.gain_se(m):.1f})" for m in ("knn", "linear")}
+        lines.append(f"| {r.block} | {100 * r.knn:.1f} | {100 * r.knn_random:.1f} | {gains['knn']} | "
+                     f"{100 * r.linear:.1f} | {100 * r.linear_random:.1f} | {gains['linear']} | {r.logme:.3f} | "
                      f"{r.logme_random:.3f} | {100 * r.head2toe_kept:.0f}% |")
     return "\n".join(lines)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -9,15 +10,20 @@ from contrastive_lw.errors import ConfigError
 from contrastive_lw.fit import BlockFit
 
 
-def _row(block, linear, random, kept=0.25, logme=0.0):
+def _row(block, linear, random, kept=0.25, logme=0.0, held_out=10 ** 6):
     return BlockFit(block, knn=linear, knn_random=random, linear=linear, linear_random=random, logme=logme,
-                    logme_random=0.0, head2toe_kept=kept)
+                    logme_random=0.0, head2toe_kept=kept, held_out=held_out)
+
+
+def _measured(block, knn, knn_random, linear, linear_random, held_out=200):
+    return BlockFit(block, knn=knn, knn_random=knn_random, linear=linear, linear_random=linear_random, logme=0.0,
+                    logme_random=0.0, head2toe_kept=0.25, held_out=held_out)
 
 
 def test_rules_pick_the_best_block_that_beats_random_and_scale_the_knobs_by_its_gain():
     strong = [_row(1, 0.60, 0.45), _row(2, 0.70, 0.50), _row(3, 0.55, 0.54)]
     rec = recommend(strong, per_class=5000)
-    assert (rec.layers, rec.mode, rec.reinit) == (2, "finetune", 0)
+    assert (rec.layers, rec.mode, rec.reinit) == (2, "finetune", 1)
     assert rec.lr_ratios == {"head": 1.0, "reinit": 1.0, "transferred": 0.1} and rec.l2sp == 0.01 and rec.l2 == 5e-4
     assert set(rec.to_json()) >= {"layers", "mode", "lr_ratios", "l2sp", "l2"}
     assert all(v["reason"] and "\n" not in v["reason"] for v in rec.to_json().values())
@@ -25,7 +31,7 @@ def test_rules_pick_the_best_block_that_beats_random_and_scale_the_knobs_by_its_
     weak = recommend([_row(1, 0.50, 0.47), _row(2, 0.50, 0.49)], per_class=5000)
     assert (weak.layers, weak.lr_ratios["transferred"], weak.l2sp) == (1, 0.5, 0.001)
     none = recommend([_row(1, 0.50, 0.50), _row(2, 0.40, 0.45)], per_class=5000)
-    assert (none.layers, none.lr_ratios["transferred"], none.l2sp) == (1, 1.0, 0.0)
+    assert (none.layers, none.reinit, none.lr_ratios["transferred"], none.l2sp) == (1, 1, 1.0, 0.0)
     spread = recommend([_row(1, 0.60, 0.45, kept=0.6), _row(2, 0.70, 0.50, kept=0.1)], per_class=5000)
     assert spread.mode == "head2toe" and spread.l2sp == 0.0
     spread = recommend([_row(1, 0.60, 0.45, kept=0.6), _row(2, 0.70, 0.50, kept=0.1), _row(3, 0.5, 0.5)], 5000,
@@ -35,14 +41,44 @@ def test_rules_pick_the_best_block_that_beats_random_and_scale_the_knobs_by_its_
 
 def test_the_rule_table_is_tunable():
     table = [_row(1, 0.60, 0.45), _row(2, 0.70, 0.50), _row(3, 0.55, 0.54)]
-    rec = recommend(table, 5000, AdviceRules(min_gain=0.0, depth_measure="knn", reinit_rest=True, l2sp_strong=0.5))
-    assert (rec.layers, rec.reinit, rec.l2sp) == (2, 1, 0.5)
-    knn_only = [BlockFit(1, knn=0.6, knn_random=0.4, linear=0.67, linear_random=0.67, logme=0.0, logme_random=0.0,
-                         head2toe_kept=0.25)]  # a random block's linear probe is strong; its kNN is not
+    rec = recommend(table, 5000, AdviceRules(min_gain=0.0, depth_measure="knn", reinit_rest=False, l2sp_strong=0.5))
+    assert (rec.layers, rec.reinit, rec.l2sp) == (2, 0, 0.5)
+    knn_only = [_measured(1, 0.6, 0.4, 0.67, 0.67, held_out=10 ** 6)]  # a random block's probe is strong; its kNN not
     assert recommend(knn_only, 5000).l2sp == 0.01
     assert recommend(knn_only, 5000, AdviceRules(gain_measure="linear")).l2sp == 0.0
     with pytest.raises(ConfigError, match="depth_measure"):
         AdviceRules.from_dict({"depth_measure": "accuracy"})
+    with pytest.raises(ConfigError, match="gain_se"):
+        AdviceRules.from_dict({"gain_se": -1})
+
+
+def test_a_gain_counts_only_above_its_standard_errors():
+    """The same 4.5-point kNN gain is noise on 200 held-out images (s.e. ~5 points) and a fit on 20 000."""
+    noisy = [_measured(1, 0.475, 0.475, 0.655, 0.67), _measured(2, 0.50, 0.455, 0.655, 0.65)]
+    assert noisy[1].gain_z() == pytest.approx(0.045 / noisy[1].gain_se()) and 0.8 < noisy[1].gain_z() < 1
+    rec = recommend(noisy, per_class=200)
+    assert (rec.layers, rec.reinit, rec.lr_ratios["transferred"], rec.l2sp) == (1, 1, 1.0, 0.0)
+    assert "+0.9 s.e." in rec.reasons["layers"] and "200 held-out" in rec.reasons["layers"]
+    precise = [dataclasses.replace(r, held_out=20000) for r in noisy]
+    assert precise[1].gain_z() > 8
+    assert (recommend(precise, 200).layers, recommend(precise, 200).l2sp) == (2, 0.001)
+    assert recommend(noisy, 200, AdviceRules(gain_se=0.0)).layers == 2  # the factor is the rule table's
+
+
+def test_the_first_validation_measures_give_the_grid_best_cells():
+    """docs/STUDY.md's first validation (classes 5-9, 200 held-out images): the layer-wise init's
+    block 2 (+18 kNN points, 3.7 s.e.) fits strongly; the random init fits nowhere, so its advice is
+    the grid's best cell for it (1 block, 1 re-initialised, all at the head's rate, no L2-SP) and
+    no longer k=2 fine-tuned at half rate (54.4% vs 64.2%)."""
+    layerwise = recommend([_measured(1, 0.505, 0.41, 0.67, 0.67), _measured(2, 0.59, 0.41, 0.69, 0.67)], 200)
+    assert layerwise.transfer_values() == {"layers": 2, "mode": "finetune", "reinit": 0, "layer_lr_ratio": 0.1,
+                                           "reinit_lr_ratio": 1.0, "l2sp": 0.01, "l2": 5e-4}
+    assert "+3.7 s.e." in layerwise.reasons["layers"]
+    random = recommend([_measured(1, 0.475, 0.475, 0.655, 0.67), _measured(2, 0.50, 0.455, 0.655, 0.65)], 200)
+    assert random.transfer_values() == {"layers": 1, "mode": "finetune", "reinit": 1, "layer_lr_ratio": 1.0,
+                                        "reinit_lr_ratio": 1.0, "l2sp": 0.0, "l2": 5e-4}
+    assert all("s.e." in random.reasons[k] for k in ("layers",))
+    assert "no fit" in random.reasons["lr_ratios"]
 
 
 def test_neighbours_and_halving_plan():

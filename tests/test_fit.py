@@ -5,7 +5,7 @@ import torch
 
 from contrastive_lw.data import ImageData
 from contrastive_lw.errors import ConfigError, DataError
-from contrastive_lw.fit import (class_evidence, fit_table, format_table, head2toe_shares, logme, random_like,
+from contrastive_lw.fit import (BlockFit, class_evidence, fit_table, format_table, head2toe_shares, logme, random_like,
                                 split_train, table_rows)
 from contrastive_lw.model import ArchConfig, LayerwiseNet
 
@@ -79,7 +79,30 @@ def test_fit_table_has_a_row_per_block_and_scores_in_range(target):
     for row in table:
         assert 0 <= row.knn <= 1 and 0 <= row.linear_random <= 1 and 0 <= row.head2toe_kept <= 1
         assert math.isfinite(row.logme)
-    assert "linear_gain" in table_rows(table)[0] and format_table(table).count("\n") == 3
+    assert {"linear_gain", "knn_gain_se"} <= set(table_rows(table)[0]) and format_table(table).count("\n") == 3
+    assert all(r.held_out == 16 for r in table)
+
+
+def _fit(acc: float, random: float, held_out: int) -> BlockFit:
+    return BlockFit(1, knn=acc, knn_random=random, linear=acc, linear_random=random, logme=0.0, logme_random=0.0,
+                    head2toe_kept=0.25, held_out=held_out)
+
+
+def test_gain_se_is_the_spread_of_the_difference_of_two_measured_accuracies():
+    """Two read-outs of true accuracy 0.6 and 0.5 scored on n = 400 images each: the gain measured
+    over 4 000 repeats spreads by the binomial s.e. the table reports."""
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    gains = ((torch.rand(4000, n, generator=g) < 0.6).float().mean(1)
+             - (torch.rand(4000, n, generator=g) < 0.5).float().mean(1))
+    row = _fit(0.6, 0.5, n)
+    assert row.gain_se() == pytest.approx(float(gains.std()), rel=0.05)
+    assert row.gain_se() == pytest.approx(math.sqrt(0.6 * 0.4 / n + 0.5 * 0.5 / n), rel=0.01)
+    assert row.gain_z() == pytest.approx(0.1 / row.gain_se())
+    assert _fit(1.0, 1.0, 50).gain_se() > 0  # Laplace's estimate: never 0, even at 100%
+    assert _fit(0.6, 0.5, 4 * n).gain_se() == pytest.approx(row.gain_se() / 2, rel=0.01)
+    with pytest.raises(ConfigError, match="accuracy measure"):
+        row.gain_se("logme")
 
 
 def test_a_trained_block_beats_its_random_copy():
