@@ -210,3 +210,16 @@ def test_bad_backbone_inputs_exit_2(tmp_path, capsys):
     code, err = error("transfer", "--init", "torchvision:resnet18", "--weights", str(tmp_path / "none.pth"),
                       "--dataset", "sample", "--out", str(tmp_path / "d"))
     assert code == 2 and "no such file" in err
+
+
+def test_advise_and_features_take_a_torchvision_init(tmp_path):
+    from contrastive_lw.features import load_features
+
+    assert main(["features", "--init", "torchvision:mobilenet_v3_small", "--cifar-stem", "--weights", "none",
+                 "--layers", "1,2", "--dataset", "sample", "--limit", "20", "--no-progress",
+                 "--out", str(tmp_path / "F.npz")]) == 0
+    features, labels, meta = load_features(tmp_path / "F.npz")
+    assert features.shape[0] == len(labels) == 20 and meta["backbone"]["class"] == "TorchvisionBackbone"
+    assert main(["advise", "--init", "torchvision:mobilenet_v3_small", "--cifar-stem", "--blocks", "2",
+                 "--dataset", "sample", "--classes", "5-9", "--limit", "100",
+                 "--out", str(tmp_path / "advice.json")]) == 0

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_data_arguments, data_settings
+from .common import add_backbone_choice, add_data_arguments, backbone_settings, data_settings
 
 HELP = "measure how well pretrained blocks fit a labelled target and advise how to transfer them"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--init", required=True, help="run directory or layerK.pt of the pretrained backbone")
+    parser.add_argument("--init", required=True, help="run directory or layerK.pt of the pretrained backbone, "
+                                                      "or torchvision:NAME (with --weights)")
+    add_backbone_choice(parser, backbone=False)
     add_data_arguments(parser, default="cifar10")
     parser.add_argument("--out", required=True, help="advice JSON file: measures per block and the recommendation")
     parser.add_argument("--config", default=None,
@@ -31,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..advise import AdviceRules, recommend, search, write_advice
-    from ..config import load_yaml
+    from ..backbones import BackboneConfig
+    from ..config import from_dict, load_yaml
     from ..data import load_dataset
     from ..device import resolve_device
     from ..errors import ConfigError
@@ -50,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     target = load_dataset(data["dataset"], "train", data["data_root"], data["classes"], data["limit"], data["download"])
     check_labels(target)
     torch.manual_seed(args.seed)
-    init, net = load_init(args.init, target.images)
+    init, net = load_init(args.init, target.images,
+                          backbone=from_dict(BackboneConfig, backbone_settings(args), "backbone"))
     net = net.to(resolve_device(args.device))
     if args.blocks is not None and not 1 <= args.blocks <= net.num_blocks:
         raise ConfigError(f"--blocks {args.blocks} is beyond the backbone: it has {net.num_blocks} block(s)")
