@@ -12,5 +12,4 @@ def test_pivot_puts_depths_in_columns_and_averages_seeds():
     records.append({"init": "layerwise", "mode": "frozen", "layers": 2, "seed": 0, "test_acc": 0.9})
     lines = study_table.pivot(records).splitlines()
     assert lines[0] == "| init | mode | k=1 | k=2 | seeds |"
-    assert lines[2] == "| random | linear | 60.0 ± 14.1 | 80.0 ± 0.0 | 2 |"
-    assert lines[3] == "| layerwise | frozen | – | 90.0 | 1 |"
+    assert lines[2:] == ["| layerwise | frozen | – | 90.0 | 1 |", "| random | linear | 60.0 ± 14.1 | 80.0 ± 0.0 | 2 |"]
