@@ -113,3 +113,18 @@ def test_a_class_balanced_subset_of_a_folder_sorted_by_class(tmp_path):
     table, _, attacked = attack_run(run, [2 / 255], ["fgsm"], images=9)
     assert table["per_class"] == {name: 3 for name in attacked.class_names}
     assert attacked.labels.tolist() == sorted(attacked.labels.tolist())  # the folder's order is kept
+
+
+def test_a_finetune_run_with_reinitialised_blocks_is_rebuilt_as_trained(tmp_path):
+    """load_transfer_model rebuilds the classifier a run trained (re-initialised blocks included):
+    its accuracy on the run's test images is the run's own."""
+    from contrastive_lw.attack import load_transfer_model
+
+    run = tmp_path / "ft"
+    assert main(["transfer", "--init", "random", "--dataset", "sample", "--classes", "0-1", "--limit", "40",
+                 "--layers", "1", "--reinit", "1", "--mode", "finetune", "--epochs", "1", "--out", str(run),
+                 "--no-progress", "--device", "cpu"]) == 0
+    model, test = load_transfer_model(run)
+    with torch.no_grad():
+        accuracy = float((model(test.images.float() / 255).argmax(1) == test.labels).float().mean())
+    assert accuracy == pytest.approx(json.loads((run / "results.json").read_text())["records"][0]["test_acc"])
