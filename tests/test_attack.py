@@ -96,11 +96,13 @@ def test_attack_command_on_a_transfer_run(tmp_path, capsys):
     assert table.strip() in printed and "PGD 4/255" in table
 
 
-def test_attack_table_needs_a_summary_and_no_run(tmp_path, capsys):
+def test_attack_needs_a_run_and_table_a_summary_alone(tmp_path, capsys):
     assert main(["attack"]) == 2
     assert main(["attack", "run", "--table", str(tmp_path / "none.json")]) == 2
+    assert main(["attack", "run1", "run2", "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert "at least one RUN" in err[0] and "--table prints a saved --summary file" in err[1] and len(err) == 2
+    assert "at least one RUN" in err[0] and "--table prints a saved --summary file" in err[1]
+    assert "--out names the output of a single RUN" in err[2] and len(err) == 3
 
 
 def test_a_class_balanced_subset_of_a_folder_sorted_by_class(tmp_path):
