@@ -241,7 +241,7 @@ def save_attack_grid(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                      eps: float, method: str, path: str | Path, shown: int = 8, **pgd_options: Any) -> Path:
     """Originals, perturbations (scaled from [-eps, eps] to [0, 1]) and adversarial images with
     their predictions, one column per image: first those whose correct prediction the attack
-    flipped, then the others, of uint8 ``images``."""
+    flipped, then the others, each taking the classes in turn, of uint8 ``images``."""
     from .visualize import save_image_table
 
     device = next(model.parameters()).device
@@ -250,7 +250,8 @@ def save_attack_grid(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     with torch.no_grad():
         clean, attacked = model(x).argmax(1), model(adv).argmax(1)
     flipped = (clean == y) & (attacked != y)
-    order = torch.cat([flipped.nonzero()[:, 0], (~flipped).nonzero()[:, 0]])[:shown].tolist()
+    order = torch.cat([classes_in_turn(flipped.nonzero()[:, 0], y.cpu()),
+                       classes_in_turn((~flipped).nonzero()[:, 0], y.cpu())])[:shown].tolist()
     delta = (adv - x) / (2 * eps) + 0.5 if eps > 0 else torch.full_like(x, 0.5)
     rows = [[x[i] for i in order], [delta[i] for i in order], [adv[i] for i in order]]
     captions = [[f"{class_names[y[i]]} -> {class_names[clean[i]]}" for i in order],
@@ -258,3 +259,15 @@ def save_attack_grid(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                 [f"-> {class_names[attacked[i]]}" for i in order]]
     return save_image_table(rows, path, captions, ["original", "perturbation", "adversarial"],
                             f"{method.upper()}, eps {255 * eps:g}/255: {int(flipped.sum())} of {len(x)} flipped")
+
+
+def classes_in_turn(index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``index`` (positions into ``labels``) reordered to take the classes in turn: the first of
+    each class, then the second of each, ... (each class's positions in their order)."""
+    index = index.cpu()
+    y = labels[index]
+    rank = torch.empty_like(y)
+    for c in y.unique():
+        mask = y == c
+        rank[mask] = torch.arange(int(mask.sum()))
+    return index[torch.argsort(rank * (int(labels.max()) + 1) + y, stable=True)]

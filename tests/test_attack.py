@@ -130,3 +130,12 @@ def test_a_finetune_run_with_reinitialised_blocks_is_rebuilt_as_trained(tmp_path
     with torch.no_grad():
         accuracy = float((model(test.images.float() / 255).argmax(1) == test.labels).float().mean())
     assert accuracy == pytest.approx(json.loads((run / "results.json").read_text())["records"][0]["test_acc"])
+
+
+def test_the_grid_takes_the_classes_in_turn():
+    from contrastive_lw.attack import classes_in_turn
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 0, 2])
+    assert classes_in_turn(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]), labels).tolist() == [0, 3, 5, 1, 4, 7, 2, 6]
+    assert classes_in_turn(torch.tensor([6, 2, 4]), labels).tolist() == [6, 4, 2]
+    assert classes_in_turn(torch.tensor([], dtype=torch.long), labels).tolist() == []
