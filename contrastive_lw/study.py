@@ -266,8 +266,8 @@ def class_image_figure(out_dir: Path, records: list[dict], steps: int = 200) -> 
     runs = [r for mode in ("finetune", "frozen") for r in records if r["mode"] == mode]
     if not runs or "image_shape" not in saved["setup"]:
         return None
-    mode, seed = runs[0]["mode"], min(r["seed"] for r in records)
-    k = max(r["layers"] for r in runs if r["mode"] == mode)
+    mode = runs[0]["mode"]
+    seed, k = min(r["seed"] for r in runs if r["mode"] == mode), max(r["layers"] for r in runs if r["mode"] == mode)
     arch, setup = StudyConfig.from_dict(saved["config"]).pretrain.arch, saved["setup"]
     models = {}
     for init in dict.fromkeys(r["init"] for r in runs if (r["mode"], r["seed"], r["layers"]) == (mode, seed, k)):
