@@ -5,7 +5,8 @@ import argparse
 
 from .common import parse_str_list
 
-HELP = "adversarial examples (FGSM, PGD, L-inf) against a transfer run: accuracy per epsilon and a grid"
+HELP = ("adversarial examples (FGSM, PGD, L-inf) against transfer runs: accuracy per epsilon, a grid, "
+        "mean ± std over seeds (--summary)")
 
 
 def _float_list(text: str) -> list[float]:
