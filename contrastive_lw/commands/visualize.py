@@ -73,6 +73,6 @@ def _class_images(args):
     for run_dir in map(Path, args.run_dir):
         model, test = load_transfer_model(run_dir)
         saved = load_yaml(run_dir / "config.yaml")
-        models[f"{Path(saved['init']).name}, {saved['transfer']['mode']} ({run_dir.name})"] = model
+        models[f"{Path(saved['init']).name}, {saved['transfer']['mode']}\n{run_dir.name}"] = model
     out = args.out or Path(args.run_dir[0]) / "class_images.png"
     return save_class_image_grid(models, test.class_names, test.images.shape[1:], out, args.steps)
