@@ -1,6 +1,7 @@
 """Adversarial examples against transfer classifiers: FGSM and PGD (L-infinity) in [0, 1] pixel
-space, with the normalisation inside the model, and the classifier of a ``transfer`` run rebuilt
-from its directory.
+space, with the normalisation inside the model; the classifier of a ``transfer`` run rebuilt
+from its directory, attacked on a class-balanced subset of its test images; the mean ± std over
+seeds of several runs as a markdown table.
 
 Example:
     >>> model, test = load_transfer_model("runs/transfer-k1")            # doctest: +SKIP
@@ -177,7 +178,7 @@ def attack_table(summary: dict[str, Any]) -> str:
 
     def cell(value: list[float] | None) -> str:
         return "-" if value is None else f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}"
-    header = (["init", "mode, blocks", "seeds", "fine-tuned, all test images", f"clean, the {rows[0]['images']}"]
+    header = (["init", "mode, blocks", "seeds", "transfer run, all test images", f"clean, the {rows[0]['images']}"]
               + [f"{m.upper()} {eps}" for m, eps in budgets])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
