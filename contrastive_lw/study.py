@@ -104,7 +104,7 @@ class Study:
                            for spec in (cfg.source, cfg.target) for split in ("train", "test")))
         self.setup = {"source_train": len(data.source), "source_test": len(data.source_test),
                       "target_train": len(data.target), "target_test": len(data.target_test),
-                      "classes": data.target.class_names}
+                      "classes": data.target.class_names, "image_shape": list(data.target.images.shape[1:])}
         return data
 
     def run(self, data: StudyData | None = None) -> list[dict]:
@@ -253,6 +253,9 @@ def write_figures(out_dir: Path, records: list[dict]) -> list[Path]:
         mean_curves = {f"{init} init": [statistics.mean(c) for c in zip(*cs)] for init, cs in curves.items()}
         written.append(save_curves(mean_curves, figures / "finetune_curves.png",
                                    f"fine-tuning {k} transferred block(s): test accuracy (mean over seeds)"))
+    class_figure = class_image_figure(out_dir, records)
+    if class_figure is not None:
+        written.append(class_figure)
     groups: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)
     for (init, mode, k), (mean, std, _) in summarize(records).items():
         groups[f"{mode}, {k} layer{'s' * (k > 1)}"][init] = (mean, std)
@@ -265,3 +268,33 @@ def write_figures(out_dir: Path, records: list[dict]) -> list[Path]:
         written.append(save_kept_features(kept, figures / "head2toe_kept.png",
                                           f"Head2Toe on {k} block(s): features kept per layer (seed {seed})"))
     return written
+
+
+def class_image_figure(out_dir: Path, records: list[dict], steps: int = 200) -> Path | None:
+    """``figures/class_images.png``: the ideal class images (:func:`~contrastive_lw.visualize.class_images`)
+    of each init's fine-tuned classifier (else its frozen one) of the most blocks, first seed, one
+    row per init; None when no such run left a ``state.pt`` (or results.json predates image_shape)."""
+    from .attack import classifier_from_state
+    from .checkpoint import load_checkpoint
+    from .transfer import TRANSFER_STATE
+    from .visualize import save_class_image_grid
+
+    saved = json.loads((out_dir / "results.json").read_text())
+    runs = [r for mode in ("finetune", "frozen") for r in records if r["mode"] == mode]
+    if not runs or "image_shape" not in saved["setup"]:
+        return None
+    mode = runs[0]["mode"]
+    seed, k = min(r["seed"] for r in runs if r["mode"] == mode), max(r["layers"] for r in runs if r["mode"] == mode)
+    arch, setup = StudyConfig.from_dict(saved["config"]).pretrain.arch, saved["setup"]
+    models = {}
+    for init in dict.fromkeys(r["init"] for r in runs if (r["mode"], r["seed"], r["layers"]) == (mode, seed, k)):
+        path = out_dir / f"seed{seed}" / "transfer" / f"{init}-{mode}-k{k}" / "state.pt"
+        if path.is_file():  # ensemble runs keep no state.pt
+            state = load_checkpoint(path, TRANSFER_STATE)
+            models[f"{init}, {mode} {k}"] = classifier_from_state(
+                LayerwiseNet(arch), TransferConfig.from_dict(state["config"]), state["model"],
+                len(setup["classes"]), setup["image_shape"][-1])
+    if not models:
+        return None
+    return save_class_image_grid(models, setup["classes"], setup["image_shape"],
+                                 out_dir / "figures" / "class_images.png", steps)

@@ -118,6 +118,16 @@ def class_images(model: nn.Module, classes: Sequence[int], size: int = 32, chann
     return images
 
 
+def save_class_image_grid(models: Mapping[str, nn.Module], class_names: Sequence[str], image_shape: Sequence[int],
+                          path: str | Path, steps: int = 200) -> Path:
+    """The :func:`class_images` of several classifiers of C x H x W images, one row each, titled by
+    its key (e.g. the init it was fine-tuned from), one column per class."""
+    channels, size = image_shape[0], image_shape[-1]
+    rows = [list(class_images(model, range(len(class_names)), size, channels, steps)) for model in models.values()]
+    return save_image_table(rows, path, [list(class_names)] * len(rows), list(models),
+                            "ideal class images: the input maximising each class logit (L2, TV, jitter)")
+
+
 def save_image_table(rows: Sequence[Sequence[torch.Tensor]], path: str | Path,
                      captions: Sequence[Sequence[str]] | None = None, row_titles: Sequence[str] | None = None,
                      title: str = "") -> Path:

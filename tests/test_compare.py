@@ -34,7 +34,7 @@ def test_compare_writes_results_report_and_figures(tmp_path):
     assert {r["layers"] for r in records if r["mode"] == "knn"} == {1, 2}
     report = (out / "report.md").read_text()
     assert "| layerwise | finetune | 2 |" in report and "± " in report
-    for figure in ("filters.png", "units_block2.png", "finetune_curves.png", "comparison.png"):
+    for figure in ("filters.png", "units_block2.png", "finetune_curves.png", "comparison.png", "class_images.png"):
         assert (out / "figures" / figure).stat().st_size > 1000 and f"figures/{figure}" in report
     assert any((out / "seed0" / "transfer" / "layerwise-frozen-k1" / "tb").iterdir())
     # a second run resumes: nothing is retrained, the figures are redrawn from saved runs

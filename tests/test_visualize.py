@@ -70,3 +70,15 @@ def test_image_table(tmp_path):
     rows = [[torch.rand(3, 8, 8), torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)], [torch.rand(1, 8, 8)]]
     path = save_image_table(rows, tmp_path / "t.png", [["a", "b"], ["c"]], ["r1", "r2"], "title")
     assert path.stat().st_size > 0
+
+
+def test_visualize_draws_the_class_images_of_transfer_runs(tmp_path):
+    from contrastive_lw.cli import main
+
+    runs = [str(tmp_path / name) for name in ("a", "b")]
+    for run, mode in zip(runs, ("finetune", "linear")):
+        assert main(["transfer", "--init", "random", "--dataset", "sample", "--classes", "0-2", "--limit", "30",
+                     "--layers", "1", "--mode", mode, "--epochs", "1", "--out", run, "--no-progress",
+                     "--device", "cpu"]) == 0
+    assert main(["visualize", *runs, "--steps", "3", "--out", str(tmp_path / "classes.png")]) == 0
+    assert (tmp_path / "classes.png").stat().st_size > 1000

@@ -67,16 +67,12 @@ def _class_images(args):
 
     from ..attack import load_transfer_model
     from ..config import load_yaml
-    from ..visualize import class_images, save_image_table
+    from ..visualize import save_class_image_grid
 
-    rows, titles, names = [], [], []
+    models, test = {}, None
     for run_dir in map(Path, args.run_dir):
         model, test = load_transfer_model(run_dir)
-        rows.append(list(class_images(model, range(len(test.class_names)), test.images.shape[-1],
-                                      test.images.shape[1], steps=args.steps)))
         saved = load_yaml(run_dir / "config.yaml")
-        titles.append(f"{Path(saved['init']).name}, {saved['transfer']['mode']}")
-        names = test.class_names
+        models[f"{Path(saved['init']).name}, {saved['transfer']['mode']}\n{run_dir.name}"] = model
     out = args.out or Path(args.run_dir[0]) / "class_images.png"
-    return save_image_table(rows, out, [names] * len(rows), titles,
-                            "ideal class images: the input maximising each class logit (L2, TV, jitter)")
+    return save_class_image_grid(models, test.class_names, test.images.shape[1:], out, args.steps)
