@@ -191,8 +191,9 @@ def attack_table(summary: dict[str, Any]) -> str:
 def load_transfer_model(run_dir: str | Path, device: str | torch.device = "cpu"):
     """The trained classifier of a ``contrastive-lw transfer`` run (frozen, finetune or linear
     mode) as a model of float [0, 1] images, and the run's test data. Returns (model, test data)."""
+    from .backbones import BackboneConfig
     from .checkpoint import load_checkpoint
-    from .config import load_yaml
+    from .config import from_dict, load_yaml
     from .data import load_dataset
     from .errors import UserError
     from .evaluate import block_features, feature_scale
@@ -208,7 +209,8 @@ def load_transfer_model(run_dir: str | Path, device: str | torch.device = "cpu")
     train, test = (load_dataset(data["dataset"], split, data["data_root"], data["classes"], data["limit"])
                    for split in ("train", "test"))
     torch.manual_seed(config.seed)
-    init = load_init(saved["init"], train.images)[1]
+    backbone = from_dict(BackboneConfig, saved.get("backbone"), "backbone")  # of a random or torchvision init
+    init = load_init(saved["init"], train.images, backbone=backbone)[1]
     state = load_checkpoint(run_dir / "state.pt", TRANSFER_STATE)["model"]
     classes = len(train.class_names)
     if config.mode == "linear":

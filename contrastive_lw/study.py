@@ -20,6 +20,7 @@ from .config import from_dict, to_dict
 from .data import ImageData, load_dataset
 from .errors import ConfigError
 from .evaluate import block_features, knn_accuracy
+from .backbones import build_backbone
 from .blocks import BlockNet
 from .model import LayerwiseNet
 from .pretrain import LayerwisePretrainer, PretrainConfig
@@ -285,14 +286,14 @@ def class_image_figure(out_dir: Path, records: list[dict], steps: int = 200) -> 
         return None
     mode = runs[0]["mode"]
     seed, k = min(r["seed"] for r in runs if r["mode"] == mode), max(r["layers"] for r in runs if r["mode"] == mode)
-    arch, setup = StudyConfig.from_dict(saved["config"]).pretrain.arch, saved["setup"]
+    pretrain, setup = StudyConfig.from_dict(saved["config"]).pretrain, saved["setup"]
     models = {}
     for init in dict.fromkeys(r["init"] for r in runs if (r["mode"], r["seed"], r["layers"]) == (mode, seed, k)):
         path = out_dir / f"seed{seed}" / "transfer" / f"{init}-{mode}-k{k}" / "state.pt"
         if path.is_file():  # ensemble runs keep no state.pt
             state = load_checkpoint(path, TRANSFER_STATE)
             models[f"{init}, {mode} {k}"] = classifier_from_state(
-                LayerwiseNet(arch), TransferConfig.from_dict(state["config"]), state["model"],
+                build_backbone(pretrain.backbone, pretrain.arch), TransferConfig.from_dict(state["config"]), state["model"],
                 len(setup["classes"]), setup["image_shape"][-1])
     if not models:
         return None

@@ -183,6 +183,8 @@ def test_transfer_from_runs_and_torchvision_inits(tmp_path):
                  "--layers", "2", *common, "--out", str(tmp_path / "tv")]) == 0
     assert main(["transfer", "--init", "random", "--backbone", "resnet18", "--cifar-stem", "--mode", "finetune",
                  "--layers", "1", *common, "--out", str(tmp_path / "random")]) == 0
+    assert main(["attack", str(tmp_path / "random"), "--images", "10", "--steps", "2", "--eps", "4"]) == 0
+    assert (tmp_path / "random" / "attack" / "attack.json").is_file()
 
 
 def test_supervised_baseline_of_a_torchvision_backbone(tmp_path):
