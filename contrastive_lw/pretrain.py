@@ -25,7 +25,7 @@ from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .losses import LossConfig, build_loss
 from .accel.memory import on_huge_pages
 from .heads import ProjectionHead
-from .model import ArchConfig, LayerwiseNet, set_trainable
+from .model import INIT_SCALE, ArchConfig, LayerwiseNet, initial_network, set_trainable
 from .patches import NEGATIVES, POSITIVES, PatchIndex, PatchSampler, crop
 from .runs import RunLogger
 
@@ -63,7 +63,7 @@ class PretrainConfig:
     negative: str = "other_image"
     max_shift: int = 2
     patch_sizes: tuple[int, ...] = ()
-    init_scale: float = 0.1
+    init_scale: float = INIT_SCALE
     embed_dim: int = 128
     head_hidden: int = 0
     batch_size: int = 512
@@ -251,13 +251,7 @@ class LayerwisePretrainer:
     def initial_network(self, images: torch.Tensor) -> LayerwiseNet:
         """The network as :meth:`fit` draws it before any training: seeded, its input normalised
         by ``images``' channel statistics, every conv weight scaled by ``init_scale``."""
-        torch.manual_seed(self.config.seed)
-        net = LayerwiseNet(self.config.arch)
-        net.set_normalization(images.flatten(0, -4))
-        with torch.no_grad():
-            for block in net.blocks:
-                block.conv.weight.mul_(self.config.init_scale)
-        return net
+        return initial_network(self.config.arch, images.flatten(0, -4), self.config.seed, self.config.init_scale)
 
     def _resume(self, net: LayerwiseNet) -> int:
         """Load the deepest finished layer of the run directory; returns how many blocks it holds."""

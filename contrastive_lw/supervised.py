@@ -4,24 +4,22 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
-
 from .checkpoint import save_backbone
 from .config import to_dict
 from .data import ImageData
-from .model import ArchConfig, LayerwiseNet
+from .model import INIT_SCALE, ArchConfig, initial_network
 from .runs import RunLogger
 from .transfer import TransferConfig, TransferResult, train_transfer
 
 
 def train_supervised(train: ImageData, test: ImageData, arch: ArchConfig, config: TransferConfig,
-                     out_dir: str | Path, device: str = "auto", tensorboard: bool = True) -> TransferResult:
-    """Train every block of a fresh ``LayerwiseNet(arch)`` plus a classifier head on labelled
-    ``train`` (CIFAR-100, or the source classes of the class-split protocol) and save its blocks
-    as ``out_dir/layerK.pt`` (mode ``supervised``): the "supervised" initialisation for transfer."""
-    torch.manual_seed(config.seed)
-    net = LayerwiseNet(arch)
-    net.set_normalization(train.images)
+                     out_dir: str | Path, device: str = "auto", tensorboard: bool = True,
+                     init_scale: float = INIT_SCALE) -> TransferResult:
+    """Train every block of a fresh network (:func:`~contrastive_lw.model.initial_network`: seeded by
+    ``config.seed``, conv weights x ``init_scale``, as layer-wise pretraining starts) plus a classifier
+    head on labelled ``train`` (CIFAR-100, or the source classes of the class-split protocol) and save
+    its blocks as ``out_dir/layerK.pt`` (mode ``supervised``): the "supervised" initialisation for transfer."""
+    net = initial_network(arch, train.images, config.seed, init_scale)
     config = dataclasses.replace(config, mode="finetune", layers=arch.num_blocks)
     with RunLogger(out_dir, tensorboard) as logger:
         result, model = train_transfer(net, train, test, config, device, logger)

@@ -13,7 +13,8 @@ on standardised features, 200 iterations) trained on a fixed random subset of ``
 untrained (normalised on the target images, as ``compare``'s random init); ``--init RUN_DIR`` reads
 out a run kept with ``--keep`` again (read-out ablations: ``--pool``, ``--probe-wd``); ``--init supervised``
 trains it with labels on the source classes as ``contrastive-lw supervised --epochs
---supervised-epochs`` does (the baseline's wall time is its training time). The row, appended to
+--supervised-epochs`` does (the baseline's wall time is its training time), from the same initial
+network as layer-wise pretraining (:func:`contrastive_lw.model.initial_network`: seed, ``init_scale``). The row, appended to
 ``OUT/results.jsonl``: name, init, seed, the full pretrain config and the overrides, accuracies,
 pretraining (or supervised training) wall time, per-layer seconds, probe seconds, MACs per 32x32
 image of the network.
@@ -88,7 +89,7 @@ def macs_per_image(net: LayerwiseNet, side: int = 32) -> int:
     total = 0
     for block in net.blocks:
         conv = block.conv
-        out = side - conv.kernel_size[0] + 1
+        out = side + 2 * conv.padding[0] - conv.kernel_size[0] + 1
         total += out * out * conv.in_channels * conv.out_channels * conv.kernel_size[0] ** 2
         side = out // block.pool if block.pool > 1 else out
     return total
@@ -137,8 +138,10 @@ def run(args: argparse.Namespace) -> dict:
         source_test = load_dataset(args.dataset, "test", args.data_root, args.source)
         sup = TransferConfig(epochs=args.supervised_epochs, new_widths=(), hidden=0, seed=args.seed)
         with tempfile.TemporaryDirectory() as tmp:
-            result = train_supervised(source, source_test, config.arch, sup, tmp, "cpu", tensorboard=False)
-            net = load_init(tmp, target.images)[1]
+            kept = run_dir if args.keep else tmp
+            result = train_supervised(source, source_test, config.arch, sup, kept, "cpu", tensorboard=False,
+                                      init_scale=config.init_scale)
+            net = load_init(kept, target.images)[1]
         per_layer = [result.seconds]
     elif args.init == "random":
         torch.manual_seed(args.seed)

@@ -70,3 +70,17 @@ def test_image_table(tmp_path):
     rows = [[torch.rand(3, 8, 8), torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)], [torch.rand(1, 8, 8)]]
     path = save_image_table(rows, tmp_path / "t.png", [["a", "b"], ["c"]], ["r1", "r2"], "title")
     assert path.stat().st_size > 0
+
+
+def test_filter_figure_carries_its_caption_below_the_grids(tmp_path):
+    from PIL import Image
+
+    from contrastive_lw.visualize import save_filter_grids
+
+    weights = {"a block 1": torch.randn(8, 3, 6, 6), "b block 1": torch.randn(8, 3, 6, 6)}
+    plain = Image.open(save_filter_grids(weights, tmp_path / "plain.png"))
+    captioned = Image.open(save_filter_grids(weights, tmp_path / "captioned.png", "same initialisation"))
+    assert captioned.width == plain.width and captioned.height > plain.height
+    bottom = torch.tensor(list(captioned.convert("L").crop((0, captioned.height - 40, captioned.width,
+                                                            captioned.height)).getdata()))
+    assert (bottom < 128).any()  # the caption's text is drawn there
