@@ -5,7 +5,7 @@ One run (``--init layerwise``, the default) builds ``PretrainConfig()`` (the pla
 command's defaults) with ``--set`` overrides, pretrains ``--layers`` blocks greedily on the train
 images of the source classes (CIFAR-10 0-4: 25 000 images), then reads the blocks out on the target
 classes (5-9): a softmax regression (:func:`contrastive_lw.evaluate.linear_probe_accuracy`, L-BFGS
-on standardised features, 200 iterations) trained on a fixed random subset of ``--probe-train``
+on standardised features, 200 iterations, L2 weight ``--probe-wd`` 1e-2) trained on a fixed random subset of ``--probe-train``
 10 000 of the 25 000 target train images (the same subset in every run; 0 takes all: the probe of
 3 blocks on all of them took 7 min on the shared 2 cores) and tested on all 5 000 target test images, on the features (:func:`contrastive_lw.evaluate.block_features`, average-pooled to
 ``--pool`` x ``--pool``) of each block k alone (``block_k``) and of blocks 1..k concatenated
@@ -170,7 +170,8 @@ def load_rows(path: str | Path) -> list[dict]:
 
 def markdown_table(rows: list[dict], names: list[str] | None = None, by_seed: bool = False) -> str:
     """Rows grouped by name (and seed with ``by_seed``), in first-seen order (or ``names``' order):
-    mean ± std over seeds of every read-out, pretraining seconds, MMACs per image."""
+    mean ± std over seeds of every read-out, pretraining seconds (mean over the rows that trained:
+    a kept run read out again has none; random rows count their draw), MMACs per image."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         if names is None or r["name"] in names:
@@ -192,8 +193,10 @@ def markdown_table(rows: list[dict], names: list[str] | None = None, by_seed: bo
             else:
                 cells.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
         seeds = ",".join(str(r["seed"]) for r in g)
+        trained = [r["train_seconds"] for r in g if r["train_seconds"] > 0]  # a kept run read out again: 0
+        seconds = f"{statistics.mean(trained):.0f}" if trained else "–"
         lines.append(f"| {key[0]} | {g[0]['init']} | {seeds} | " + " | ".join(cells)
-                     + f" | {statistics.mean(r['train_seconds'] for r in g):.0f} | {g[0]['macs'] / 1e6:.1f} |")
+                     + f" | {seconds} | {g[0]['macs'] / 1e6:.1f} |")
     return "\n".join(lines)
 
 
@@ -207,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--supervised-epochs", type=int, default=5)
     parser.add_argument("--pool", type=int, default=4)
-    parser.add_argument("--probe-wd", type=float, default=1e-4, help="the probe's L2 weight (default: evaluate's)")
+    parser.add_argument("--probe-wd", type=float, default=1e-2,
+                        help="the probe's L2 weight (1e-2: the best all-block read-out of 1e-4..1e-1 for layer-wise and "
+                             "random blocks alike, docs/STUDY.md; evaluate's default is 1e-4)")
     parser.add_argument("--probe-train", type=int, default=10000,
                         help="target train images for the probe, a fixed class-mixed subset (0: all 25 000)")
     parser.add_argument("--dataset", default="cifar10")

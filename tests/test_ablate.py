@@ -22,6 +22,8 @@ def test_macs_count_every_block():
 
     net = LayerwiseNet(ArchConfig(widths=(64, 128, 256)))
     assert ablate.macs_per_image(net) == 27 * 27 * 108 * 64 + 11 * 11 * 576 * 128 + 3 * 3 * 1152 * 256
+    padded = LayerwiseNet(ArchConfig(widths=(64, 128, 256), paddings=(0, 1)))  # maps 27 -> 13 -> 6, 3x3 convs keep size
+    assert ablate.macs_per_image(padded) == 27 * 27 * 108 * 64 + 13 * 13 * 576 * 128 + 6 * 6 * 1152 * 256
 
 
 def test_table_averages_seeds_per_name_in_the_order_asked():
@@ -30,3 +32,10 @@ def test_table_averages_seeds_per_name_in_the_order_asked():
     table = ablate.markdown_table(rows, names=["b", "a"]).splitlines()
     assert table[0].startswith("| run | init | seeds | block 1 | block 2 | blocks 1..2 |")
     assert table[2].startswith("| b | layerwise | 0 | 70.0 |") and "| 81.0 ± 1.4 |" in table[3]
+
+
+def test_table_times_only_the_rows_that_trained():
+    rows = [{"name": "a", "init": "layerwise", "seed": s, "accs": {"block_1": 80.0}, "train_seconds": t, "macs": 2e6}
+            for s, t in [(0, 0.0), (1, 100.0), (2, 120.0)]]  # seed 0: a kept run read out again
+    assert ablate.markdown_table(rows).splitlines()[2].endswith("| 110 | 2.0 |")
+    assert ablate.markdown_table(rows[:1]).splitlines()[2].endswith("| – | 2.0 |")
