@@ -195,7 +195,8 @@ def markdown_table(rows: list[dict], names: list[str] | None = None, by_seed: bo
         seeds = ",".join(str(r["seed"]) for r in g)
         trained = [r["train_seconds"] for r in g if r["train_seconds"] > 0]  # a kept run read out again: 0
         seconds = f"{statistics.mean(trained):.0f}" if trained else "–"
-        lines.append(f"| {key[0]} | {g[0]['init']} | {seeds} | " + " | ".join(cells)
+        init = Path(g[0]["init"]).name if "/" in g[0]["init"] else g[0]["init"]  # a kept run: its directory
+        lines.append(f"| {key[0]} | {init} | {seeds} | " + " | ".join(cells)
                      + f" | {seconds} | {g[0]['macs'] / 1e6:.1f} |")
     return "\n".join(lines)
 
