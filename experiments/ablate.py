@@ -28,6 +28,7 @@ Command lines::
     python experiments/ablate.py --name w256 --layers 1 --set arch.widths=[256]
     python experiments/ablate.py --table                     # markdown table of OUT/results.jsonl
     python experiments/ablate.py --table --names a,b --by-seed  # chosen rows, seeds averaged or not
+    python experiments/ablate.py --filters FIG.png runs/ablate/runs/a-seed0 runs/ablate/runs/b-seed0
 
 ``--set KEY=VALUE`` takes a dotted key of the pretrain config (``loss.temperature=0.2``,
 ``positives=[exemplar]``, ``augment.jitter=0.8``, ``steps_per_layer=[2000,1000]``); the value is
@@ -52,7 +53,7 @@ from contrastive_lw.checkpoint import BACKBONE, layer_checkpoints, load_checkpoi
 from contrastive_lw.config import to_dict
 from contrastive_lw.data import load_dataset
 from contrastive_lw.evaluate import block_features, linear_probe_accuracy
-from contrastive_lw.model import LayerwiseNet
+from contrastive_lw.model import LayerwiseNet, initial_network
 from contrastive_lw.pretrain import LayerwisePretrainer, PretrainConfig
 from contrastive_lw.supervised import train_supervised
 from contrastive_lw.transfer import TransferConfig, load_init
@@ -201,6 +202,22 @@ def markdown_table(rows: list[dict], names: list[str] | None = None, by_seed: bo
     return "\n".join(lines)
 
 
+def filter_figure(path: str | Path, run_dirs: list[str], seed: int, init_scale: float) -> Path:
+    """Block-1 filters of kept runs beside the initialisation they all started from (the ``seed``'s
+    draw scaled by ``init_scale``), captioned so."""
+    from contrastive_lw.checkpoint import load_backbone
+    from contrastive_lw.visualize import save_filter_grids
+
+    nets = {Path(d).name: load_backbone(d) for d in run_dirs}
+    arch = next(iter(nets.values())).arch
+    start = initial_network(arch, torch.zeros(1, arch.in_channels, 1, 1, dtype=torch.uint8), seed, init_scale)
+    weights = {f"initialisation (seed {seed})": start.blocks[0].conv.weight,
+               **{f"{name} block 1": net.blocks[0].conv.weight for name, net in nets.items()}}
+    return save_filter_grids(weights, path, f"Every trained network shown started from the initialisation on the "
+                                            f"left (model.initial_network: seed {seed}, conv weights x init_scale "
+                                            f"{init_scale}); each filter is scaled to its own range.")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", help="row name (one config; seeds share it)")
@@ -229,7 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", action="store_true", help="print the markdown table of OUT/results.jsonl")
     parser.add_argument("--names", help="comma-separated rows for --table, in this order")
     parser.add_argument("--by-seed", action="store_true")
+    parser.add_argument("--filters", nargs="+", metavar="PNG RUN_DIR",
+                        help="draw the block-1 filters of kept runs (trained from --seed) beside their initialisation")
     args = parser.parse_args(argv)
+    if args.filters:
+        print(filter_figure(args.filters[0], args.filters[1:], args.seed,
+                            pretrain_config(args.set, 1, args.seed).init_scale))
+        return 0
     if args.table:
         print(markdown_table(load_rows(Path(args.out) / "results.jsonl"),
                              args.names.split(",") if args.names else None, args.by_seed))

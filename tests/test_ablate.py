@@ -2,6 +2,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 SPEC = importlib.util.spec_from_file_location("ablate", Path(__file__).parents[1] / "experiments" / "ablate.py")
 ablate = importlib.util.module_from_spec(SPEC)
@@ -39,3 +40,13 @@ def test_table_times_only_the_rows_that_trained():
             for i, s, t in [("runs/ablate/runs/a-seed0", 0, 0.0), ("layerwise", 1, 100.0), ("layerwise", 2, 120.0)]]
     assert ablate.markdown_table(rows).splitlines()[2].endswith("| 110 | 2.0 |")  # seed 0: a kept run read out again
     assert ablate.markdown_table(rows[:1]).splitlines()[2] == "| a | a-seed0 | 0 | 80.0 | – | 2.0 |"
+
+
+def test_filter_figure_draws_kept_runs_beside_their_initialisation(tmp_path):
+    from contrastive_lw.checkpoint import save_backbone
+    from contrastive_lw.model import ArchConfig, initial_network
+
+    net = initial_network(ArchConfig(widths=(8,)), torch.zeros(1, 3, 1, 1, dtype=torch.uint8), 0)
+    save_backbone(tmp_path / "run" / "layer1.pt", net, "greedy")
+    path = ablate.filter_figure(tmp_path / "f.png", [str(tmp_path / "run")], seed=0, init_scale=0.1)
+    assert path.stat().st_size > 0
