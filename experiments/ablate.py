@@ -210,7 +210,7 @@ def filter_figure(path: str | Path, run_dirs: list[str], seed: int, init_scale: 
 
     nets = {Path(d).name: load_backbone(d) for d in run_dirs}
     arch = next(iter(nets.values())).arch
-    start = initial_network(arch, torch.zeros(1, arch.in_channels, 1, 1, dtype=torch.uint8), seed, init_scale)
+    start = initial_network(arch, torch.zeros(2, arch.in_channels, 2, 2, dtype=torch.uint8), seed, init_scale)
     weights = {f"initialisation (seed {seed})": start.blocks[0].conv.weight,
                **{f"{name} block 1": net.blocks[0].conv.weight for name, net in nets.items()}}
     return save_filter_grids(weights, path, f"Every trained network shown started from the initialisation on the "

@@ -46,7 +46,7 @@ def test_filter_figure_draws_kept_runs_beside_their_initialisation(tmp_path):
     from contrastive_lw.checkpoint import save_backbone
     from contrastive_lw.model import ArchConfig, initial_network
 
-    net = initial_network(ArchConfig(widths=(8,)), torch.zeros(1, 3, 1, 1, dtype=torch.uint8), 0)
+    net = initial_network(ArchConfig(widths=(8,)), torch.zeros(2, 3, 2, 2, dtype=torch.uint8), 0)
     save_backbone(tmp_path / "run" / "layer1.pt", net, "greedy")
     path = ablate.filter_figure(tmp_path / "f.png", [str(tmp_path / "run")], seed=0, init_scale=0.1)
     assert path.stat().st_size > 0
