@@ -196,7 +196,8 @@ def markdown_table(rows: list[dict], names: list[str] | None = None, by_seed: bo
         seeds = ",".join(str(r["seed"]) for r in g)
         trained = [r["train_seconds"] for r in g if r["train_seconds"] > 0]  # a kept run read out again: 0
         seconds = f"{statistics.mean(trained):.0f}" if trained else "–"
-        init = Path(g[0]["init"]).name if "/" in g[0]["init"] else g[0]["init"]  # a kept run: its directory
+        init = ", ".join(dict.fromkeys(Path(r["init"]).name if "/" in r["init"] else r["init"]  # a kept run: its dir
+                                       for r in g))
         lines.append(f"| {key[0]} | {init} | {seeds} | " + " | ".join(cells)
                      + f" | {seconds} | {g[0]['macs'] / 1e6:.1f} |")
     return "\n".join(lines)
