@@ -38,7 +38,7 @@ def test_table_averages_seeds_per_name_in_the_order_asked():
 def test_table_times_only_the_rows_that_trained():
     rows = [{"name": "a", "init": i, "seed": s, "accs": {"block_1": 80.0}, "train_seconds": t, "macs": 2e6}
             for i, s, t in [("runs/ablate/runs/a-seed0", 0, 0.0), ("layerwise", 1, 100.0), ("layerwise", 2, 120.0)]]
-    assert ablate.markdown_table(rows).splitlines()[2] == "| a | a-seed0, layerwise | 0,1,2 | 80.0 | 110 | 2.0 |"
+    assert ablate.markdown_table(rows).splitlines()[2] == "| a | a-seed0, layerwise | 0,1,2 | 80.0 ± 0.0 | 110 | 2.0 |"
     assert ablate.markdown_table(rows[:1]).splitlines()[2] == "| a | a-seed0 | 0 | 80.0 | – | 2.0 |"
 
 
