@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from .blocks import BlockNet
-from .config import from_dict
+from .config import from_dict, to_dict
 from .errors import CheckpointError, ConfigError, WeightsError
-from .model import ArchConfig, LayerwiseNet
+from .model import INIT_SCALE, ArchConfig, LayerwiseNet, initial_network
 
 TORCHVISION = ("resnet18", "resnet50", "vgg11_bn", "vgg16_bn", "mobilenet_v3_small")
 BACKBONES = ("lw", *TORCHVISION)
@@ -134,6 +134,28 @@ def build_backbone(config: BackboneConfig | None = None, arch: ArchConfig | None
     """A freshly built backbone: ``LayerwiseNet(arch)`` for ``lw``, else the torchvision net of ``config``."""
     config = config or BackboneConfig()
     return LayerwiseNet(arch) if config.name == "lw" else TorchvisionBackbone(config)
+
+
+def initial_backbone(config: BackboneConfig, arch: ArchConfig, images: torch.Tensor, seed: int,
+                     init_scale: float = INIT_SCALE) -> BlockNet:
+    """A freshly drawn backbone, seeded by ``seed`` and normalised on uint8 ``images``: ``lw`` as
+    :func:`~contrastive_lw.model.initial_network` draws it (conv weights x ``init_scale``), a
+    torchvision net as torchvision initialises it (or with its ``weights``). Layer-wise pretraining
+    and the supervised baseline both start here: with the same seed, from the same weights."""
+    if config.name == "lw":
+        return initial_network(arch, images, seed, init_scale)
+    torch.manual_seed(seed)
+    net = TorchvisionBackbone(config)
+    net.set_normalization(images)
+    return net
+
+
+def canonical_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with an ``lw`` architecture's settings filled in to today's full set (a checkpoint
+    written before a setting existed describes the same network as one written after)."""
+    if spec.get("name") != "lw":
+        return spec
+    return {**spec, "arch": to_dict(from_dict(ArchConfig, spec["arch"], "checkpoint arch"))}
 
 
 def backbone_from_spec(spec: dict[str, Any]) -> BlockNet:

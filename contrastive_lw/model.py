@@ -24,6 +24,9 @@ class ArchConfig:
     The default is the seed network: block 1 = conv 6x6 -> ReLU -> max-pool 2x2 (7x7 receptive
     field), blocks 2-3 = conv 3x3 -> BatchNorm -> ReLU -> max-pool 2x2 (13x13 and 25x25).
     ``pools`` entry 1 means no pooling (the paper's pooling ablation is ``pools: [1, 2]``).
+    ``paddings``: zero padding on each side of a block's convolution (default 0, the seed's
+    "valid" convolutions); padding keeps a larger map on whole images (``paddings: [0, 1]`` gives
+    block 3 a 3x3 map on 32x32 images instead of 1x1) and leaves the receptive field unchanged.
     """
 
     in_channels: int = 3
@@ -31,25 +34,31 @@ class ArchConfig:
     kernel_sizes: tuple[int, ...] = (6, 3)
     pools: tuple[int, ...] = (2,)
     batch_norm: tuple[bool, ...] = (False, True)
+    paddings: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
-        for name in ("widths", "kernel_sizes", "pools", "batch_norm"):
+        for name in ("widths", "kernel_sizes", "pools", "batch_norm", "paddings"):
             if len(getattr(self, name)) == 0:
                 raise ConfigError(f"arch.{name} must hold at least one value")
         for name in ("in_channels", *self.widths, *self.kernel_sizes, *self.pools):
             value = self.in_channels if name == "in_channels" else name
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"arch sizes must be positive integers, got {value!r}")
+        for k in range(1, self.num_blocks + 1):
+            padding, kernel = per_layer(self.paddings, k), per_layer(self.kernel_sizes, k)
+            if not isinstance(padding, int) or not 0 <= padding < kernel:
+                raise ConfigError(f"arch.paddings: block {k}'s padding must be an integer in 0..{kernel - 1} "
+                                  f"(its kernel is {kernel}), got {padding!r}")
 
     @property
     def num_blocks(self) -> int:
         return len(self.widths)
 
-    def block(self, k: int) -> tuple[int, int, int, int, bool]:
-        """(in_channels, out_channels, kernel, pool, batch_norm) of block ``k`` (1-based)."""
+    def block(self, k: int) -> tuple[int, int, int, int, bool, int]:
+        """(in_channels, out_channels, kernel, pool, batch_norm, padding) of block ``k`` (1-based)."""
         in_ch = self.in_channels if k == 1 else self.widths[k - 2]
         return (in_ch, self.widths[k - 1], per_layer(self.kernel_sizes, k),
-                per_layer(self.pools, k), per_layer(self.batch_norm, k))
+                per_layer(self.pools, k), per_layer(self.batch_norm, k), per_layer(self.paddings, k))
 
     def truncated(self, k: int) -> ArchConfig:
         """The same architecture with only its first ``k`` blocks."""
@@ -57,20 +66,21 @@ class ArchConfig:
 
 
 class ConvBlock(nn.Sequential):
-    """conv (stride 1, no padding) -> [BatchNorm] -> ReLU -> [max-pool]. The forward pass pools
+    """conv (stride 1, ``padding`` zeros each side) -> [BatchNorm] -> ReLU -> [max-pool]. The forward pass pools
     before the ReLU: max-pool and ReLU commute, and the ReLU and its backward then run on the
     pooled map (the end-to-end pretraining step 1.04x faster, docs/PERFORMANCE.md)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int,
-                 pool: int = 2, batch_norm: bool = False) -> None:
-        layers: list[nn.Module] = [Conv2d(in_channels, out_channels, kernel_size, bias=not batch_norm)]
+                 pool: int = 2, batch_norm: bool = False, padding: int = 0) -> None:
+        layers: list[nn.Module] = [Conv2d(in_channels, out_channels, kernel_size, padding=padding,
+                                          bias=not batch_norm)]
         if batch_norm:
             layers.append(nn.BatchNorm2d(out_channels))
         layers.append(nn.ReLU(inplace=True))
         if pool > 1:
             layers.append(nn.MaxPool2d(pool))
         super().__init__(*layers)
-        self.kernel_size, self.pool = kernel_size, pool
+        self.kernel_size, self.pool, self.padding = kernel_size, pool, padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused(x):
@@ -138,7 +148,7 @@ class LayerwiseNet(BlockNet):
     def output_size(self, input_size: int, k: int | None = None) -> int:
         size = input_size
         for block in self.blocks[: self._check_k(k)]:
-            size = (size - block.kernel_size + 1) // block.pool
+            size = (size + 2 * block.padding - block.kernel_size + 1) // block.pool
         return size
 
     def out_channels(self, k: int | None = None) -> int:
@@ -148,6 +158,23 @@ class LayerwiseNet(BlockNet):
         net = self._share_prefix(LayerwiseNet.__new__(LayerwiseNet), k)
         net.arch = self.arch.truncated(k)
         return net
+
+
+INIT_SCALE = 0.1  # the default conv-weight scale of a freshly drawn network (layer-wise and supervised)
+
+
+def initial_network(arch: ArchConfig, images: torch.Tensor, seed: int, init_scale: float = INIT_SCALE) -> LayerwiseNet:
+    """A freshly drawn ``LayerwiseNet(arch)``: seeded by ``seed``, its input normalised by uint8
+    ``images``' channel statistics, every conv weight scaled by ``init_scale`` (faint init noise,
+    so that the filters training makes show). Layer-wise pretraining and the supervised baseline
+    both start here: with the same seed they start from the same filters."""
+    torch.manual_seed(seed)
+    net = LayerwiseNet(arch)
+    net.set_normalization(images)
+    with torch.no_grad():
+        for block in net.blocks:
+            block.conv.weight.mul_(init_scale)
+    return net
 
 
 def set_trainable(module: nn.Module, trainable: bool) -> None:

@@ -24,11 +24,11 @@ from .device import autocast, resolve_device
 from .errors import CheckpointError, ConfigError, TrainingDiverged
 from .losses import LossConfig, build_loss
 from .accel.memory import on_huge_pages
-from .backbones import BackboneConfig, build_backbone
+from .backbones import BackboneConfig, canonical_spec, initial_backbone
 from .blocks import BlockNet
 from .checkpoint import saved_spec
 from .heads import ProjectionHead
-from .model import ArchConfig, LayerwiseNet, set_trainable
+from .model import INIT_SCALE, ArchConfig, set_trainable
 from .patches import NEGATIVES, POSITIVES, PatchIndex, PatchSampler, crop
 from .runs import RunLogger
 
@@ -73,7 +73,7 @@ class PretrainConfig:
     negative: str = "other_image"
     max_shift: int = 2
     patch_sizes: tuple[int, ...] = ()
-    init_scale: float = 0.1
+    init_scale: float = INIT_SCALE
     embed_dim: int = 128
     head_hidden: int = 0
     batch_size: int = 512
@@ -278,15 +278,9 @@ class LayerwisePretrainer:
     def initial_network(self, images: torch.Tensor) -> BlockNet:
         """The network as :meth:`fit` draws it before any training: seeded, its input normalised
         by ``images``' channel statistics (ImageNet's for pretrained torchvision weights), every
-        ``lw`` conv weight scaled by ``init_scale``."""
-        torch.manual_seed(self.config.seed)
-        net = build_backbone(self.config.backbone, self.config.arch)
-        net.set_normalization(images.flatten(0, -4))
-        if isinstance(net, LayerwiseNet):
-            with torch.no_grad():
-                for block in net.blocks:
-                    block.conv.weight.mul_(self.config.init_scale)
-        return net
+        ``lw`` conv weight scaled by ``init_scale`` (:func:`~contrastive_lw.backbones.initial_backbone`)."""
+        cfg = self.config
+        return initial_backbone(cfg.backbone, cfg.arch, images.flatten(0, -4), cfg.seed, cfg.init_scale)
 
     def _resume(self, net: BlockNet) -> int:
         """Load the deepest finished layer of the run directory; returns how many blocks it holds."""
@@ -294,7 +288,7 @@ class LayerwisePretrainer:
         if path is None:
             return 0
         payload = load_checkpoint(path, BACKBONE)
-        if saved_spec(payload) != net.spec:
+        if canonical_spec(saved_spec(payload)) != canonical_spec(net.spec):
             raise CheckpointError(f"{path} was written for another architecture: use a new --out")
         net.load_state_dict(payload["backbone"])
         return payload["trained_blocks"]

@@ -147,7 +147,7 @@ class Study:
         if not any(run_dir.glob("layer*.pt")):
             if init == "supervised":
                 train_supervised(source, source_test, cfg.pretrain.arch, dataclasses.replace(cfg.supervised, seed=seed),
-                                 run_dir, self.device, backbone=cfg.pretrain.backbone)
+                                 run_dir, self.device, backbone=cfg.pretrain.backbone, init_scale=cfg.pretrain.init_scale)
             else:
                 mode = "greedy" if init == "layerwise" else "end2end"
                 pretrain = dataclasses.replace(cfg.pretrain, mode=mode, seed=seed)
@@ -234,7 +234,10 @@ def write_figures(out_dir: Path, records: list[dict]) -> list[Path]:
                  if any((out_dir / f"seed{seed}" / init).glob("layer*.pt"))}
     if backbones:
         written.append(save_filter_grids({f"{init} block 1": net.first_conv().weight
-                                          for init, net in backbones.items()}, figures / "filters.png"))
+                                          for init, net in backbones.items()}, figures / "filters.png",
+                                         f"Seed {seed}. Every network shown started from the same initialisation "
+                                         "(backbones.initial_backbone: the seed's draw, lw conv weights x init_scale); "
+                                         "each filter is scaled to its own range."))
         deepest = min(net.num_blocks for net in backbones.values())
         net = next(iter(backbones.values()))
         while deepest > 1 and net.receptive_field(deepest) > UNIT_IMAGE_MAX_SIDE:

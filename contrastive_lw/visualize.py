@@ -32,14 +32,19 @@ def save_filter_grid(weight: torch.Tensor, path: str | Path, title: str = "") ->
     return save_filter_grids({title: weight}, path)
 
 
-def save_filter_grids(weights: Mapping[str, torch.Tensor], path: str | Path) -> Path:
-    """Filter grids of several networks side by side, each titled by its key."""
-    fig = _figure(6 * len(weights), 6.4)
+def save_filter_grids(weights: Mapping[str, torch.Tensor], path: str | Path, caption: str = "") -> Path:
+    """Filter grids of several networks side by side, each titled by its key, ``caption`` (wrapped)
+    under them."""
+    fig = _figure(6 * len(weights), 6.4 + 0.5 * bool(caption))
     axes = fig.subplots(1, len(weights), squeeze=False)
     for ax, (title, weight) in zip(axes[0], weights.items()):
         ax.imshow(filter_grid(weight).permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_axis_off()
         ax.set_title(title)
+    if caption:
+        fig.text(0.5, 0.01, caption, ha="center", va="bottom", wrap=True, fontsize=9)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        return _save(fig, path, tight=False)
     return _save(fig, path)
 
 
@@ -220,9 +225,10 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height))
 
 
-def _save(fig, path: str | Path) -> Path:
+def _save(fig, path: str | Path, tight: bool = True) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path

@@ -5,7 +5,7 @@ One run (``--init layerwise``, the default) builds ``PretrainConfig()`` (the pla
 command's defaults) with ``--set`` overrides, pretrains ``--layers`` blocks greedily on the train
 images of the source classes (CIFAR-10 0-4: 25 000 images), then reads the blocks out on the target
 classes (5-9): a softmax regression (:func:`contrastive_lw.evaluate.linear_probe_accuracy`, L-BFGS
-on standardised features, 200 iterations) trained on a fixed random subset of ``--probe-train``
+on standardised features, 200 iterations, L2 weight ``--probe-wd`` 1e-2) trained on a fixed random subset of ``--probe-train``
 10 000 of the 25 000 target train images (the same subset in every run; 0 takes all: the probe of
 3 blocks on all of them took 7 min on the shared 2 cores) and tested on all 5 000 target test images, on the features (:func:`contrastive_lw.evaluate.block_features`, average-pooled to
 ``--pool`` x ``--pool``) of each block k alone (``block_k``) and of blocks 1..k concatenated
@@ -13,7 +13,8 @@ on standardised features, 200 iterations) trained on a fixed random subset of ``
 untrained (normalised on the target images, as ``compare``'s random init); ``--init RUN_DIR`` reads
 out a run kept with ``--keep`` again (read-out ablations: ``--pool``, ``--probe-wd``); ``--init supervised``
 trains it with labels on the source classes as ``contrastive-lw supervised --epochs
---supervised-epochs`` does (the baseline's wall time is its training time). The row, appended to
+--supervised-epochs`` does (the baseline's wall time is its training time), from the same initial
+network as layer-wise pretraining (:func:`contrastive_lw.model.initial_network`: seed, ``init_scale``). The row, appended to
 ``OUT/results.jsonl``: name, init, seed, the full pretrain config and the overrides, accuracies,
 pretraining (or supervised training) wall time, per-layer seconds, probe seconds, MACs per 32x32
 image of the network.
@@ -27,6 +28,7 @@ Command lines::
     python experiments/ablate.py --name w256 --layers 1 --set arch.widths=[256]
     python experiments/ablate.py --table                     # markdown table of OUT/results.jsonl
     python experiments/ablate.py --table --names a,b --by-seed  # chosen rows, seeds averaged or not
+    python experiments/ablate.py --filters FIG.png runs/ablate/runs/a-seed0 runs/ablate/runs/b-seed0
 
 ``--set KEY=VALUE`` takes a dotted key of the pretrain config (``loss.temperature=0.2``,
 ``positives=[exemplar]``, ``augment.jitter=0.8``, ``steps_per_layer=[2000,1000]``); the value is
@@ -51,7 +53,7 @@ from contrastive_lw.checkpoint import BACKBONE, layer_checkpoints, load_checkpoi
 from contrastive_lw.config import to_dict
 from contrastive_lw.data import load_dataset
 from contrastive_lw.evaluate import block_features, linear_probe_accuracy
-from contrastive_lw.model import LayerwiseNet
+from contrastive_lw.model import LayerwiseNet, initial_network
 from contrastive_lw.pretrain import LayerwisePretrainer, PretrainConfig
 from contrastive_lw.supervised import train_supervised
 from contrastive_lw.transfer import TransferConfig, load_init
@@ -88,7 +90,7 @@ def macs_per_image(net: LayerwiseNet, side: int = 32) -> int:
     total = 0
     for block in net.blocks:
         conv = block.conv
-        out = side - conv.kernel_size[0] + 1
+        out = side + 2 * conv.padding[0] - conv.kernel_size[0] + 1
         total += out * out * conv.in_channels * conv.out_channels * conv.kernel_size[0] ** 2
         side = out // block.pool if block.pool > 1 else out
     return total
@@ -137,8 +139,10 @@ def run(args: argparse.Namespace) -> dict:
         source_test = load_dataset(args.dataset, "test", args.data_root, args.source)
         sup = TransferConfig(epochs=args.supervised_epochs, new_widths=(), hidden=0, seed=args.seed)
         with tempfile.TemporaryDirectory() as tmp:
-            result = train_supervised(source, source_test, config.arch, sup, tmp, "cpu", tensorboard=False)
-            net = load_init(tmp, target.images)[1]
+            kept = run_dir if args.keep else tmp
+            result = train_supervised(source, source_test, config.arch, sup, kept, "cpu", tensorboard=False,
+                                      init_scale=config.init_scale)
+            net = load_init(kept, target.images)[1]
         per_layer = [result.seconds]
     elif args.init == "random":
         torch.manual_seed(args.seed)
@@ -167,7 +171,8 @@ def load_rows(path: str | Path) -> list[dict]:
 
 def markdown_table(rows: list[dict], names: list[str] | None = None, by_seed: bool = False) -> str:
     """Rows grouped by name (and seed with ``by_seed``), in first-seen order (or ``names``' order):
-    mean ± std over seeds of every read-out, pretraining seconds, MMACs per image."""
+    mean ± std over seeds of every read-out, pretraining seconds (mean over the rows that trained:
+    a kept run read out again has none; random rows count their draw), MMACs per image."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         if names is None or r["name"] in names:
@@ -189,9 +194,29 @@ def markdown_table(rows: list[dict], names: list[str] | None = None, by_seed: bo
             else:
                 cells.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
         seeds = ",".join(str(r["seed"]) for r in g)
-        lines.append(f"| {key[0]} | {g[0]['init']} | {seeds} | " + " | ".join(cells)
-                     + f" | {statistics.mean(r['train_seconds'] for r in g):.0f} | {g[0]['macs'] / 1e6:.1f} |")
+        trained = [r["train_seconds"] for r in g if r["train_seconds"] > 0]  # a kept run read out again: 0
+        seconds = f"{statistics.mean(trained):.0f}" if trained else "–"
+        init = ", ".join(dict.fromkeys(Path(r["init"]).name if "/" in r["init"] else r["init"]  # a kept run: its dir
+                                       for r in g))
+        lines.append(f"| {key[0]} | {init} | {seeds} | " + " | ".join(cells)
+                     + f" | {seconds} | {g[0]['macs'] / 1e6:.1f} |")
     return "\n".join(lines)
+
+
+def filter_figure(path: str | Path, run_dirs: list[str], seed: int, init_scale: float) -> Path:
+    """Block-1 filters of kept runs beside the initialisation they all started from (the ``seed``'s
+    draw scaled by ``init_scale``), captioned so."""
+    from contrastive_lw.checkpoint import load_backbone
+    from contrastive_lw.visualize import save_filter_grids
+
+    nets = {Path(d).name: load_backbone(d) for d in run_dirs}
+    arch = next(iter(nets.values())).arch
+    start = initial_network(arch, torch.zeros(2, arch.in_channels, 2, 2, dtype=torch.uint8), seed, init_scale)
+    weights = {f"initialisation (seed {seed})": start.blocks[0].conv.weight,
+               **{f"{name} block 1": net.blocks[0].conv.weight for name, net in nets.items()}}
+    return save_filter_grids(weights, path, f"Every trained network shown started from the initialisation on the "
+                                            f"left (model.initial_network: seed {seed}, conv weights x init_scale "
+                                            f"{init_scale}); each filter is scaled to its own range.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--supervised-epochs", type=int, default=5)
     parser.add_argument("--pool", type=int, default=4)
-    parser.add_argument("--probe-wd", type=float, default=1e-4, help="the probe's L2 weight (default: evaluate's)")
+    parser.add_argument("--probe-wd", type=float, default=1e-2,
+                        help="the probe's L2 weight (1e-2: the best all-block read-out of 1e-4..1e-1 for layer-wise and "
+                             "random blocks alike, docs/STUDY.md; evaluate's default is 1e-4)")
     parser.add_argument("--probe-train", type=int, default=10000,
                         help="target train images for the probe, a fixed class-mixed subset (0: all 25 000)")
     parser.add_argument("--dataset", default="cifar10")
@@ -220,7 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", action="store_true", help="print the markdown table of OUT/results.jsonl")
     parser.add_argument("--names", help="comma-separated rows for --table, in this order")
     parser.add_argument("--by-seed", action="store_true")
+    parser.add_argument("--filters", nargs="+", metavar="PNG RUN_DIR",
+                        help="draw the block-1 filters of kept runs (trained from --seed) beside their initialisation")
     args = parser.parse_args(argv)
+    if args.filters:
+        print(filter_figure(args.filters[0], args.filters[1:], args.seed,
+                            pretrain_config(args.set, 1, args.seed).init_scale))
+        return 0
     if args.table:
         print(markdown_table(load_rows(Path(args.out) / "results.jsonl"),
                              args.names.split(",") if args.names else None, args.by_seed))

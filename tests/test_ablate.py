@@ -2,6 +2,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 SPEC = importlib.util.spec_from_file_location("ablate", Path(__file__).parents[1] / "experiments" / "ablate.py")
 ablate = importlib.util.module_from_spec(SPEC)
@@ -22,6 +23,8 @@ def test_macs_count_every_block():
 
     net = LayerwiseNet(ArchConfig(widths=(64, 128, 256)))
     assert ablate.macs_per_image(net) == 27 * 27 * 108 * 64 + 11 * 11 * 576 * 128 + 3 * 3 * 1152 * 256
+    padded = LayerwiseNet(ArchConfig(widths=(64, 128, 256), paddings=(0, 1)))  # maps 27 -> 13 -> 6, 3x3 convs keep size
+    assert ablate.macs_per_image(padded) == 27 * 27 * 108 * 64 + 13 * 13 * 576 * 128 + 6 * 6 * 1152 * 256
 
 
 def test_table_averages_seeds_per_name_in_the_order_asked():
@@ -30,3 +33,20 @@ def test_table_averages_seeds_per_name_in_the_order_asked():
     table = ablate.markdown_table(rows, names=["b", "a"]).splitlines()
     assert table[0].startswith("| run | init | seeds | block 1 | block 2 | blocks 1..2 |")
     assert table[2].startswith("| b | layerwise | 0 | 70.0 |") and "| 81.0 ± 1.4 |" in table[3]
+
+
+def test_table_times_only_the_rows_that_trained():
+    rows = [{"name": "a", "init": i, "seed": s, "accs": {"block_1": 80.0}, "train_seconds": t, "macs": 2e6}
+            for i, s, t in [("runs/ablate/runs/a-seed0", 0, 0.0), ("layerwise", 1, 100.0), ("layerwise", 2, 120.0)]]
+    assert ablate.markdown_table(rows).splitlines()[2] == "| a | a-seed0, layerwise | 0,1,2 | 80.0 ± 0.0 | 110 | 2.0 |"
+    assert ablate.markdown_table(rows[:1]).splitlines()[2] == "| a | a-seed0 | 0 | 80.0 | – | 2.0 |"
+
+
+def test_filter_figure_draws_kept_runs_beside_their_initialisation(tmp_path):
+    from contrastive_lw.checkpoint import save_backbone
+    from contrastive_lw.model import ArchConfig, initial_network
+
+    net = initial_network(ArchConfig(widths=(8,)), torch.zeros(2, 3, 2, 2, dtype=torch.uint8), 0)
+    save_backbone(tmp_path / "run" / "layer1.pt", net, "greedy")
+    path = ablate.filter_figure(tmp_path / "f.png", [str(tmp_path / "run")], seed=0, init_scale=0.1)
+    assert path.stat().st_size > 0

@@ -225,3 +225,20 @@ def test_advise_and_features_take_a_torchvision_init(tmp_path):
     assert main(["advise", "--init", "torchvision:mobilenet_v3_small", "--cifar-stem", "--blocks", "2",
                  "--dataset", "sample", "--classes", "5-9", "--limit", "100",
                  "--out", str(tmp_path / "advice.json")]) == 0
+
+
+def test_a_run_written_before_an_arch_setting_existed_still_resumes(tmp_path, images):
+    from contrastive_lw.checkpoint import save_checkpoint
+    from contrastive_lw.pretrain import LayerwisePretrainer, PretrainConfig
+
+    config = PretrainConfig(arch=ArchConfig(widths=(4, 4)), steps_per_layer=2, batch_size=8)
+    run = tmp_path / "run"
+    LayerwisePretrainer(config, run, "cpu", progress=False, tensorboard=False).fit(images)
+    (run / "layer2.pt").unlink()
+    payload = load_checkpoint(run / "layer1.pt", "contrastive-lw/backbone")
+    for arch in (payload["arch"], payload["backbone_spec"]["arch"]):
+        arch.pop("paddings", None)  # as written before ArchConfig.paddings existed (one dict, saved twice)
+    payload.pop("format_version")
+    save_checkpoint(payload, run / "layer1.pt")
+    LayerwisePretrainer(config, run, "cpu", progress=False, tensorboard=False).fit(images)
+    assert (run / "layer2.pt").is_file()

@@ -102,10 +102,29 @@ def test_output_basis_of_a_widening_linear_head_spans_its_outputs():
     assert ProjectionHead(31, 32).output_basis() is None and ProjectionHead(8, 32, hidden=4).output_basis() is None
 
 
-@pytest.mark.parametrize("bad", [dict(widths=()), dict(widths=(0,)), dict(kernel_sizes=(-1,)), dict(pools=(0,))])
+@pytest.mark.parametrize("bad", [dict(widths=()), dict(widths=(0,)), dict(kernel_sizes=(-1,)), dict(pools=(0,)),
+                                 dict(paddings=(0, 3)), dict(paddings=(-1,)), dict(paddings=())])
 def test_bad_arch_is_rejected(bad):
     with pytest.raises(ConfigError):
         ArchConfig(**bad)
+
+
+def test_padding_keeps_a_larger_map_and_the_receptive_fields():
+    plain, padded = LayerwiseNet(), LayerwiseNet(ArchConfig(paddings=(0, 1)))
+    assert [padded.receptive_field(k) for k in (1, 2, 3)] == [plain.receptive_field(k) for k in (1, 2, 3)]
+    assert plain.blocks[1].conv.padding == (0, 0) and padded.blocks[1].conv.padding == (1, 1)
+    for side in (13, 25, 32):  # output_size matches the forward pass, block by block
+        x = torch.rand(2, 3, side, side)
+        assert [padded(x, k).shape[-1] for k in (1, 2, 3)] == [padded.output_size(side, k) for k in (1, 2, 3)]
+    assert [padded.output_size(32, k) for k in (1, 2, 3)] == [13, 6, 3]
+    assert [plain.output_size(32, k) for k in (1, 2, 3)] == [13, 5, 1]
+    # a unit of block 2 away from the border sees exactly its receptive field: change a pixel outside
+    # the 13x13 window of output (1, 1) of a 32x32 image and that unit does not move
+    padded.eval()
+    x = torch.rand(1, 3, 32, 32)
+    y = x.clone()
+    y[..., 20:, :] = 0
+    torch.testing.assert_close(padded(x, 2)[..., 1, 1], padded(y, 2)[..., 1, 1])
 
 
 def test_block_index_out_of_range():
@@ -256,3 +275,29 @@ def test_classifier_new_blocks_pool_before_their_relu_with_the_relu_then_pool_ou
         assert isinstance(pool, torch.nn.MaxPool2d) and isinstance(relu, torch.nn.ReLU)
         expected = pool(torch.relu(norm(conv(expected))))
     torch.testing.assert_close(clf.new_blocks(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_supervised_baseline_and_layerwise_pretraining_start_from_the_same_network(tmp_path, monkeypatch):
+    from contrastive_lw import supervised
+    from contrastive_lw.data import ImageData
+    from contrastive_lw.model import INIT_SCALE, initial_network
+    from contrastive_lw.pretrain import LayerwisePretrainer, PretrainConfig
+    from contrastive_lw.transfer import TransferConfig
+
+    arch = ArchConfig(widths=(4, 6))
+    images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    layerwise = LayerwisePretrainer(PretrainConfig(arch=arch, seed=3), tmp_path / "lw", "cpu",
+                                    tensorboard=False).initial_network(images)
+    started = []
+    real = supervised.train_transfer
+    monkeypatch.setattr(supervised, "train_transfer", lambda net, *a, **kw: started.append(
+        {k: v.clone() for k, v in net.state_dict().items()}) or real(net, *a, **kw))
+    data = ImageData(images, torch.arange(32) % 2, ["a", "b"])
+    supervised.train_supervised(data, data, arch, TransferConfig(epochs=1, batch_size=16, new_widths=(), hidden=0, seed=3),
+                                tmp_path / "sup", "cpu", tensorboard=False)
+    for name, value in layerwise.state_dict().items():
+        torch.testing.assert_close(started[0][name], value, rtol=0, atol=0)
+    torch.manual_seed(3)
+    drawn = LayerwiseNet(arch).blocks[0].conv.weight
+    torch.testing.assert_close(layerwise.blocks[0].conv.weight, INIT_SCALE * drawn)
+    assert torch.equal(initial_network(arch, images, 3, 1.0).blocks[0].conv.weight, drawn)

@@ -82,3 +82,17 @@ def test_visualize_draws_the_class_images_of_transfer_runs(tmp_path):
                      "--device", "cpu"]) == 0
     assert main(["visualize", *runs, "--steps", "3", "--out", str(tmp_path / "classes.png")]) == 0
     assert (tmp_path / "classes.png").stat().st_size > 1000
+
+
+def test_filter_figure_carries_its_caption_below_the_grids(tmp_path):
+    from PIL import Image
+
+    from contrastive_lw.visualize import save_filter_grids
+
+    weights = {"a block 1": torch.randn(8, 3, 6, 6), "b block 1": torch.randn(8, 3, 6, 6)}
+    plain = Image.open(save_filter_grids(weights, tmp_path / "plain.png"))
+    captioned = Image.open(save_filter_grids(weights, tmp_path / "captioned.png", "same initialisation"))
+    assert captioned.width == plain.width and captioned.height > plain.height
+    bottom = torch.tensor(list(captioned.convert("L").crop((0, captioned.height - 40, captioned.width,
+                                                            captioned.height)).getdata()))
+    assert (bottom < 128).any()  # the caption's text is drawn there

@@ -11,7 +11,7 @@ from . import native
 
 
 class Conv2d(nn.Conv2d):
-    """An unpadded, stride-1 ``nn.Conv2d`` that, while its weights train on the CPU on an input that
+    """A stride-1 ``nn.Conv2d`` that, unpadded and while its weights train on the CPU on an input that
     needs no gradient and gives at most 2 x 2 outputs (a greedy block at its receptive field),
     runs as one matmul of the input's k x k windows with the weight.
 
