@@ -277,13 +277,14 @@ def write_figures(out_dir: Path, records: list[dict]) -> list[Path]:
 def class_image_figure(out_dir: Path, records: list[dict], steps: int = 200) -> Path | None:
     """``figures/class_images.png``: the ideal class images (:func:`~contrastive_lw.visualize.class_images`)
     of each init's fine-tuned classifier (else its frozen one) of the most blocks, first seed, one
-    row per init; None when no such run left a ``state.pt`` (or results.json predates image_shape)."""
+    row per init; None when no such run left a ``state.pt`` (or there is no results.json, or it predates image_shape)."""
     from .attack import classifier_from_state
     from .checkpoint import load_checkpoint
     from .transfer import TRANSFER_STATE
     from .visualize import save_class_image_grid
 
-    saved = json.loads((out_dir / "results.json").read_text())
+    path = out_dir / "results.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {"setup": {}}
     runs = [r for mode in ("finetune", "frozen") for r in records if r["mode"] == mode]
     if not runs or "image_shape" not in saved["setup"]:
         return None
