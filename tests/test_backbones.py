@@ -242,3 +242,17 @@ def test_a_run_written_before_an_arch_setting_existed_still_resumes(tmp_path, im
     save_checkpoint(payload, run / "layer1.pt")
     LayerwisePretrainer(config, run, "cpu", progress=False, tensorboard=False).fit(images)
     assert (run / "layer2.pt").is_file()
+
+
+def test_search_index_and_query_with_a_torchvision_init(tmp_path):
+    from PIL import Image
+
+    from contrastive_lw.data import load_dataset
+
+    index = tmp_path / "idx"
+    assert main(["search", "index", "--init", "torchvision:mobilenet_v3_small", "--cifar-stem", "--layers", "2",
+                 "--dataset", "sample", "--limit", "20", "--no-progress", "--out", str(index)]) == 0
+    first = load_dataset("sample", "test", limit=20).images[0]
+    Image.fromarray(first.permute(1, 2, 0).numpy()).save(tmp_path / "q.png")
+    assert main(["search", "query", str(tmp_path / "q.png"), "--index", str(index), "--top", "3",
+                 "--out", str(tmp_path / "grid.png")]) == 0

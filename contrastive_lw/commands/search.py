@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_backbone_arguments, add_data_arguments, data_settings, load_split_and_backbone
+from .common import add_backbone_arguments, add_data_arguments, backbone_settings, data_settings, load_split_and_backbone
 
 HELP = "similar-image search: `search index` builds a cosine index of a dataset, `search query` draws neighbours"
 
@@ -44,7 +44,8 @@ def _index(args: argparse.Namespace) -> int:
     images, net, layers = load_split_and_backbone(args, data)
     features = export_features(net, images.images, layers, args.pool, args.batch_size,
                                False if args.no_progress else None)
-    meta = describe(net, layers, args.pool, init=str(args.init), data={**data, "split": args.split},
+    meta = describe(net, layers, args.pool, init=str(args.init), backbone_config=backbone_settings(args),
+                    data={**data, "split": args.split},
                     image_size=list(images.images.shape[-2:]), class_names=images.class_names)
     if args.precision_k and images.labels is not None:
         meta["precision"] = {args.precision_k: precision_at_k(features, images.labels, args.precision_k)}
@@ -60,6 +61,8 @@ def _query(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..backbones import BackboneConfig
+    from ..config import from_dict
     from ..data import decode_image, load_dataset
     from ..device import resolve_device
     from ..errors import DataError
@@ -71,7 +74,8 @@ def _query(args: argparse.Namespace) -> int:
     data = index.meta["data"]
     collection = load_dataset(data["dataset"], data["split"], data["data_root"], data["classes"], data["limit"])
     torch.manual_seed(0)  # as `search index`: a 'random' init is the same network
-    net = load_init(args.init or index.meta["init"], collection.images)[1].to(resolve_device(args.device))
+    backbone = from_dict(BackboneConfig, index.meta.get("backbone_config"), "backbone")  # a random / torchvision init's
+    net = load_init(args.init or index.meta["init"], collection.images, backbone=backbone)[1].to(resolve_device(args.device))
     rows, captions = [], []
     for name in args.images:
         path = Path(name)
