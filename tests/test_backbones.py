@@ -22,8 +22,9 @@ def npz(tmp_path, images):
     return path
 
 
-@pytest.mark.parametrize("name, cifar_stem", [(name, True) for name in TORCHVISION] + [
-    ("resnet18", False), ("mobilenet_v3_small", False), ("vgg11_bn", False)])
+@pytest.mark.parametrize("name, cifar_stem", [  # resnet50 and vgg16_bn are cut by the same code as resnet18, vgg11_bn
+    ("resnet18", True), ("resnet18", False), ("mobilenet_v3_small", True), ("mobilenet_v3_small", False),
+    ("vgg11_bn", False)])
 def test_blocks_report_their_own_output_shapes(name, cifar_stem):
     net = build_backbone(BackboneConfig(name, cifar_stem=cifar_stem)).eval()
     outputs = net.block_outputs(torch.rand(2, 3, 32, 32))
@@ -33,6 +34,12 @@ def test_blocks_report_their_own_output_shapes(name, cifar_stem):
         assert net.output_size(32, k) == -(-32 // net.stride(k))  # 'same' padding: the stride sets the side
     x = torch.rand(1, 3, 32, 32)
     assert torch.allclose(net(x, 2), net.block_outputs(x)[1])
+
+
+def test_the_deeper_variants_build_five_blocks():
+    assert [(net.num_blocks, net.out_channels(), net.output_size(32)) for net in
+            (build_backbone(BackboneConfig(name, cifar_stem=True)) for name in TORCHVISION if name in ("resnet50", "vgg16_bn"))
+            ] == [(5, 2048, 4), (5, 512, 1)]
 
 
 def test_resnet_stages_and_cifar_stem():
