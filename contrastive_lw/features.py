@@ -47,11 +47,6 @@ def check_images(images: torch.Tensor, channels: int, size: tuple[int, int] | No
                         f"holds {size[0]}x{size[1]} images: resize to that first")
 
 
-def in_channels(net: nn.Module) -> int:
-    """Channels the backbone's first convolution takes."""
-    return net.first_conv().in_channels
-
-
 def fingerprint(net: nn.Module) -> str:
     """A short hash of every parameter and buffer of ``net``: equal for the same weights."""
     digest = hashlib.sha1()
@@ -77,7 +72,7 @@ def export_features(net: nn.Module, images: torch.Tensor, layers: Sequence[int],
     """Pooled features N x D (float32, CPU) of blocks ``layers`` of ``net`` for uint8 ``images``:
     the read-outs' :func:`~contrastive_lw.evaluate.block_features`, after checking the inputs."""
     layers = check_layers(net, layers)
-    check_images(images, in_channels(net))
+    check_images(images, net.in_channels)
     return block_features(net, images, layers, pool, batch_size, progress)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, DataError, UserError
-from .features import check_images, describe, export_features, in_channels, load_features, save_features
+from .features import check_images, describe, export_features, load_features, save_features
 
 BACKENDS = ("exact", "faiss")
 INDEX_FILE, FAISS_FILE = "index.npz", "index.faiss"
@@ -91,7 +91,7 @@ class SearchIndex:
         """:meth:`search` for uint8 ``images`` through ``net``, after checking that ``net`` is the
         backbone the index was built from and that the images have its channels and size."""
         self.check(describe(net, self.meta["layers"], self.meta["pool"]))
-        check_images(images, in_channels(net), tuple(self.meta["image_size"]), what)
+        check_images(images, net.in_channels, tuple(self.meta["image_size"]), what)
         return self.search(export_features(net, images, self.meta["layers"], self.meta["pool"], progress=False), top)
 
 

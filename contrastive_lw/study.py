@@ -239,11 +239,11 @@ def write_figures(out_dir: Path, records: list[dict]) -> list[Path]:
                                          "(backbones.initial_backbone: the seed's draw, lw conv weights x init_scale); "
                                          "each filter is scaled to its own range."))
         deepest = min(net.num_blocks for net in backbones.values())
-        net = next(iter(backbones.values()))
-        while deepest > 1 and net.receptive_field(deepest) > UNIT_IMAGE_MAX_SIDE:
+        first = next(iter(backbones.values()))
+        while deepest > 1 and first.receptive_field(deepest) > UNIT_IMAGE_MAX_SIDE:
             deepest -= 1  # a torchvision stage's units see most of the image: too costly to ascend for a report
         if deepest > 1:
-            count = 64 if isinstance(net, LayerwiseNet) else 16  # a torchvision stage costs ~50x an lw block
+            count = 64 if isinstance(first, LayerwiseNet) else 16  # a torchvision stage costs ~50x an lw block
             units = {f"{init} block {deepest}": maximize_activation(net, deepest, units=count)
                      for init, net in backbones.items()}
             written.append(save_filter_grids(units, figures / f"units_block{deepest}.png"))

@@ -7,7 +7,7 @@ import torch
 import torchvision
 import yaml
 
-from contrastive_lw.backbones import (BACKBONES, TORCHVISION, BackboneConfig, TorchvisionBackbone, backbone_from_spec,
+from contrastive_lw.backbones import (BACKBONES, BackboneConfig, TorchvisionBackbone, backbone_from_spec,
                                       build_backbone)
 from contrastive_lw.checkpoint import load_backbone, load_checkpoint, save_backbone
 from contrastive_lw.cli import main
@@ -37,9 +37,8 @@ def test_blocks_report_their_own_output_shapes(name, cifar_stem):
 
 
 def test_the_deeper_variants_build_five_blocks():
-    assert [(net.num_blocks, net.out_channels(), net.output_size(32)) for net in
-            (build_backbone(BackboneConfig(name, cifar_stem=True)) for name in TORCHVISION if name in ("resnet50", "vgg16_bn"))
-            ] == [(5, 2048, 4), (5, 512, 1)]
+    nets = [build_backbone(BackboneConfig(name, cifar_stem=True)) for name in ("resnet50", "vgg16_bn")]
+    assert [(net.num_blocks, net.out_channels(), net.output_size(32)) for net in nets] == [(5, 2048, 4), (5, 512, 1)]
 
 
 def test_resnet_stages_and_cifar_stem():

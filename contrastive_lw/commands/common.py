@@ -82,10 +82,12 @@ def add_backbone_choice(parser: argparse.ArgumentParser | argparse._ArgumentGrou
 def backbone_settings(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``backbone`` config section: saved values with the flags that were given on top; an
     ``--init torchvision:NAME`` names the network."""
+    from ..backbones import TORCHVISION_PREFIX
+
     values = dict(saved or {})
     init = str(getattr(args, "init", "") or "")
-    if init.startswith("torchvision:"):
-        values["name"] = init.split(":", 1)[1]
+    if init.startswith(TORCHVISION_PREFIX):
+        values["name"] = init[len(TORCHVISION_PREFIX):]
     flags = {"name": getattr(args, "backbone", None), "cifar_stem": args.cifar_stem, "weights": args.weights}
     values.update({k: v for k, v in flags.items() if v is not None})
     return values
