@@ -47,7 +47,8 @@ from .heads import Classifier
 from .blocks import BlockNet
 from .runs import RunLogger
 from .transfer import (ParamGroup, TransferConfig, TransferResult, _batches, _on_device, classifier, nonbinary_groups,
-                       nonbinary_penalty, optimizer_groups, random_crop_flip, transfer_backbone)
+                       nonbinary_penalty, optimizer_groups, random_crop_flip, set_epoch_lr,
+                       transfer_backbone)
 
 if TYPE_CHECKING:
     from .study import Study, StudyData
@@ -123,8 +124,8 @@ def train_transfer_ensemble(sources: Sequence[BlockNet], train: ImageData, test:
                for group, members_group in nonbinary_groups(models[0], models[0].backbone.blocks, config.layers,
                                                             config.reinit).items()}  # as a separate run's
     anchor = [p.detach().clone() for p in stacked["transferred"].penalised]
-    groups = optimizer_groups(stacked, config)
     graphed = device_.type == "cuda"
+    groups = optimizer_groups(stacked, config, device_ if graphed else None)
     optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay,
                                  **({"fused": True, "capturable": True} if graphed else {}))
 
@@ -168,6 +169,7 @@ def train_transfer_ensemble(sources: Sequence[BlockNet], train: ImageData, test:
     curves: list[list[float]] = [[] for _ in models]
     start = time.perf_counter()
     for epoch in range(config.epochs):
+        set_epoch_lr(optimizer, config, epoch)
         train_epoch()
         for i, accuracy in enumerate(evaluate()):
             curves[i].append(accuracy)

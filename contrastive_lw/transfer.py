@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from .runs import RunLogger
 
 MODES = ("frozen", "finetune", "linear", "head2toe", "svm")
 TRANSFER_STATE = "contrastive-lw/transfer-state"
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,9 @@ class TransferConfig:
       evaluated ``epochs`` times along the way; its wall time includes the features and the selection;
     * ``svm``: a linear SVM (scikit-learn ``LinearSVC``) on the ``linear`` mode's features, its C
       chosen on a validation split of the training set (:func:`~contrastive_lw.evaluate.fit_linear_svm`).
-    Training: Adam, batches of random pad-4 crops + horizontal flips (``augment``).
+    Training: Adam, batches of random pad-4 crops + horizontal flips (``augment``); ``lr_schedule``
+    ``constant`` keeps every group's learning rate, ``cosine`` decays it per epoch from its value to
+    0 (epoch e of E trains at ``(1 + cos(pi e / E)) / 2`` of it; frozen, finetune and linear modes).
     """
 
     mode: str = "finetune"
@@ -63,6 +67,7 @@ class TransferConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     layer_lr_ratio: float = 1.0
     l2sp: float = 0.0
@@ -87,6 +92,8 @@ class TransferConfig:
                                 self.reinit_lr_ratio, self.l2) < 0:
             raise ConfigError("transfer.lr must be > 0; layer_lr_ratio, l2sp, weight_decay, reinit, "
                               "reinit_lr_ratio and l2 >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"transfer.lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.reinit and self.mode in ("linear", "head2toe"):
             raise ConfigError(f"transfer.reinit applies to the frozen and finetune modes, not {self.mode}")
 
@@ -130,12 +137,26 @@ def classifier(backbone: BlockNet, num_classes: int, config: TransferConfig, ima
     return model
 
 
-def optimizer_groups(param_groups: dict[str, ParamGroup], config: TransferConfig) -> list[dict]:
+def optimizer_groups(param_groups: dict[str, ParamGroup], config: TransferConfig,
+                     lr_device: torch.device | None = None) -> list[dict]:
     """Adam's parameter groups: each non-binary group's trainable parameters at its learning rate
-    (head ``lr``; re-initialised ``lr * reinit_lr_ratio``; transferred ``lr * layer_lr_ratio``)."""
+    (head ``lr``; re-initialised ``lr * reinit_lr_ratio``; transferred ``lr * layer_lr_ratio``), a
+    tensor on ``lr_device`` when given (a captured CUDA graph reads the lr a schedule writes there)."""
     ratios = {"head": 1.0, "reinit": config.reinit_lr_ratio, "transferred": config.layer_lr_ratio}
-    return [{"params": [p for p in g.params if p.requires_grad], "lr": config.lr * ratios[name]}
+    return [{"params": [p for p in g.params if p.requires_grad], "initial_lr": config.lr * ratios[name],
+             "lr": config.lr * ratios[name] if lr_device is None else torch.tensor(config.lr * ratios[name], device=lr_device)}
             for name, g in param_groups.items() if any(p.requires_grad for p in g.params)]
+
+
+def set_epoch_lr(optimizer: torch.optim.Optimizer, config: TransferConfig, epoch: int) -> None:
+    """Every group's learning rate for ``epoch`` (0-based) under ``config.lr_schedule``."""
+    factor = 1.0 if config.lr_schedule == "constant" else (1 + math.cos(math.pi * epoch / config.epochs)) / 2
+    for group in optimizer.param_groups:
+        lr = group.setdefault("initial_lr", group["lr"]) * factor
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def train_transfer(source: BlockNet, train: ImageData, test: ImageData, config: TransferConfig,
@@ -159,8 +180,8 @@ def train_transfer(source: BlockNet, train: ImageData, test: ImageData, config: 
     model = model.to(device_, memory_format=torch.channels_last)  # as the backbone's normalised input
     param_groups = nonbinary_groups(model, backbone.blocks, config.layers, config.reinit)
     anchor = [p.detach().clone() for p in param_groups["transferred"].penalised]
-    groups = optimizer_groups(param_groups, config)
     graphed = device_.type == "cuda" and distributed.world_size() == 1
+    groups = optimizer_groups(param_groups, config, device_ if graphed else None)
     optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay,
                                  **({"fused": True, "capturable": True} if graphed else {}))
     parallel = nn.parallel.DistributedDataParallel(model) if distributed.world_size() > 1 else model
@@ -182,6 +203,7 @@ def train_transfer(source: BlockNet, train: ImageData, test: ImageData, config: 
     step = GraphedStep(batch_loss, optimizer, config.batch_size, enabled=graphed)
 
     def train_epoch(epoch: int) -> None:
+        set_epoch_lr(optimizer, config, epoch)
         model.train()
         if config.mode == "frozen":
             backbone.blocks[: config.layers].eval()
@@ -207,6 +229,7 @@ def _train_linear(backbone: BlockNet, train: ImageData, test: ImageData, num_cla
     optimizer = torch.optim.Adam(linear.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     def train_epoch(epoch: int) -> None:
+        set_epoch_lr(optimizer, config, epoch)
         for index in torch.randperm(len(train_x), device=device).split(config.batch_size):
             loss = F.cross_entropy(linear(train_x[index]), train_y[index])
             optimizer.zero_grad(set_to_none=True)

@@ -43,7 +43,7 @@ def _config(**kw) -> TransferConfig:
 # to +-lr: separate runs differ there as much as an ensemble does.
 @pytest.mark.parametrize("mode, seeds, extra", [
     ("finetune", (0, 1), dict(l2sp=0.5, layer_lr_ratio=0.3, weight_decay=1e-3, new_widths=())),  # own orders
-    ("frozen", (3, 3), {}),                                                                       # one shared
+    ("frozen", (3, 3), dict(epochs=2, lr_schedule="cosine")),                                     # one shared
     ("finetune", (2, 2, 5), dict(augment=False, lr=3e-3, new_widths=())),
 ])
 def test_an_ensemble_equals_separate_runs(split, mode, seeds, extra):

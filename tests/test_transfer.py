@@ -8,7 +8,8 @@ from contrastive_lw.data import ImageData
 from contrastive_lw.errors import ConfigError
 from contrastive_lw.model import ArchConfig, LayerwiseNet
 from contrastive_lw.supervised import train_supervised
-from contrastive_lw.transfer import TransferConfig, load_init, random_crop_flip, train_transfer
+from contrastive_lw.transfer import (ParamGroup, TransferConfig, load_init, optimizer_groups, random_crop_flip,
+                                     set_epoch_lr, train_transfer)
 
 ARCH = ArchConfig(widths=(4, 6))
 
@@ -66,6 +67,33 @@ def test_finetune_mode_trains_everything_and_leaves_the_source_alone(split):
     before = _source().blocks[0].conv.weight
     assert not torch.equal(model.backbone.blocks[0].conv.weight, before)
     assert torch.equal(source.blocks[0].conv.weight, before)
+
+
+@pytest.mark.parametrize("lr_device", [None, torch.device("cpu")])
+def test_cosine_schedule_decays_every_group_from_its_own_lr(lr_device):
+    """Epoch e of 4 trains at (1 + cos(pi e / 4)) / 2 of each group's lr, float or tensor."""
+    config = _config(lr=0.1, layer_lr_ratio=0.5, epochs=4, lr_schedule="cosine")
+    weights = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    groups = optimizer_groups({"head": ParamGroup([weights[0]], []), "transferred": ParamGroup([weights[1]], [])},
+                              config, lr_device)
+    optimizer = torch.optim.Adam(groups, lr=config.lr)
+    for epoch, factor in enumerate([1.0, 0.5 + 0.5 ** 1.5, 0.5, 0.5 - 0.5 ** 1.5]):
+        set_epoch_lr(optimizer, config, epoch)
+        assert [float(g["lr"]) for g in optimizer.param_groups] == pytest.approx([0.1 * factor, 0.05 * factor])
+    set_epoch_lr(optimizer, dataclasses.replace(config, lr_schedule="constant"), 3)
+    assert [float(g["lr"]) for g in optimizer.param_groups] == pytest.approx([0.1, 0.05])
+
+
+def test_cosine_schedule_changes_training_only_after_the_first_epoch(split):
+    """One epoch of a cosine run is the constant run's (factor 1); a second (lr x 0.5) is not."""
+    def weight(schedule: str, epochs: int) -> torch.Tensor:
+        config = _config(mode="linear", epochs=epochs, lr=0.05, lr_schedule=schedule)
+        return train_transfer(_source(), *split, config, "cpu")[1].weight
+
+    assert torch.equal(weight("constant", 1), weight("cosine", 1))
+    assert not torch.allclose(weight("constant", 2), weight("cosine", 2))
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        _config(lr_schedule="step")
 
 
 def test_l2sp_and_layer_lr_keep_finetuned_weights_closer(split):

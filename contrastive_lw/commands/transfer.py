@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--epochs", type=int)
     group.add_argument("--batch-size", type=int)
     group.add_argument("--lr", type=float)
+    group.add_argument("--lr-schedule", choices=("constant", "cosine"),
+                       help="frozen / finetune / linear: constant lr (default) or cosine decay to 0 over the epochs")
     group.add_argument("--layer-lr-ratio", type=float, help="finetune: lr of transferred blocks = lr x this")
     group.add_argument("--l2sp", type=float, help="finetune: L2-SP strength towards the transferred weights")
     group.add_argument("--reinit", type=int, help="re-initialise this many blocks after the transferred ones")
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     settings = file_config(args, {"data", "transfer", "backbone"})
     data = data_settings(args, settings.get("data"), default="cifar10")
     flags = {"layers": args.layers, "mode": args.mode, "epochs": args.epochs, "batch_size": args.batch_size,
-             "lr": args.lr, "layer_lr_ratio": args.layer_lr_ratio, "l2sp": args.l2sp, "pool": args.pool,
+             "lr": args.lr, "lr_schedule": args.lr_schedule, "layer_lr_ratio": args.layer_lr_ratio, "l2sp": args.l2sp, "pool": args.pool,
              "seed": args.seed, "reinit": args.reinit, "reinit_lr_ratio": args.reinit_lr_ratio,
              "l2": args.l2}
     advice = read_advice(args.advice).transfer_values() if args.advice else {}
