@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .blocks import BlockNet
 from .errors import ConfigError, DataError
 from .evaluate import block_features
 
@@ -56,14 +57,12 @@ def fingerprint(net: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def describe(net: nn.Module, layers: Sequence[int], pool: int, **extra: Any) -> dict[str, Any]:
-    """What the features are: the backbone (class, architecture, weights' :func:`fingerprint`),
-    the blocks pooled, the pooling side, and ``extra`` entries (init, dataset)."""
-    from .config import to_dict
-
-    arch = getattr(net, "arch", None)
+def describe(net: BlockNet, layers: Sequence[int], pool: int, **extra: Any) -> dict[str, Any]:
+    """What the features are: the backbone (class, the :attr:`~contrastive_lw.blocks.BlockNet.spec`
+    that rebuilds it, weights' :func:`fingerprint`), the blocks pooled, the pooling side, and
+    ``extra`` entries (init, dataset)."""
     backbone = {"class": type(net).__name__, "blocks": len(net.blocks), "fingerprint": fingerprint(net),
-                "arch": to_dict(arch) if arch is not None else None}
+                "spec": net.spec}
     return {"backbone": backbone, "layers": list(layers), "pool": pool, **extra}
 
 

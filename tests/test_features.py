@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from contrastive_lw.backbones import BackboneConfig, build_backbone
 from contrastive_lw.cli import main
+from contrastive_lw.config import to_dict
 from contrastive_lw.errors import ConfigError, DataError
 from contrastive_lw.features import describe, export_features, load_features, save_features
 from contrastive_lw.model import ArchConfig, LayerwiseNet
@@ -17,7 +19,12 @@ def test_features_shape_dtype_and_round_trip(images, tmp_path):
     saved, saved_labels, meta = load_features(path)
     assert saved.dtype == np.float16 and saved.shape == (64, 40) and np.array_equal(saved_labels, labels.numpy())
     assert np.allclose(saved, features.numpy(), rtol=1e-2, atol=1e-3)
-    assert meta["layers"] == [1, 2] and meta["backbone"]["arch"]["widths"] == [4, 6]
+    assert meta["layers"] == [1, 2] and meta["backbone"]["spec"] == {"name": "lw", "arch": to_dict(net.arch)}
+
+
+def test_describe_names_a_torchvision_backbone():
+    net = build_backbone(BackboneConfig(name="resnet18", cifar_stem=True, blocks=2))
+    assert describe(net, [2], 4)["backbone"]["spec"] == {"name": "resnet18", "cifar_stem": True, "blocks": 2}
 
 
 def test_bad_layers_and_images_are_rejected(images):
