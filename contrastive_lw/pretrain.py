@@ -60,7 +60,8 @@ class PretrainConfig:
     The default ``steps_per_layer`` (0, 0, 100) gives blocks 1 and 2 one epoch each and block 3 on 100
     steps: its 25x25 patches re-run the frozen blocks 1-2, ~30x the cost of a block-1 step.
     Layer k trains the k-th entry of ``steps_per_layer`` (last repeats; one int is every layer's),
-    or where that is empty or 0, ``epochs_per_layer * images * patches_per_image / batch_size`` steps.
+    or where that is empty or 0, ``epochs_per_layer`` (its k-th entry, last repeats) ``* images *
+    patches_per_image / batch_size`` steps.
     End-to-end trains its one stage for the first entry.
     """
 
@@ -80,7 +81,7 @@ class PretrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup_fraction: float = 0.05
-    epochs_per_layer: float = 1.0
+    epochs_per_layer: tuple[float, ...] | float = (1.0,)
     patches_per_image: int = 16
     steps_per_layer: tuple[int, ...] | int = (0, 0, 100)
     log_every: int = 50
@@ -90,6 +91,8 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.steps_per_layer, int):
             object.__setattr__(self, "steps_per_layer", (self.steps_per_layer,))
+        if isinstance(self.epochs_per_layer, (int, float)):
+            object.__setattr__(self, "epochs_per_layer", (float(self.epochs_per_layer),))
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
         if self.negative not in NEGATIVES:
@@ -100,9 +103,11 @@ class PretrainConfig:
         for name in ("batch_size", "embed_dim", "patches_per_image", "log_every", "max_shift"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ("lr", "epochs_per_layer", "init_scale"):
+        for name in ("lr", "init_scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.epochs_per_layer or not min(self.epochs_per_layer) > 0:
+            raise ConfigError(f"epochs_per_layer must be > 0, got {list(self.epochs_per_layer)}")
         if (self.save_every < 0 or min(self.steps_per_layer, default=0) < 0 or self.weight_decay < 0
                 or not 0 <= self.warmup_fraction < 1):
             raise ConfigError("steps_per_layer, save_every and weight_decay must be >= 0, warmup_fraction in [0, 1)")
@@ -120,7 +125,7 @@ class PretrainConfig:
     def steps(self, num_images: int, k: int = 1) -> int:
         """Steps of layer ``k`` (1-based; end-to-end's one stage is layer 1)."""
         given = per_layer(self.steps_per_layer, k) if self.steps_per_layer else 0
-        return given or max(1, math.ceil(self.epochs_per_layer * self.epoch_steps(num_images)))
+        return given or max(1, math.ceil(per_layer(self.epochs_per_layer, k) * self.epoch_steps(num_images)))
 
 
 def warmup_cosine(steps: int, warmup_fraction: float):

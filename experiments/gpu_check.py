@@ -99,7 +99,8 @@ def stand_in(data: ImageData, size: int, classes: int | None = None) -> ImageDat
 def paper_config(args: argparse.Namespace) -> StudyConfig:
     """``paper.yaml`` with each phase shortened as the options say (and tiny for ``--dry-run``)."""
     config = StudyConfig.from_dict(load_yaml(args.config))
-    pretrain = dataclasses.replace(config.pretrain, epochs_per_layer=config.pretrain.epochs_per_layer * args.pretrain_fraction)
+    pretrain = dataclasses.replace(config.pretrain, epochs_per_layer=tuple(
+        e * args.pretrain_fraction for e in config.pretrain.epochs_per_layer))
     if args.dry_run:
         pretrain = dataclasses.replace(pretrain, arch=ArchConfig(widths=(8,), kernel_sizes=(6,)),
                                        steps_per_layer=(2,), batch_size=32)
@@ -133,7 +134,7 @@ def paper_timing(full: StudyConfig, config: StudyConfig, data: StudyData, out_di
     train_transfer(net, data.target, data.target_test, one, device)
     separate_epoch_s = _now(device) - start
     runs = sum(r["mode"] in ("frozen", "finetune") for r in records)
-    scale = {"pretrain": full.pretrain.epochs_per_layer / config.pretrain.epochs_per_layer,
+    scale = {"pretrain": full.pretrain.epochs_per_layer[0] / config.pretrain.epochs_per_layer[0],
              "supervised": full.supervised.epochs / config.supervised.epochs,
              "transfer": full.transfer.epochs / config.transfer.epochs}
     projected = (sum(s * scale["supervised" if init == "supervised" else "pretrain"]

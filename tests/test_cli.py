@@ -60,6 +60,7 @@ def test_plain_pretrain_defaults_are_the_ablations_winner_and_the_paper_stays_re
     assert (paper.loss.name, paper.loss.distance, paper.loss.margin, paper.loss.mining, paper.negative) == (
         "triplet", "cosine", 0.5, "none", "other_image")
     assert [config("--epochs-per-layer", "2").steps(25_000, k) for k in (1, 3)] == [1564, 1564]
+    assert [config("--epochs-per-layer", "4,0.5").steps(25_000, k) for k in (1, 2, 3)] == [3128, 391, 391]
 
 
 def test_module_entry_point_help():

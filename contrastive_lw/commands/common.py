@@ -101,6 +101,14 @@ def parse_int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def parse_float_list(text: str) -> list[float]:
+    """``"4,1"`` -> [4.0, 1.0]."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def parse_str_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 

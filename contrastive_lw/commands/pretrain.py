@@ -5,7 +5,7 @@ import argparse
 from typing import Any
 
 from .common import (add_backbone_choice, add_data_arguments, add_run_arguments, backbone_settings, data_settings,
-                     file_config, parse_int_list, parse_str_list)
+                     file_config, parse_float_list, parse_int_list, parse_str_list)
 
 HELP = "pretrain conv blocks without labels, one layer at a time (or end-to-end)"
 
@@ -19,8 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="number of blocks to pretrain (default: all of --widths; a torchvision net's five)")
     group.add_argument("--widths", type=parse_int_list, help="lw: filters per block, e.g. 64,128,256")
     group.add_argument("--mode", choices=("greedy", "end2end"), help="layer by layer (default) or all at once")
-    group.add_argument("--epochs-per-layer", type=float,
-                       help="every layer's length in epochs (default: blocks 1-2 one epoch, deeper blocks 100 steps)")
+    group.add_argument("--epochs-per-layer", type=parse_float_list,
+                       help="per layer, last repeats, e.g. 4,1: each layer's length in epochs "
+                            "(default: blocks 1-2 one epoch, deeper blocks 100 steps)")
     group.add_argument("--steps-per-layer", type=parse_int_list,
                        help="per layer, last repeats, e.g. 1200,300; overrides --epochs-per-layer")
     group.add_argument("--batch-size", type=int)
