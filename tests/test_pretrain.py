@@ -143,8 +143,15 @@ def test_end2end_trains_the_first_entry_of_steps_per_layer(tmp_path, images):
 def test_steps_per_layer_reads_one_int_as_every_layers():
     assert _config(steps_per_layer=5).steps_per_layer == (5,)
     assert PretrainConfig.from_dict({"steps_per_layer": 5}) == PretrainConfig.from_dict({"steps_per_layer": [5]})
-    config = PretrainConfig.from_dict({"steps_per_layer": [0, 7]})  # 0: the epochs' steps
-    assert (config.steps(100, 1), config.steps(100, 2), config.steps(100, 5)) == (config.epoch_steps(100), 7, 7)
+    config = PretrainConfig.from_dict({"steps_per_layer": [0, 7]})  # 0: the epochs' steps (block 1: 4 epochs)
+    assert (config.steps(100, 1), config.steps(100, 2), config.steps(100, 5)) == (4 * config.epoch_steps(100), 7, 7)
+
+
+def test_epochs_per_layer_reads_one_number_as_every_layers():
+    config = PretrainConfig.from_dict({"epochs_per_layer": 2, "steps_per_layer": []})
+    assert config.epochs_per_layer == (2.0,) and [config.steps(100, k) for k in (1, 3)] == [2 * config.epoch_steps(100)] * 2
+    with pytest.raises(ConfigError, match="epochs_per_layer"):
+        _config(epochs_per_layer=(1.0, 0.0))
 
 
 @pytest.mark.parametrize("bad", [dict(batch_size=0), dict(lr=0.0), dict(mode="joint"),
