@@ -108,10 +108,11 @@ def layer_step(net: BlockNet, k: int, batch: int, device: torch.device, loss: Lo
     """Greedy training step of layer ``k`` alone (frozen prefix forward, block k + head forward and
     backward, AdamW) on ready-made ``patch``-sized patches (default: block k's receptive field; a
     map wider than 4 x 4 pooled to 4 x 4 before the head, as pretraining does), or of blocks
-    ``first``..k together (``first=1``: the end-to-end step); the patches it takes and its FLOPs: the model's, counted by
-    ``torch.utils.flop_counter`` on one step of the PyTorch paths (the counter does not see the C
-    kernels; the first block's weight-gradient kernel also skips the zero terms of the max-pool's
-    gradient, 3/4 of that product's FLOPs, and patches with no gradient at all).
+    ``first``..k together (``first=1``: the end-to-end step); the patches it takes and its FLOPs:
+    the model's, counted by ``torch.utils.flop_counter`` on one step of the PyTorch paths (the
+    counter does not see the C kernels; the first block's weight-gradient kernel also skips the
+    zero terms of the max-pool's gradient, 3/4 of that product's FLOPs, and patches with no
+    gradient at all).
 
     ``step(x)`` trains on the patches ``x`` (float in [0, 1], views x batch stacked); ``step()`` on
     one fixed random batch, for losses whose work does not depend on the data. A triplet loss's
@@ -217,8 +218,9 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
 
     End-to-end runs of ``end2end_steps`` train the whole K-block network, as a user who wants the
     network must; their best probe accuracy at depth k is the target. Greedy runs train blocks 1..k
-    only (``lw``: ``arch`` truncated to k blocks; a torchvision net: its first k blocks): block 1 ``layerwise_steps`` shortest first, then doubling the steps, blocks 2..k
-    ``deeper_steps`` of block 1's (a block on frozen features needs fewer), and stop at the first
+    only (``lw``: ``arch`` truncated to k blocks; a torchvision net: its first k blocks): block 1
+    ``layerwise_steps`` shortest first, then doubling the steps, blocks 2..k ``deeper_steps`` of
+    block 1's (a block on frozen features needs fewer), and stop at the first
     that reaches the target or takes as long as end-to-end's longest run (greedy gets the same
     time budget, whatever its steps cost). Each side's time is that of its first (fewest steps) run
     that reaches the target, found to the same resolution for both: between the longest run short of
