@@ -25,17 +25,26 @@ from .errors import ConfigError
 from .evaluate import block_features, linear_probe_accuracy
 from .losses import LossConfig, build_loss
 from .accel.memory import on_huge_pages
+from .backbones import BackboneConfig, build_backbone
+from .blocks import BlockNet
+from .config import to_dict
 from .heads import ProjectionHead
 from .model import ArchConfig, LayerwiseNet, set_trainable
 from .patches import PatchSampler
-from .pretrain import LayerwisePretrainer, PretrainConfig, adamw, augmented_views, frozen_features, train_step
+from .pretrain import (HEAD_MAX_SIDE, LayerwisePretrainer, PretrainConfig, adamw, augmented_views, frozen_features,
+                       layer_patch, train_step)
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Sizes of one benchmark run; :meth:`quick` is the CI-sized one."""
+    """Sizes of one benchmark run; :meth:`quick` is the CI-sized one. The race pretrains
+    ``backbone`` (``lw``: the net of ``arch``) and races the depths ``race_depths`` (empty: every
+    block's); ``race_only`` skips the throughput figures and the SimCLR peer, which measure ``lw``."""
 
     arch: ArchConfig = field(default_factory=lambda: ArchConfig(widths=(64, 128)))
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    race_depths: tuple[int, ...] = ()
+    race_only: bool = False
     batch_sizes: tuple[int, ...] = (2048, 512)   # per layer for the throughput figures, last repeats
     race_batch: int = 512                         # pretraining batch of the race and the SimCLR peer
     timed_steps: int = 20
@@ -63,10 +72,21 @@ class BenchConfig:
             raise ConfigError(f"resolution must be in (0, 1], got {self.resolution}")
         if not self.deeper_steps > 0:
             raise ConfigError(f"deeper_steps must be > 0 (1: the same steps for every block), got {self.deeper_steps}")
+        blocks = self.backbone.num_blocks(self.arch)
+        if any(not 1 <= k <= blocks for k in self.race_depths):
+            raise ConfigError(f"race depths must be among 1..{blocks} (the backbone's blocks), "
+                              f"got {list(self.race_depths)}")
+        if self.backbone.name != "lw" and not self.race_only:
+            raise ConfigError(f"the throughput figures and the SimCLR peer measure the lw net: add --race-only "
+                              f"to race {self.backbone.name}")
+
+    def depths(self) -> list[int]:
+        """The depths the race runs: ``race_depths``, else every block's."""
+        return sorted(set(self.race_depths)) or list(range(1, self.backbone.num_blocks(self.arch) + 1))
 
     def greedy_schedule(self, steps: int, k: int) -> tuple[int, ...]:
         """Steps per layer of a greedy run of blocks 1..``k`` whose block 1 trains ``steps``."""
-        return (steps, max(1, round(self.deeper_steps * steps)))[:k]
+        return (steps, *(max(1, round(self.deeper_steps * steps)),) * (k - 1))
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -83,28 +103,32 @@ def matmul_step(device: torch.device, size: int = 2048) -> tuple[Callable[[], ob
     return (lambda: a @ b), 2.0 * size ** 3
 
 
-def layer_step(net: LayerwiseNet, k: int, batch: int, device: torch.device, loss: LossConfig | None = None,
-               first: int | None = None) -> tuple[Callable[..., None], int, float]:
+def layer_step(net: BlockNet, k: int, batch: int, device: torch.device, loss: LossConfig | None = None,
+               first: int | None = None, patch: int | None = None) -> tuple[Callable[..., None], int, float]:
     """Greedy training step of layer ``k`` alone (frozen prefix forward, block k + head forward and
-    backward, AdamW) on ready-made patches, or of blocks ``first``..k together (``first=1``: the
-    end-to-end step); the patches it takes and its FLOPs: the model's, counted by
-    ``torch.utils.flop_counter`` on one step of the PyTorch paths (the counter does not see the C
-    kernels; the first block's weight-gradient kernel also skips the zero terms of the max-pool's
-    gradient, 3/4 of that product's FLOPs, and patches with no gradient at all).
+    backward, AdamW) on ready-made ``patch``-sized patches (default: block k's receptive field; a
+    map wider than 4 x 4 pooled to 4 x 4 before the head, as pretraining does), or of blocks
+    ``first``..k together (``first=1``: the end-to-end step); the patches it takes and its FLOPs:
+    the model's, counted by ``torch.utils.flop_counter`` on one step of the PyTorch paths (the
+    counter does not see the C kernels; the first block's weight-gradient kernel also skips the
+    zero terms of the max-pool's gradient, 3/4 of that product's FLOPs, and patches with no
+    gradient at all).
 
     ``step(x)`` trains on the patches ``x`` (float in [0, 1], views x batch stacked); ``step()`` on
     one fixed random batch, for losses whose work does not depend on the data. A triplet loss's
     does: on a batch it has learned, most triplets are within the margin and give no gradient."""
     first = k if first is None else first
-    patch = net.receptive_field(k)
+    patch = patch or net.receptive_field(k)
     set_trainable(net.blocks[: first - 1], False)
-    head = ProjectionHead(net.out_channels(k) * net.output_size(patch, k) ** 2).to(device)
-    stage = nn.Sequential(*net.blocks[first - 1: k], head)
+    side = net.output_size(patch, k)
+    pool = [nn.AdaptiveAvgPool2d(HEAD_MAX_SIDE)] if side > HEAD_MAX_SIDE else []
+    head = ProjectionHead(net.out_channels(k) * min(side, HEAD_MAX_SIDE) ** 2).to(device)
+    stage = nn.Sequential(*net.blocks[first - 1: k], *pool, head)
     set_trainable(stage, True)
     optimizer = adamw(stage.parameters(), 1e-3, 0.0, device)
     loss_fn = build_loss(loss or LossConfig(name="triplet"))
     views = 3 if loss_fn.uses_negatives else 2
-    fixed = torch.rand(views * batch, net.arch.in_channels, patch, patch, device=device)
+    fixed = torch.rand(views * batch, net.in_channels, patch, patch, device=device)
 
     def step(x: torch.Tensor = fixed) -> None:
         train_step(stage, loss_fn, optimizer, frozen_features(net, x, first - 1), views, head)
@@ -157,7 +181,7 @@ def measure_layer(net: LayerwiseNet, images: torch.Tensor, k: int, batch: int, s
             "pipeline_ratio": median(v / s for _, s, v in per_round)}
 
 
-def probe_accuracy(net: LayerwiseNet, target: ImageData, target_test: ImageData, depth: int | None = None) -> float:
+def probe_accuracy(net: BlockNet, target: ImageData, target_test: ImageData, depth: int | None = None) -> float:
     """Linear-probe accuracy on the target task, features of blocks 1..``depth`` (all by default;
     4x4 pooled, concatenated)."""
     blocks = list(range(1, (depth or net.num_blocks) + 1))
@@ -168,24 +192,35 @@ def probe_accuracy(net: LayerwiseNet, target: ImageData, target_test: ImageData,
 RACE_LOSS = LossConfig(name="infonce")  # the race's pretraining loss, both sides
 
 
-def race_step_gflop(config: BenchConfig, device: torch.device) -> tuple[list[float], float]:
-    """FLOPs (in 10^9) of one step of the race at its batch: of each greedy block k (frozen prefix forward,
-    block k and its head trained) and of the end-to-end step (every block trained)."""
-    net = LayerwiseNet(config.arch).to(device, memory_format=torch.channels_last)
-    blocks = config.arch.num_blocks
-    greedy = [layer_step(net, k, config.race_batch, device, RACE_LOSS)[2] / 1e9 for k in range(1, blocks + 1)]
-    return greedy, layer_step(net, blocks, config.race_batch, device, RACE_LOSS, first=1)[2] / 1e9
+def race_config(config: BenchConfig) -> PretrainConfig:
+    """The pretraining both sides of the race share: its backbone, loss, learning rate and batch."""
+    return PretrainConfig(arch=config.arch, backbone=config.backbone, loss=RACE_LOSS, lr=0.003,
+                          batch_size=config.race_batch, log_every=10 ** 9)
+
+
+def race_step_gflop(config: BenchConfig, device: torch.device, image_side: int) -> tuple[list[float], float]:
+    """FLOPs (in 10^9) of one step of the race at its batch, on the patches pretraining cuts from
+    images of side ``image_side``: of each greedy block k (frozen prefix forward, block k and its
+    head trained) and of the end-to-end step (every block trained)."""
+    net = build_backbone(config.backbone, config.arch).to(device, memory_format=torch.channels_last)
+    blocks = net.num_blocks
+
+    def step_gflop(k: int, first: int | None = None) -> float:
+        patch = layer_patch(net, k, race_config(config), image_side)[0]
+        return layer_step(net, k, config.race_batch, device, RACE_LOSS, first, patch)[2] / 1e9
+    return [step_gflop(k) for k in range(1, blocks + 1)], step_gflop(blocks, first=1)
 
 
 def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: ImageData,
                          config: BenchConfig, device: str, say: Callable[[str], None] = print) -> list[dict]:
-    """Time-to-accuracy races, one per depth k = 1..K of blocks transferred (in-batch softmax loss,
-    linear probe on blocks 1..k).
+    """Time-to-accuracy races, one per depth k of blocks transferred (:meth:`BenchConfig.depths`,
+    in-batch softmax loss, linear probe on blocks 1..k) of the config's backbone.
 
     End-to-end runs of ``end2end_steps`` train the whole K-block network, as a user who wants the
     network must; their best probe accuracy at depth k is the target. Greedy runs train blocks 1..k
-    only: block 1 ``layerwise_steps`` shortest first, then doubling the steps, blocks 2..k
-    ``deeper_steps`` of block 1's (a block on frozen features needs fewer), and stop at the first
+    only (``lw``: ``arch`` truncated to k blocks; a torchvision net: its first k blocks): block 1
+    ``layerwise_steps`` shortest first, then doubling the steps, blocks 2..k ``deeper_steps`` of
+    block 1's (a block on frozen features needs fewer), and stop at the first
     that reaches the target or takes as long as end-to-end's longest run (greedy gets the same
     time budget, whatever its steps cost). Each side's time is that of its first (fewest steps) run
     that reaches the target, found to the same resolution for both: between the longest run short of
@@ -203,9 +238,9 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
     runs compared (seed 0, pretraining only) back to back in ``paired_rounds`` rounds
     (:func:`paired_times`): a time ratio this machine's drift between minutes hardly moves. ``say``
     reports each run as it ends."""
-    base = PretrainConfig(arch=config.arch, loss=RACE_LOSS, lr=0.003, batch_size=config.race_batch, log_every=10 ** 9)
-    depths = range(1, config.arch.num_blocks + 1)
-    greedy_step_gflop, end2end_step_gflop = race_step_gflop(config, resolve_device(device))
+    base = race_config(config)
+    depths = config.depths()
+    greedy_step_gflop, end2end_step_gflop = race_step_gflop(config, resolve_device(device), min(source.shape[-2:]))
     end2end: dict[int, tuple[float, list[float]]] = {}
     end2end_seed_accs: dict[int, list[list[float]]] = {}  # steps -> each depth's accuracy of each seed
 
@@ -221,16 +256,17 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
     for steps in config.end2end_steps:
         run_end2end(steps)
     budget = max(seconds for seconds, _ in end2end.values())
-    targets = [max(accs[k - 1] for _, accs in end2end.values()) for k in depths]  # before any run is added
+    targets = [max(accs[i] for _, accs in end2end.values()) for i in range(len(depths))]  # before any run is added
     races = []
-    for k, target_acc in zip(depths, targets):
-        def end2end_at_depth(steps: int, k: int = k) -> tuple[float, float]:
+    for i, (k, target_acc) in enumerate(zip(depths, targets)):
+        def end2end_at_depth(steps: int, i: int = i) -> tuple[float, float]:
             seconds, accs = run_end2end(steps)
-            return seconds, accs[k - 1]
+            return seconds, accs[i]
 
         def greedy_config(steps: int, k: int = k) -> PretrainConfig:
-            return dataclasses.replace(base, arch=config.arch.truncated(k),
-                                       steps_per_layer=config.greedy_schedule(steps, k))
+            first_blocks = (dict(arch=config.arch.truncated(k)) if config.backbone.name == "lw"
+                            else dict(backbone=dataclasses.replace(config.backbone, blocks=k)))
+            return dataclasses.replace(base, **first_blocks, steps_per_layer=config.greedy_schedule(steps, k))
 
         def greedy_run(steps: int, k: int = k) -> tuple[float, float]:
             run_config = greedy_config(steps)
@@ -254,7 +290,7 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
             _refine(runs, target_acc, end2end_at_depth, config.resolution)
         greedy_runs = [{**run, "steps_per_layer": list(config.greedy_schedule(run["steps"], k)),
                         "seed_accs": greedy_seed_accs[run["steps"]]} for run in _runs(greedy)]
-        end2end_runs = [{**run, "seed_accs": end2end_seed_accs[run["steps"]][k - 1]} for run in _runs(runs)]
+        end2end_runs = [{**run, "seed_accs": end2end_seed_accs[run["steps"]][i]} for run in _runs(runs)]
         best = max(greedy_runs, key=lambda run: run["acc"])  # the first of the most accurate
         greedy_steps = first_greedy if reached else max(greedy)
         layerwise_s, layerwise_acc = greedy[greedy_steps]
@@ -331,30 +367,33 @@ def simclr_peer(source: torch.Tensor, target: ImageData, target_test: ImageData,
 
 def run_bench(source: torch.Tensor, target: ImageData, target_test: ImageData, config: BenchConfig,
               device: str = "auto", say: Callable[[str], None] = print) -> dict:
-    """Every figure of the benchmark, measured in this one call on this machine; ``say`` reports
-    progress (minutes on a CPU)."""
+    """Every figure of the benchmark (with ``config.race_only``, the race alone), measured in this
+    one call on this machine; ``say`` reports progress (minutes on a CPU)."""
     device_ = resolve_device(device)
     load_before = os.getloadavg()
     torch.manual_seed(0)
-    net = LayerwiseNet(config.arch).to(device_, memory_format=torch.channels_last)
     layers = []
-    for k in range(1, config.arch.num_blocks + 1):
-        batch = config.batch_sizes[min(k, len(config.batch_sizes)) - 1]
-        layers.append(measure_layer(net, source, k, batch, config.timed_steps, device_))
-        row = layers[-1]
-        say(f"layer {k}: {row['patches_per_s']:,.0f} patches/s ({100 * row['fraction_of_matmul']:.0f} % of matmul), "
-            f"sampler + augmentation {row['pipeline_patches_per_s']:,.0f} patches/s")
+    if not config.race_only:
+        net = LayerwiseNet(config.arch).to(device_, memory_format=torch.channels_last)
+        for k in range(1, config.arch.num_blocks + 1):
+            batch = config.batch_sizes[min(k, len(config.batch_sizes)) - 1]
+            layers.append(measure_layer(net, source, k, batch, config.timed_steps, device_))
+            row = layers[-1]
+            say(f"layer {k}: {row['patches_per_s']:,.0f} patches/s ({100 * row['fraction_of_matmul']:.0f} % of "
+                f"matmul), sampler + augmentation {row['pipeline_patches_per_s']:,.0f} patches/s")
     races = layerwise_vs_end2end(source, target, target_test, config, device, say)
     race = races[-1]
-    simclr = simclr_peer(source, target, target_test, config.arch, race["layerwise_s"], config.race_batch, device_)
-    say(f"SimCLR peer, {race['layerwise_s']:.0f} s: probe {100 * simclr:.1f}%")
-    return {
-        "device": describe_device(device_), "load_avg_1min": {"start": load_before[0], "end": os.getloadavg()[0]},
-        "matmul_gflops": median(row["matmul_gflops"] for row in layers), "layers": layers,
-        "pipeline": {"patches_per_s": layers[0]["pipeline_patches_per_s"], "ratio_to_model": layers[0]["pipeline_ratio"]},
-        "race_batch": config.race_batch, "layerwise_vs_end2end": race, "layerwise_vs_end2end_by_depth": races,
-        "peer_simclr": {"budget_s": race["layerwise_s"], "ours_acc": race["layerwise_acc"], "simclr_acc": simclr},
-    }
+    result = {"device": describe_device(device_), "backbone": to_dict(config.backbone), "race_batch": config.race_batch,
+              "layerwise_vs_end2end": race, "layerwise_vs_end2end_by_depth": races}
+    if not config.race_only:
+        simclr = simclr_peer(source, target, target_test, config.arch, race["layerwise_s"], config.race_batch, device_)
+        say(f"SimCLR peer, {race['layerwise_s']:.0f} s: probe {100 * simclr:.1f}%")
+        result.update({
+            "matmul_gflops": median(row["matmul_gflops"] for row in layers), "layers": layers,
+            "pipeline": {"patches_per_s": layers[0]["pipeline_patches_per_s"],
+                         "ratio_to_model": layers[0]["pipeline_ratio"]},
+            "peer_simclr": {"budget_s": race["layerwise_s"], "ours_acc": race["layerwise_acc"], "simclr_acc": simclr}})
+    return {**result, "load_avg_1min": {"start": load_before[0], "end": os.getloadavg()[0]}}
 
 
 def describe_device(device: torch.device) -> str:
@@ -379,16 +418,19 @@ def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
 
 
 def format_table(result: dict) -> str:
-    """The benchmark as a plain-text table."""
+    """The benchmark (or the race alone) as a plain-text table."""
     load = result["load_avg_1min"]
+    backbone = result.get("backbone", {"name": "lw"})  # a bench JSON written before backbones raced
+    stem = ", CIFAR stem" if backbone.get("cifar_stem") else ""
     lines = [f"device: {result['device']} (load average {load['start']:.1f} at start, {load['end']:.1f} at end)",
-             f"float32 matmul: {result['matmul_gflops']:.0f} GFLOP/s", "",
-             "layer  patch  batch  patches/s   GFLOP/s  of matmul  sampler+augment  ratio"]
-    for row in result["layers"]:
+             f"backbone: {backbone['name']}{stem}; race batch {result['race_batch']}"]
+    if "layers" in result:
+        lines += [f"float32 matmul: {result['matmul_gflops']:.0f} GFLOP/s", "",
+                  "layer  patch  batch  patches/s   GFLOP/s  of matmul  sampler+augment  ratio"]
+    for row in result.get("layers", []):
         lines.append(f"{row['k']:>5}  {row['patch']:>5}  {row['batch']:>5}  {row['patches_per_s']:>9.0f}  "
                      f"{row['gflops']:>8.1f}  {100 * row['fraction_of_matmul']:>8.0f}%  "
                      f"{row['pipeline_patches_per_s']:>15.0f}  {row['pipeline_ratio']:>4.1f}x")
-    peer = result["peer_simclr"]
     for race in result["layerwise_vs_end2end_by_depth"]:
         runs = {key: ", ".join(f"{r['steps']} steps {100 * r['acc']:.1f}% in {r['seconds']:.0f} s" for r in race[key])
                 for key in ("end2end_runs", "layerwise_runs")}
@@ -409,8 +451,10 @@ def format_table(result: dict) -> str:
                                                      " (one pretraining seed: --seeds 2 or more gives the spread)"),
                   (f"  work of those runs (FLOPs counted): greedy {race['work']['layerwise_gflop']:,.0f} GFLOP, "
                    f"end-to-end {race['work']['end2end_gflop']:,.0f} GFLOP, ratio {race['work']['ratio']:.2f}")]
-    lines += ["", f"SimCLR peer, same backbone, {peer['budget_s']:.1f} s: {100 * peer['simclr_acc']:.1f}% "
-                  f"(ours, all blocks: {100 * peer['ours_acc']:.1f}%)"]
+    if "peer_simclr" in result:
+        peer = result["peer_simclr"]
+        lines += ["", f"SimCLR peer, same backbone, {peer['budget_s']:.1f} s: {100 * peer['simclr_acc']:.1f}% "
+                      f"(ours, all blocks: {100 * peer['ours_acc']:.1f}%)"]
     return "\n".join(lines)
 
 

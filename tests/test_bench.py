@@ -11,6 +11,7 @@ from contrastive_lw.cli import main
 from contrastive_lw.data import ImageData, load_dataset
 from contrastive_lw.model import ArchConfig, LayerwiseNet
 
+SOURCE = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)  # the races with simulated runs read only its side
 PROBE_TEST = ImageData(torch.zeros(5000, 1, 1, 1, dtype=torch.uint8), torch.zeros(5000, dtype=torch.int64), ["a"])
 
 
@@ -63,11 +64,39 @@ def test_quick_bench_writes_every_figure(tmp_path, capsys):
                                             (["--race-batch", "1"], "race_batch must be at least 2"),
                                             (["--deeper-steps", "0"], "deeper_steps must be > 0"),
                                             (["--resolution", "1.5"], "resolution must be in (0, 1]"),
-                                            (["--paired-rounds", "-1"], "paired_rounds must be >= 0")])
+                                            (["--paired-rounds", "-1"], "paired_rounds must be >= 0"),
+                                            (["--race-depths", "3"], "race depths must be among 1..2"),
+                                            (["--backbone", "resnet18"], "add --race-only to race resnet18")])
 def test_bench_refuses_bad_sizes(tmp_path, capsys, flags, message):
     assert main(["bench", "--quick", *flags, "--out", str(tmp_path / "b.json"), "--device", "cpu"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_a_resnet18_races_greedy_against_end2end(tmp_path, capsys):
+    """The race on a torchvision backbone: ResNet-18 (CIFAR stem) cut after layer2, raced at depth
+    3 alone; greedy's runs train blocks 1-3, end-to-end's the same three."""
+    out = tmp_path / "race.json"
+    assert main(["bench", "--race-only", "--backbone", "resnet18", "--cifar-stem", "--set", "bench.backbone.blocks=3",
+                 "--race-depths", "3", "--race-batch", "8", "--set", "bench.end2end_steps=[2, 4]",
+                 "--set", "bench.layerwise_steps=[2]", "--probe-images", "20", "--paired-rounds", "1",
+                 "--resolution", "1", "--out", str(out), "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    assert result["backbone"] == {"name": "resnet18", "cifar_stem": True, "weights": "none", "blocks": 3}
+    assert "layers" not in result and "peer_simclr" not in result  # --race-only: no throughput, no peer
+    (race,) = result["layerwise_vs_end2end_by_depth"]
+    assert race == result["layerwise_vs_end2end"] and race["layers"] == 3 and race["metric"] == "linear probe, blocks 1-3"
+    assert [run["steps"] for run in race["end2end_runs"]] == [2, 4] and race["layerwise_runs"][0]["steps_per_layer"] == [2, 1, 1]
+    assert race["layerwise_s"] > 0 and race["end2end_s"] > 0 and 0 <= race["layerwise_acc"] <= 1
+    # counted FLOPs: 16 patches (two views of 8) of 25 x 25 pixels (layer2's receptive field) through the
+    # stem, layer1 and layer2: ~6 GFLOP forward, ~17 with the backward; greedy's block 3 skips the
+    # backward of blocks 1-2 and every block 1's step (3 x 3 patches) is tiny
+    greedy_step, end2end_step = race["work"]["step_gflop"]["layerwise"], race["work"]["step_gflop"]["end2end"]
+    assert len(greedy_step) == 3 and 0 < greedy_step[0] < 0.1 < greedy_step[1] < greedy_step[2] < end2end_step
+    assert 12 < end2end_step < 24
+    assert math.isclose(race["work"]["layerwise_gflop"], sum(s * g for s, g in zip([2, 1, 1], greedy_step)))
+    printed = capsys.readouterr().out
+    assert "backbone: resnet18, CIFAR stem; race batch 8" in printed and "matmul" not in printed
 
 
 def test_bench_source_and_target_classes_can_be_swapped(tmp_path, monkeypatch, capsys):
@@ -152,7 +181,7 @@ def test_greedy_doubles_its_steps_until_it_reaches_the_target_or_spends_end2end_
         return steps / 20, [0.5]
     monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
     config = bench.BenchConfig(arch=ArchConfig(widths=(8, 8)), resolution=0.25)
-    depth1, depth2 = bench.layerwise_vs_end2end(None, None, PROBE_TEST, config, "cpu", say=lambda line: None)
+    depth1, depth2 = bench.layerwise_vs_end2end(SOURCE, None, PROBE_TEST, config, "cpu", say=lambda line: None)
     # one midpoint each (900 / 1 800 steps fall short) leaves both within a quarter of their steps
     assert [run["steps"] for run in depth1["end2end_runs"]] == [300, 600, 900, 1200]
     assert [run["steps"] for run in depth1["layerwise_runs"]] == [150, 300, 600, 1200, 1800, 2400]
@@ -181,7 +210,7 @@ def test_both_times_are_refined_to_the_same_resolution_between_a_miss_and_a_hit(
         return steps / 100, [min(0.9, steps / 2125)]
     monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
     config = bench.BenchConfig(arch=ArchConfig(widths=(8,)), resolution=resolution)
-    (race,) = bench.layerwise_vs_end2end(None, None, PROBE_TEST, config, "cpu", say=lambda line: None)
+    (race,) = bench.layerwise_vs_end2end(SOURCE, None, PROBE_TEST, config, "cpu", say=lambda line: None)
     assert [run["steps"] for run in race["end2end_runs"]] == [300, 600, *end2end_midpoints, 1200]
     assert [run["steps"] for run in race["layerwise_runs"]] == [150, 300, 600, 1200, *greedy_midpoints, 2400]
     assert race["reached"] and race["end2end_s"] == 75 and race["layerwise_s"] == 18
@@ -201,11 +230,11 @@ def test_greedy_deeper_blocks_train_a_fraction_of_block_one_steps(monkeypatch):
         return steps / 10, [min(0.8, steps / 1500) for _ in depths]
     monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
     config = bench.BenchConfig(arch=ArchConfig(widths=(8, 8)), layerwise_steps=(600, 1200), end2end_steps=(600, 1200))
-    _, depth2 = bench.layerwise_vs_end2end(None, None, PROBE_TEST, config, "cpu", say=lambda line: None)
+    _, depth2 = bench.layerwise_vs_end2end(SOURCE, None, PROBE_TEST, config, "cpu", say=lambda line: None)
     assert ("greedy", 2, (600, 150)) in ran and ("greedy", 1, (600,)) in ran and ("end2end", 2, (600,)) in ran
     assert depth2["deeper_steps"] == 0.25
     assert [run["steps_per_layer"] for run in depth2["layerwise_runs"]][:2] == [[600, 150], [900, 225]]
-    assert bench.BenchConfig(deeper_steps=1).greedy_schedule(300, 3) == (300, 300)
+    assert bench.BenchConfig(deeper_steps=1).greedy_schedule(300, 3) == (300, 300, 300)
     assert bench.BenchConfig(deeper_steps=0.001).greedy_schedule(300, 2) == (300, 1)
 
 
@@ -216,9 +245,9 @@ def test_race_work_is_each_compared_runs_steps_times_its_steps_flops(monkeypatch
         steps = config.steps_per_layer[0]
         return steps / 10, [min(0.8, steps / 1500) for _ in depths]
     monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
-    monkeypatch.setattr(bench, "race_step_gflop", lambda config, device: ([1.0, 3.0], 5.0))
+    monkeypatch.setattr(bench, "race_step_gflop", lambda config, device, image_side: ([1.0, 3.0], 5.0))
     config = bench.BenchConfig(arch=ArchConfig(widths=(8, 8)), layerwise_steps=(600, 1200), end2end_steps=(600, 1200))
-    depth1, depth2 = bench.layerwise_vs_end2end(None, None, PROBE_TEST, config, "cpu", say=lambda line: None)
+    depth1, depth2 = bench.layerwise_vs_end2end(SOURCE, None, PROBE_TEST, config, "cpu", say=lambda line: None)
     assert depth2["work"] == {"layerwise_gflop": 1200 + 300 * 3, "end2end_gflop": 1200 * 5, "ratio": 2100 / 6000,
                               "step_gflop": {"layerwise": [1.0, 3.0], "end2end": 5.0}}
     assert depth1["work"]["layerwise_gflop"] == 1200 and depth1["work"]["step_gflop"]["layerwise"] == [1.0]
@@ -243,7 +272,7 @@ def test_the_two_runs_compared_are_re_timed_back_to_back_so_drift_cancels(monkey
     monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
     config = bench.BenchConfig(arch=ArchConfig(widths=(8,)), layerwise_steps=(600, 1200), end2end_steps=(600, 1200),
                                seeds=2, paired_rounds=3)
-    (race,) = bench.layerwise_vs_end2end(None, None, PROBE_TEST, config, "cpu", say=lambda line: None)
+    (race,) = bench.layerwise_vs_end2end(SOURCE, None, PROBE_TEST, config, "cpu", say=lambda line: None)
     assert race["ratio"] == pytest.approx(1 / 30)
     assert retimed == [("greedy", (1200,), 0), ("end2end", (1200,), 0)] * 3
     paired = race["paired"]
@@ -252,7 +281,7 @@ def test_the_two_runs_compared_are_re_timed_back_to_back_so_drift_cancels(monkey
     assert "time ratio 0.10 (median of 3 round(s))" in bench._paired_lines(paired)[0]
     # no re-timing with no rounds
     retimed.clear()
-    (race,) = bench.layerwise_vs_end2end(None, None, PROBE_TEST, dataclasses.replace(config, paired_rounds=0),
+    (race,) = bench.layerwise_vs_end2end(SOURCE, None, PROBE_TEST, dataclasses.replace(config, paired_rounds=0),
                                          "cpu", say=lambda line: None)
     assert race["paired"] is None and retimed == [] and bench._paired_lines(None) == []
     with pytest.raises(bench.ConfigError, match="paired_rounds"):
@@ -261,7 +290,7 @@ def test_the_two_runs_compared_are_re_timed_back_to_back_so_drift_cancels(monkey
 
 def test_race_step_flops_count_what_each_side_trains():
     config = bench.BenchConfig(arch=ArchConfig(widths=(8, 16)), race_batch=32)
-    (block1, block2), end2end = bench.race_step_gflop(config, torch.device("cpu"))
+    (block1, block2), end2end = bench.race_step_gflop(config, torch.device("cpu"), 32)
     patches = 2 * 32  # two views
     conv1 = 2 * patches * 8 * 8 * (6 * 6 * 3) * 8 / 1e9   # block 1's forward on 13 x 13 patches (8 x 8 outputs)
     conv2 = 2 * patches * 2 * 2 * (3 * 3 * 8) * 16 / 1e9  # block 2's forward (2 x 2 outputs)
@@ -284,7 +313,7 @@ def test_within_noise_reads_the_runs_against_the_target_less_one_standard_error(
         return steps / 100, [0.81 if steps >= 1200 else 0.797 if steps >= 300 else 0.7]
     monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
     config = bench.BenchConfig(arch=ArchConfig(widths=(8,)))
-    (race,) = bench.layerwise_vs_end2end(None, None, PROBE_TEST, config, "cpu", say=lambda line: None)
+    (race,) = bench.layerwise_vs_end2end(SOURCE, None, PROBE_TEST, config, "cpu", say=lambda line: None)
     assert race["ratio"] == 12 / 120
     noise = race["within_noise"]
     assert noise["standard_error"] == pytest.approx((0.8 * 0.2 / 5000) ** 0.5)
@@ -312,7 +341,7 @@ def test_each_race_run_is_the_mean_over_its_seeds(monkeypatch):
         return steps / 100, [min(0.9, steps / 1500) + offset]
     monkeypatch.setattr(bench, "_pretrain_and_probe", fake_run)
     config = bench.BenchConfig(arch=ArchConfig(widths=(8,)), seeds=2)
-    (race,) = bench.layerwise_vs_end2end(None, None, PROBE_TEST, config, "cpu", say=lambda line: None)
+    (race,) = bench.layerwise_vs_end2end(SOURCE, None, PROBE_TEST, config, "cpu", say=lambda line: None)
     assert race["seeds"] == 2 and {seed for *_, seed in ran} == {0, 1}
     assert all((mode, steps, 1 - seed) in ran for mode, steps, seed in ran)  # every run with both seeds
     assert race["target"] == pytest.approx(0.85)  # end-to-end's 1 200 steps: (0.8 + 0.9) / 2
@@ -325,7 +354,7 @@ def test_each_race_run_is_the_mean_over_its_seeds(monkeypatch):
     assert spread["runs"] == len(race["layerwise_runs"]) + len(race["end2end_runs"]) and spread["seeds"] == 2
     assert spread["std"] == pytest.approx(0.1 / 2 ** 0.5) and spread["standard_error"] == pytest.approx(0.05)
     assert bench._seed_spread([[0.5], [0.6]]) is None  # one seed: no spread to read
-    table = bench.format_table({"device": "cpu", "load_avg_1min": {"start": 0, "end": 0},
+    table = bench.format_table({"device": "cpu", "load_avg_1min": {"start": 0, "end": 0}, "race_batch": 64,
                                 "matmul_gflops": 1.0, "layers": [], "layerwise_vs_end2end_by_depth": [race],
                                 "peer_simclr": {"budget_s": 1.0, "simclr_acc": 0.5, "ours_acc": 0.5}})
     assert "mean of 2 seeds" in table and "its mean of 2 by +-5.00" in table

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_config_arguments, file_config, parse_int_list
+from .common import add_backbone_choice, add_config_arguments, backbone_settings, file_config, parse_int_list
 
 HELP = "benchmark: matmul ceiling, per-layer throughput, data pipeline, layer-wise vs end-to-end, SimCLR peer"
 
@@ -28,6 +28,8 @@ _FIELD_FLAGS = (
     ("resolution", float,
      "each side's time to the target: its first run reaching it, to this fraction of its steps (default "
      "0.125; each halving can add a run per side)"),
+    ("race_depths", parse_int_list,
+     "race only these depths, e.g. 4 (default: every block's; end-to-end still trains every block)"),
 )
 
 
@@ -35,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench.json", help="JSON file for the figures")
     add_config_arguments(parser, "YAML with a bench section (BenchConfig's fields)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (about a minute on 2 CPU cores)")
+    parser.add_argument("--race-only", action="store_true", default=None,
+                        help="greedy vs end-to-end alone: no throughput figures, no SimCLR peer (needed for a "
+                             "torchvision --backbone; its blocks: --set bench.backbone.blocks=N)")
+    add_backbone_choice(parser)
     for field, kind, text in _FIELD_FLAGS:
         parser.add_argument("--" + field.replace("_", "-"), type=kind, default=None, help=text)
     parser.add_argument("--heldout-test", action="store_true",
@@ -60,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     values = {**to_dict(BenchConfig.quick() if args.quick else BenchConfig()), **file_config(args, {"bench"}).get("bench", {})}
     flags = {field: getattr(args, field) for field, _, _ in _FIELD_FLAGS}
+    flags.update(race_only=args.race_only, backbone=backbone_settings(args, values.get("backbone")))
     config = from_dict(BenchConfig, {**values, **{k: v for k, v in flags.items() if v is not None}}, "bench config")
     source, target, target_test = race_data(args.dataset, args.data_root, args.source_classes, args.target_classes,
                                             config.probe_images, args.heldout_test)
