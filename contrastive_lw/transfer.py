@@ -143,8 +143,9 @@ def optimizer_groups(param_groups: dict[str, ParamGroup], config: TransferConfig
     (head ``lr``; re-initialised ``lr * reinit_lr_ratio``; transferred ``lr * layer_lr_ratio``), a
     tensor on ``lr_device`` when given (a captured CUDA graph reads the lr a schedule writes there)."""
     ratios = {"head": 1.0, "reinit": config.reinit_lr_ratio, "transferred": config.layer_lr_ratio}
-    return [{"params": [p for p in g.params if p.requires_grad], "initial_lr": config.lr * ratios[name],
-             "lr": config.lr * ratios[name] if lr_device is None else torch.tensor(config.lr * ratios[name], device=lr_device)}
+    lrs = {name: config.lr * ratio for name, ratio in ratios.items()}
+    return [{"params": [p for p in g.params if p.requires_grad], "initial_lr": lrs[name],
+             "lr": lrs[name] if lr_device is None else torch.tensor(lrs[name], device=lr_device)}
             for name, g in param_groups.items() if any(p.requires_grad for p in g.params)]
 
 
