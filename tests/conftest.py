@@ -1,5 +1,8 @@
 import os
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +21,18 @@ def images() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     low = torch.rand(64, 3, 8, 8, generator=g)
     return (torch.nn.functional.interpolate(low, size=32, mode="bilinear") * 255).to(torch.uint8)
+
+
+@pytest.fixture
+def write_npz(tmp_path, images) -> Callable[..., Path]:
+    """``write_npz(classes, channels_last=False)``: the ``images`` fixture with labels ``index % classes``
+    written to ``tmp_path/images.npz`` (N x C x H x W, or N x H x W x C); returns its path."""
+    def write(classes: int, channels_last: bool = False) -> Path:
+        path = tmp_path / "images.npz"
+        np.savez(path, images=(images.permute(0, 2, 3, 1) if channels_last else images).numpy(),
+                 labels=np.arange(len(images)) % classes)
+        return path
+    return write
 
 
 def pytest_configure(config):

@@ -16,10 +16,8 @@ from contrastive_lw.model import ArchConfig
 
 
 @pytest.fixture
-def npz(tmp_path, images):
-    path = tmp_path / "images.npz"
-    np.savez(path, images=images.permute(0, 2, 3, 1).numpy(), labels=np.arange(len(images)) % 4)
-    return path
+def npz(write_npz):
+    return write_npz(classes=4, channels_last=True)
 
 
 @pytest.mark.parametrize("name, cifar_stem", [  # resnet50 and vgg16_bn are cut by the same code as resnet18, vgg11_bn

@@ -9,10 +9,8 @@ from contrastive_lw.cli import main
 
 
 @pytest.fixture
-def npz(tmp_path, images):
-    path = tmp_path / "images.npz"
-    np.savez(path, images=images.numpy(), labels=np.arange(len(images)) % 4)
-    return path
+def npz(write_npz):
+    return write_npz(classes=4)
 
 
 def _pretrain(npz, out, *extra):

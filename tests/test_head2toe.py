@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -155,10 +154,8 @@ def test_residual_units_of_a_torchvision_resnet_are_read_by_name():
 
 
 @pytest.fixture
-def npz(tmp_path, images):
-    path = tmp_path / "images.npz"
-    np.savez(path, images=images.numpy(), labels=np.arange(len(images)) % 2)
-    return path
+def npz(write_npz):
+    return write_npz(classes=2)
 
 
 def _transfer(npz, out, *extra):
