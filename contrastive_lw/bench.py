@@ -28,10 +28,9 @@ from .accel.memory import on_huge_pages
 from .backbones import BackboneConfig, build_backbone
 from .blocks import BlockNet
 from .config import to_dict
-from .heads import ProjectionHead
 from .model import ArchConfig, LayerwiseNet, set_trainable
 from .patches import PatchSampler
-from .pretrain import (HEAD_MAX_SIDE, LayerwisePretrainer, PretrainConfig, adamw, augmented_views, frozen_features,
+from .pretrain import (LayerwisePretrainer, PretrainConfig, Stage, adamw, augmented_views, frozen_features,
                        layer_patch, train_step)
 
 
@@ -120,10 +119,7 @@ def layer_step(net: BlockNet, k: int, batch: int, device: torch.device, loss: Lo
     first = k if first is None else first
     patch = patch or net.receptive_field(k)
     set_trainable(net.blocks[: first - 1], False)
-    side = net.output_size(patch, k)
-    pool = [nn.AdaptiveAvgPool2d(HEAD_MAX_SIDE)] if side > HEAD_MAX_SIDE else []
-    head = ProjectionHead(net.out_channels(k) * min(side, HEAD_MAX_SIDE) ** 2).to(device)
-    stage = nn.Sequential(*net.blocks[first - 1: k], *pool, head)
+    stage = Stage(net, first, k, net.output_size(patch, k)).to(device)
     set_trainable(stage, True)
     optimizer = adamw(stage.parameters(), 1e-3, 0.0, device)
     loss_fn = build_loss(loss or LossConfig(name="triplet"))
@@ -131,7 +127,7 @@ def layer_step(net: BlockNet, k: int, batch: int, device: torch.device, loss: Lo
     fixed = torch.rand(views * batch, net.in_channels, patch, patch, device=device)
 
     def step(x: torch.Tensor = fixed) -> None:
-        train_step(stage, loss_fn, optimizer, frozen_features(net, x, first - 1), views, head)
+        train_step(stage, loss_fn, optimizer, frozen_features(net, x, first - 1), views, stage.head)
     with native.pytorch_paths(), FlopCounterMode(display=False) as counter:
         step()
     return step, views * batch, float(counter.get_total_flops())
@@ -264,9 +260,7 @@ def layerwise_vs_end2end(source: torch.Tensor, target: ImageData, target_test: I
             return seconds, accs[i]
 
         def greedy_config(steps: int, k: int = k) -> PretrainConfig:
-            first_blocks = (dict(arch=config.arch.truncated(k)) if config.backbone.name == "lw"
-                            else dict(backbone=dataclasses.replace(config.backbone, blocks=k)))
-            return dataclasses.replace(base, **first_blocks, steps_per_layer=config.greedy_schedule(steps, k))
+            return dataclasses.replace(base.first_blocks(k), steps_per_layer=config.greedy_schedule(steps, k))
 
         def greedy_run(steps: int, k: int = k) -> tuple[float, float]:
             run_config = greedy_config(steps)

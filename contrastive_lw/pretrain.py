@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import threading
@@ -129,6 +130,12 @@ class PretrainConfig:
         given = per_layer(self.steps_per_layer, k) if self.steps_per_layer else 0
         return given or max(1, math.ceil(per_layer(self.epochs_per_layer, k) * self.epoch_steps(num_images)))
 
+    def first_blocks(self, k: int) -> PretrainConfig:
+        """The same pretraining of the backbone's first ``k`` blocks only."""
+        if self.backbone.name == "lw":
+            return dataclasses.replace(self, arch=self.arch.truncated(k))
+        return dataclasses.replace(self, backbone=dataclasses.replace(self.backbone, blocks=k))
+
 
 def warmup_cosine(steps: int, warmup_fraction: float):
     """LambdaLR factor: linear warm-up, then cosine decay to 0."""
@@ -221,12 +228,16 @@ class Interrupted(KeyboardInterrupt):
     """SIGINT / SIGTERM arrived; the layer in progress was saved and the same command resumes it."""
 
 
-class _Stage(nn.Module):
-    """What one pretraining stage trains: its block(s) and projection head."""
+class Stage(nn.Module):
+    """What one pretraining stage trains: blocks ``first``..``k`` of ``net`` and a new projection
+    head on block k's map of side ``side``, average-pooled to ``HEAD_MAX_SIDE`` where wider."""
 
-    def __init__(self, blocks: nn.Sequential, head: ProjectionHead, pool: int | None = None) -> None:
+    def __init__(self, net: BlockNet, first: int, k: int, side: int, embed_dim: int = 128, hidden: int = 0) -> None:
         super().__init__()
-        self.blocks, self.head, self.pool = blocks, head, pool
+        pooled = min(side, HEAD_MAX_SIDE)
+        self.blocks = net.blocks[first - 1: k]
+        self.head = ProjectionHead(net.out_channels(k) * pooled * pooled, embed_dim, hidden)
+        self.pool = pooled if side > HEAD_MAX_SIDE else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(x)
@@ -311,10 +322,7 @@ class LayerwisePretrainer:
         prefix = k - 1 if greedy else 0
         set_trainable(net.blocks[:prefix], False)
         torch.manual_seed(cfg.seed * 1000 + k)  # before the head is drawn: a run resumed between layers draws the same
-        pooled = min(side, HEAD_MAX_SIDE)
-        stage = _Stage(net.blocks[prefix:k], ProjectionHead(net.out_channels(k) * pooled * pooled, cfg.embed_dim,
-                                                             cfg.head_hidden).to(device),
-                       pooled if side > HEAD_MAX_SIDE else None)
+        stage = Stage(net, prefix + 1, k, side, cfg.embed_dim, cfg.head_hidden).to(device)
         set_trainable(stage, True)
         optimizer = adamw(stage.parameters(), cfg.lr, cfg.weight_decay, device)
         steps = cfg.steps(len(images), k if greedy else 1)
@@ -353,7 +361,7 @@ class LayerwisePretrainer:
         if self._stop_signal is not None:
             raise Interrupted(f"stopped by signal {self._stop_signal} {where}; run the same command again to continue")
 
-    def _load_state(self, k: int, net: BlockNet, stage: _Stage, optimizer: torch.optim.Optimizer,
+    def _load_state(self, k: int, net: BlockNet, stage: Stage, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler) -> tuple[int, float]:
         """Restore the layer in progress from ``state.pt``; returns the step to continue from and
         the loss of the step before it (NaN when there is none)."""
@@ -371,7 +379,7 @@ class LayerwisePretrainer:
         restore_rng_state(state, self.device)
         return state["step"], state.get("loss", math.nan)
 
-    def _save_state(self, k: int, step: int, net: BlockNet, stage: _Stage, optimizer: torch.optim.Optimizer,
+    def _save_state(self, k: int, step: int, net: BlockNet, stage: Stage, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler, loss: float) -> None:
         if distributed.is_main_process():
             state = {

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from contrastive_lw import load_backbone
+from contrastive_lw.backbones import BackboneConfig
 from contrastive_lw.errors import CheckpointError, ConfigError, TrainingDiverged
 from contrastive_lw.losses import InfoNCELoss, LossConfig, TripletLoss
 from contrastive_lw.heads import ProjectionHead
@@ -145,6 +146,13 @@ def test_steps_per_layer_reads_one_int_as_every_layers():
     assert PretrainConfig.from_dict({"steps_per_layer": 5}) == PretrainConfig.from_dict({"steps_per_layer": [5]})
     config = PretrainConfig.from_dict({"steps_per_layer": [0, 7]})  # 0: the epochs' steps (block 1: 4 epochs)
     assert (config.steps(100, 1), config.steps(100, 2), config.steps(100, 5)) == (4 * config.epoch_steps(100), 7, 7)
+
+
+def test_first_blocks_cuts_lw_and_torchvision_backbones_alike():
+    lw = PretrainConfig(arch=ArchConfig(widths=(8, 16, 32)), lr=0.01).first_blocks(2)
+    assert lw.arch.widths == (8, 16) and lw.lr == 0.01
+    resnet = PretrainConfig(backbone=BackboneConfig(name="resnet18", cifar_stem=True)).first_blocks(3)
+    assert resnet.backbone == BackboneConfig(name="resnet18", cifar_stem=True, blocks=3)
 
 
 def test_epochs_per_layer_reads_one_number_as_every_layers():
