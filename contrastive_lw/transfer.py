@@ -144,16 +144,17 @@ def optimizer_groups(param_groups: dict[str, ParamGroup], config: TransferConfig
     tensor on ``lr_device`` when given (a captured CUDA graph reads the lr a schedule writes there)."""
     ratios = {"head": 1.0, "reinit": config.reinit_lr_ratio, "transferred": config.layer_lr_ratio}
     lrs = {name: config.lr * ratio for name, ratio in ratios.items()}
-    return [{"params": [p for p in g.params if p.requires_grad], "initial_lr": lrs[name],
+    return [{"params": [p for p in g.params if p.requires_grad],
              "lr": lrs[name] if lr_device is None else torch.tensor(lrs[name], device=lr_device)}
             for name, g in param_groups.items() if any(p.requires_grad for p in g.params)]
 
 
 def set_epoch_lr(optimizer: torch.optim.Optimizer, config: TransferConfig, epoch: int) -> None:
-    """Every group's learning rate for ``epoch`` (0-based) under ``config.lr_schedule``."""
+    """Every group's learning rate for ``epoch`` (0-based) under ``config.lr_schedule``, scaled from
+    its ``initial_lr`` (the lr it had at the first call; kept in the optimizer's state dict)."""
     factor = 1.0 if config.lr_schedule == "constant" else (1 + math.cos(math.pi * epoch / config.epochs)) / 2
     for group in optimizer.param_groups:
-        lr = group.setdefault("initial_lr", group["lr"]) * factor
+        lr = group.setdefault("initial_lr", float(group["lr"])) * factor
         if isinstance(group["lr"], torch.Tensor):
             group["lr"].fill_(lr)
         else:

@@ -199,3 +199,10 @@ def test_supervised_config_with_an_unknown_section(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("pretrain: {lr: 0.1}\n")
     err = _error(capsys, main(["supervised", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "s")]))
     assert "unknown section(s) ['pretrain']" in err
+
+
+def test_transfer_lr_schedule_flag_reaches_the_run(tmp_path, npz):
+    out = tmp_path / "t"
+    assert main(["transfer", "--init", "random", "--dataset", f"npz:{npz}", "--mode", "linear", "--layers", "1",
+                 "--epochs", "2", "--lr-schedule", "cosine", "--device", "cpu", "--out", str(out)]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["transfer"]["lr_schedule"] == "cosine"
