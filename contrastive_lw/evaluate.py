@@ -73,6 +73,20 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
         return float((linear(test_x).argmax(1) == test_y).float().mean())
 
 
+def select_weight_decay(train_x: torch.Tensor, train_y: torch.Tensor, candidates: Sequence[float],
+                        held_out: float = 0.2, seed: int = 0, max_iter: int = 200) -> float:
+    """The L2 weight among ``candidates`` whose :func:`linear_probe_accuracy`, fitted on the training
+    features less a fixed random ``held_out`` fraction, is highest on that fraction (the first of equals):
+    the probe's weight decay chosen without the test images."""
+    if not candidates or not 0 < held_out < 1:
+        raise ValueError("select_weight_decay needs candidates and 0 < held_out < 1")
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
+    held, fit = order[: max(1, int(held_out * len(train_x)))], order[max(1, int(held_out * len(train_x))):]
+    scores = [linear_probe_accuracy(train_x[fit], train_y[fit], train_x[held], train_y[held], wd, max_iter)
+              for wd in candidates]
+    return candidates[scores.index(max(scores))]
+
+
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  k: int = 200, temperature: float = 0.1) -> float:
     """Weighted kNN accuracy on L2-normalised features (lightly's ``knn_predict``)."""

@@ -5,7 +5,8 @@ One run (``--init layerwise``, the default) builds ``PretrainConfig()`` (the pla
 command's defaults) with ``--set`` overrides, pretrains ``--layers`` blocks greedily on the train
 images of the source classes (CIFAR-10 0-4: 25 000 images), then reads the blocks out on the target
 classes (5-9): a softmax regression (:func:`contrastive_lw.evaluate.linear_probe_accuracy`, L-BFGS
-on standardised features, 200 iterations, L2 weight ``--probe-wd`` 1e-2) trained on a fixed random subset of ``--probe-train``
+on standardised features, 200 iterations, L2 weight ``--probe-wd`` 1e-2, or the best of comma-separated
+candidates on a held-out fifth of the probe's training images) trained on a fixed random subset of ``--probe-train``
 10 000 of the 25 000 target train images (the same subset in every run; 0 takes all: the probe of
 3 blocks on all of them took 7 min on the shared 2 cores) and tested on all 5 000 target test images, on the features (:func:`contrastive_lw.evaluate.block_features`, average-pooled to
 ``--pool`` x ``--pool``) of each block k alone (``block_k``) and of blocks 1..k concatenated
@@ -52,7 +53,7 @@ import yaml
 from contrastive_lw.checkpoint import BACKBONE, layer_checkpoints, load_checkpoint
 from contrastive_lw.config import to_dict
 from contrastive_lw.data import load_dataset
-from contrastive_lw.evaluate import block_features, linear_probe_accuracy
+from contrastive_lw.evaluate import block_features, linear_probe_accuracy, select_weight_decay
 from contrastive_lw.model import LayerwiseNet, initial_network
 from contrastive_lw.pretrain import LayerwisePretrainer, PretrainConfig
 from contrastive_lw.supervised import train_supervised
@@ -72,6 +73,14 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
         for part in path:
             node = node.setdefault(part, {})
         node[last] = yaml.safe_load(text)
+    return values
+
+
+def weight_decays(text: str) -> tuple[float, ...]:
+    """``--probe-wd``: one weight decay or comma-separated candidates, each >= 0."""
+    values = tuple(float(v) for v in text.split(","))
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"weight decays must be >= 0, got {text}")
     return values
 
 
@@ -96,22 +105,29 @@ def macs_per_image(net: LayerwiseNet, side: int = 32) -> int:
     return total
 
 
-def read_out(net: LayerwiseNet, target, target_test, pool: int, weight_decay: float = 1e-4) -> dict[str, float]:
+def read_out(net: LayerwiseNet, target, target_test, pool: int,
+             weight_decays: tuple[float, ...] = (1e-4,)) -> tuple[dict[str, float], dict[str, float]]:
     """Linear-probe accuracy (%) of each block alone and of blocks 1..k concatenated (the features
-    of every block computed in one pass, then split into blocks)."""
+    of every block computed in one pass, then split into blocks), and the probe's weight decay for each:
+    with more than one of ``weight_decays``, the one :func:`select_weight_decay` picks on a held-out fifth
+    of the probe's training images, before the probe is refitted on all of them."""
     blocks = list(range(1, net.num_blocks + 1))
     sizes = [net.out_channels(k) * min(pool, net.output_size(target.images.shape[-1], k)) ** 2 for k in blocks]
     train_parts = block_features(net, target.images, blocks, pool).split(sizes, dim=1)
     test_parts = block_features(net, target_test.images, blocks, pool).split(sizes, dim=1)
-    accs = {}
+    feature_sets = {}
     for k in blocks:
-        accs[f"block_{k}"] = 100 * linear_probe_accuracy(train_parts[k - 1], target.labels,
-                                                         test_parts[k - 1], target_test.labels, weight_decay)
+        feature_sets[f"block_{k}"] = [k]
         if k > 1:
-            accs[f"blocks_1..{k}"] = 100 * linear_probe_accuracy(torch.cat(train_parts[:k], 1), target.labels,
-                                                                 torch.cat(test_parts[:k], 1), target_test.labels,
-                                                                 weight_decay)
-    return accs
+            feature_sets[f"blocks_1..{k}"] = list(range(1, k + 1))
+    accs, chosen = {}, {}
+    for name in feature_sets:
+        train_x = torch.cat([train_parts[k - 1] for k in feature_sets[name]], 1)
+        test_x = torch.cat([test_parts[k - 1] for k in feature_sets[name]], 1)
+        chosen[name] = (weight_decays[0] if len(weight_decays) == 1
+                        else select_weight_decay(train_x, target.labels, weight_decays))
+        accs[name] = 100 * linear_probe_accuracy(train_x, target.labels, test_x, target_test.labels, chosen[name])
+    return accs, chosen
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -151,10 +167,11 @@ def run(args: argparse.Namespace) -> dict:
         net = load_init(args.init, target.images)[1]
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    accs = read_out(net, target, target_test, args.pool, args.probe_wd)
+    accs, chosen_wd = read_out(net, target, target_test, args.pool, args.probe_wd)
     row = {"name": args.name, "init": args.init, "seed": args.seed, "layers": args.layers, "overrides": args.set,
            "supervised_epochs": args.supervised_epochs if args.init == "supervised" else None,
-           "pool": args.pool, "probe_wd": args.probe_wd, "probe_train": len(target.images), "probe_test": len(target_test.images),
+           "pool": args.pool, "probe_wd": chosen_wd if len(args.probe_wd) > 1 else args.probe_wd[0],
+           "probe_wd_candidates": list(args.probe_wd), "probe_train": len(target.images), "probe_test": len(target_test.images),
            "accs": accs, "train_seconds": round(sum(per_layer) if args.resume else train_seconds, 1), "layer_seconds": [round(s, 1) for s in per_layer],
            "probe_seconds": round(time.perf_counter() - start, 1), "macs": macs_per_image(net),
            "config": to_dict(config), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -229,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--supervised-epochs", type=int, default=5)
     parser.add_argument("--pool", type=int, default=4)
-    parser.add_argument("--probe-wd", type=float, default=1e-2,
-                        help="the probe's L2 weight (1e-2: the best all-block read-out of 1e-4..1e-1 for layer-wise and "
-                             "random blocks alike, docs/STUDY.md; evaluate's default is 1e-4)")
+    parser.add_argument("--probe-wd", type=weight_decays, default=(1e-2,),
+                        help="the probe's L2 weight, or comma-separated candidates, one chosen per feature set on a "
+                             "held-out fifth of the probe's training images (1e-2: the best all-block read-out of "
+                             "1e-4..1e-1 on the test images for layer-wise and random blocks alike, docs/STUDY.md)")
     parser.add_argument("--probe-train", type=int, default=10000,
                         help="target train images for the probe, a fixed class-mixed subset (0: all 25 000)")
     parser.add_argument("--dataset", default="cifar10")

@@ -27,6 +27,32 @@ def test_macs_count_every_block():
     assert ablate.macs_per_image(padded) == 27 * 27 * 108 * 64 + 13 * 13 * 576 * 128 + 6 * 6 * 1152 * 256
 
 
+def test_read_out_chooses_the_probe_weight_decay_per_feature_set_only_among_candidates(monkeypatch):
+    from types import SimpleNamespace
+
+    from contrastive_lw.model import ArchConfig, LayerwiseNet
+
+    g = torch.Generator().manual_seed(0)
+    images = lambda n: SimpleNamespace(images=torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                                       labels=torch.arange(n) % 2)
+    net, train, test = LayerwiseNet(ArchConfig(widths=(4, 6))).eval(), images(40), images(20)
+    accs, chosen = ablate.read_out(net, train, test, pool=2, weight_decays=(1e3, 1e-2))
+    assert list(accs) == list(chosen) == ["block_1", "block_2", "blocks_1..2"]
+    assert set(chosen.values()) <= {1e3, 1e-2}
+    asked = []
+    monkeypatch.setattr(ablate, "select_weight_decay", lambda x, y, candidates: asked.append(x.shape[1]) or candidates[-1])
+    assert ablate.read_out(net, train, test, pool=2, weight_decays=(1e-1, 1e-3))[1] == dict.fromkeys(accs, 1e-3)
+    assert asked == [4 * 4, 6 * 4, 4 * 4 + 6 * 4]  # the features of each set, block by block, pooled to 2x2
+    assert ablate.read_out(net, train, test, pool=2, weight_decays=(1e-2,))[1] == dict.fromkeys(accs, 1e-2)
+    assert len(asked) == 3  # one value: nothing to choose
+
+
+def test_probe_wd_flag_takes_one_value_or_candidates():
+    assert ablate.weight_decays("1e-2") == (1e-2,) and ablate.weight_decays("1e-3,1e-2,0.1") == (1e-3, 1e-2, 0.1)
+    with pytest.raises(Exception, match=">= 0"):
+        ablate.weight_decays("-1")
+
+
 def test_table_averages_seeds_per_name_in_the_order_asked():
     rows = [{"name": n, "init": "layerwise", "seed": s, "accs": {"block_1": a, "block_2": a, "blocks_1..2": a},
              "train_seconds": 10.0, "macs": 2e6} for n, s, a in [("a", 0, 80.0), ("a", 1, 82.0), ("b", 0, 70.0)]]

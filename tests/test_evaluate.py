@@ -1,6 +1,8 @@
 import torch
 
-from contrastive_lw.evaluate import block_features, knn_accuracy, linear_probe_accuracy
+import pytest
+
+from contrastive_lw.evaluate import block_features, knn_accuracy, linear_probe_accuracy, select_weight_decay
 from contrastive_lw.model import ArchConfig, LayerwiseNet
 
 
@@ -16,6 +18,14 @@ def test_knn_and_linear_probe_on_separable_features():
     assert knn_accuracy(x, y, tx, ty, k=10) > 0.95
     assert linear_probe_accuracy(x, y, tx, ty) > 0.95
     assert knn_accuracy(x, y[torch.randperm(len(y))], tx, ty, k=10) < 0.7
+
+
+def test_select_weight_decay_picks_on_held_out_training_features():
+    x, y = _separable(gap=2.0)
+    assert select_weight_decay(x, y, (1e3, 1e-2)) == 1e-2 == select_weight_decay(x, y, (1e-2, 1e3))  # 1e3: chance
+    assert select_weight_decay(x, y, (1e-4, 1e-3, 1e-2), seed=3) == select_weight_decay(x, y, (1e-4, 1e-3, 1e-2), seed=3)
+    with pytest.raises(ValueError, match="held_out"):
+        select_weight_decay(x, y, (1e-2,), held_out=1.0)
 
 
 def test_block_features_pool_and_concatenate():
