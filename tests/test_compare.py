@@ -33,7 +33,7 @@ def test_compare_writes_results_report_and_figures(tmp_path):
     assert all(len(r["curve"]) == (1 if r["mode"] == "knn" else 2) for r in records)
     assert {r["layers"] for r in records if r["mode"] == "knn"} == {1, 2}
     report = (out / "report.md").read_text()
-    assert "| layerwise | finetune | 2 |" in report and "± " in report
+    assert "| layerwise | finetune | 2 |" in report and "± " in report and "Adam lr 0.001 (constant)" in report
     for figure in ("filters.png", "units_block2.png", "finetune_curves.png", "comparison.png", "class_images.png"):
         assert (out / "figures" / figure).stat().st_size > 1000 and f"figures/{figure}" in report
     assert any((out / "seed0" / "transfer" / "layerwise-frozen-k1" / "tb").iterdir())
@@ -60,6 +60,20 @@ def test_shipped_configs_are_valid_and_quick_yaml_alone_defines_the_default(tmp_
         main(["compare", "--out", str(tmp_path / "s"), "--set", "seeds=[7]"])
     quick = StudyConfig.from_dict({**load_yaml(CONFIGS / "quick.yaml"), "seeds": [7]})
     assert seen == [quick] and quick != StudyConfig(seeds=(7,))  # the class defaults are not a copy of it
+
+
+def test_study_configs_pretrain_with_the_measured_winner():
+    """docs/STUDY.md's winner: InfoNCE, block 1 four times as long as block 2, transfer with a cosine lr."""
+    import dataclasses
+
+    from contrastive_lw.model import ArchConfig
+    from contrastive_lw.pretrain import PretrainConfig
+
+    full = StudyConfig.from_dict(load_yaml(CONFIGS / "cpu-full.yaml"))
+    assert full.pretrain == dataclasses.replace(PretrainConfig(), arch=ArchConfig(widths=(64, 128)))
+    quick = StudyConfig.from_dict(load_yaml(CONFIGS / "quick.yaml"))
+    assert quick.pretrain.loss.name == "infonce" and quick.pretrain.steps_per_layer == (1600, 400)
+    assert full.transfer.lr_schedule == quick.transfer.lr_schedule == "cosine"
 
 
 def test_paper_config_follows_the_paper():
