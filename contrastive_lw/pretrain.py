@@ -50,6 +50,8 @@ class PretrainConfig:
     ``positives`` per layer: adjacent / shift / exemplar (see :class:`PatchSampler`); ``negative``:
     other_image (the paper's) or same_image, for losses that take explicit negatives (triplet).
     ``patch_sizes`` per layer; empty means the receptive field of blocks 1..k.
+    ``crop_scales`` per layer: the random resized crop's area range of that layer's views, in place of
+    ``augment.crop_scale`` (an empty entry, or none: that one).
     The state of the layer in progress is saved to ``state.pt`` every ``save_every`` steps (0: once
     per epoch of ``images * patches_per_image`` patches) and on SIGINT / SIGTERM; it is removed once the
     layer is saved as ``layerK.pt``.
@@ -59,9 +61,11 @@ class PretrainConfig:
     paper's method is ``loss: {name: triplet}`` (cosine distance, margin 0.5, random negatives from
     other images, adjacent positives for block 1) at ``lr: 0.001`` (``experiments/configs/paper.yaml``
     pins the paper's schedule too). The default lengths, ``epochs_per_layer`` (4, 1) with
-    ``steps_per_layer`` (0, 0, 100), give block 1 four epochs (its 7x7 patches are cheap, and its
-    read-out rose ~1.5 points over one epoch), block 2 one, and block 3 100 steps: its 25x25
-    patches re-run the frozen blocks 1-2, ~30x the cost of a block-1 step.
+    ``steps_per_layer`` (0, 0, 200), give block 1 four epochs (its 7x7 patches are cheap, and its
+    read-out rose ~1.5 points over one epoch), block 2 one, and block 3 200 steps: its 25x25 patches
+    re-run the frozen blocks 1-2, ~30x the cost of a block-1 step. Block 3 crops harder,
+    ``crop_scales`` ((), (), (0.2, 1.0)): with the longer run it lifted the frozen read-out of three
+    blocks by ~4 points at about the supervised baseline's training time (docs/STUDY.md).
     Layer k trains the k-th entry of ``steps_per_layer`` (last repeats; one int is every layer's),
     or where that is empty or 0, ``epochs_per_layer`` (its k-th entry, last repeats) ``* images *
     patches_per_image / batch_size`` steps.
@@ -77,6 +81,7 @@ class PretrainConfig:
     negative: str = "other_image"
     max_shift: int = 2
     patch_sizes: tuple[int, ...] = ()
+    crop_scales: tuple[tuple[float, ...], ...] = ((), (), (0.2, 1.0))
     init_scale: float = INIT_SCALE
     embed_dim: int = 128
     head_hidden: int = 0
@@ -86,7 +91,7 @@ class PretrainConfig:
     warmup_fraction: float = 0.05
     epochs_per_layer: tuple[float, ...] | float = (4.0, 1.0)
     patches_per_image: int = 16
-    steps_per_layer: tuple[int, ...] | int = (0, 0, 100)
+    steps_per_layer: tuple[int, ...] | int = (0, 0, 200)
     log_every: int = 50
     save_every: int = 0
     seed: int = 0
@@ -116,6 +121,8 @@ class PretrainConfig:
             raise ConfigError("steps_per_layer, save_every and weight_decay must be >= 0, warmup_fraction in [0, 1)")
         if any(p < 1 for p in self.patch_sizes):
             raise ConfigError(f"patch_sizes must be positive, got {list(self.patch_sizes)}")
+        for k in range(1, len(self.crop_scales) + 1):
+            self.layer_augment(k)  # AugmentConfig checks each layer's crop_scale
 
     @classmethod
     def from_dict(cls, values: dict) -> PretrainConfig:
@@ -129,6 +136,11 @@ class PretrainConfig:
         """Steps of layer ``k`` (1-based; end-to-end's one stage is layer 1)."""
         given = per_layer(self.steps_per_layer, k) if self.steps_per_layer else 0
         return given or max(1, math.ceil(per_layer(self.epochs_per_layer, k) * self.epoch_steps(num_images)))
+
+    def layer_augment(self, k: int) -> AugmentConfig:
+        """Layer ``k``'s augmentation: ``augment`` with the k-th entry of ``crop_scales`` (last repeats), if not empty."""
+        scale = per_layer(self.crop_scales, k) if self.crop_scales else ()
+        return dataclasses.replace(self.augment, crop_scale=scale) if scale else self.augment
 
     def first_blocks(self, k: int) -> PretrainConfig:
         """The same pretraining of the backbone's first ``k`` blocks only."""
@@ -329,7 +341,7 @@ class LayerwisePretrainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup_fraction))
         sampler = PatchSampler(patch, positive, cfg.max_shift,
                                seed=cfg.seed * 1000 + k, device=device, negative=cfg.negative)
-        augment = build_augmentation(cfg.augment, net.in_channels).to(device)
+        augment = build_augmentation(cfg.layer_augment(k), net.in_channels).to(device)
         first, final_loss = self._load_state(k, net, stage, optimizer, scheduler, sampler)
         model = nn.parallel.DistributedDataParallel(stage) if distributed.world_size() > 1 else stage
         views = 3 if self.loss_fn.uses_negatives else 2

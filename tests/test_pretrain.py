@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from contrastive_lw import load_backbone
+from contrastive_lw.augment import AugmentConfig
 from contrastive_lw.backbones import BackboneConfig
 from contrastive_lw.errors import CheckpointError, ConfigError, TrainingDiverged
 from contrastive_lw.losses import InfoNCELoss, LossConfig, TripletLoss
@@ -146,6 +147,22 @@ def test_steps_per_layer_reads_one_int_as_every_layers():
     assert PretrainConfig.from_dict({"steps_per_layer": 5}) == PretrainConfig.from_dict({"steps_per_layer": [5]})
     config = PretrainConfig.from_dict({"steps_per_layer": [0, 7]})  # 0: the epochs' steps (block 1: 4 epochs)
     assert (config.steps(100, 1), config.steps(100, 2), config.steps(100, 5)) == (4 * config.epoch_steps(100), 7, 7)
+
+
+def test_crop_scales_set_each_layers_crop_and_the_last_repeats(tmp_path, images, monkeypatch):
+    from contrastive_lw import pretrain
+
+    config = PretrainConfig.from_dict({"crop_scales": [[], [0.2, 1]], "augment": {"crop_scale": [0.5, 1]}})
+    assert [config.layer_augment(k).crop_scale for k in (1, 2, 3)] == [(0.5, 1.0), (0.2, 1.0), (0.2, 1.0)]
+    assert config.layer_augment(2).jitter == config.augment.jitter
+    assert PretrainConfig(crop_scales=()).layer_augment(3) == AugmentConfig()
+    with pytest.raises(ConfigError, match="crop_scale"):
+        PretrainConfig(crop_scales=((0.6, 1.0), (0.0, 1.0)))
+    built = []
+    build = pretrain.build_augmentation
+    monkeypatch.setattr(pretrain, "build_augmentation", lambda cfg, channels: built.append(cfg.crop_scale) or build(cfg, channels))
+    _fit(tmp_path, images, crop_scales=((0.9, 1.0), (0.5, 1.0)))
+    assert built == [(0.9, 1.0), (0.5, 1.0), (0.5, 1.0)]  # one augmentation per layer, the last entry repeats
 
 
 def test_first_blocks_cuts_lw_and_torchvision_backbones_alike():
