@@ -156,7 +156,7 @@ def test_crop_scales_set_each_layers_crop_and_the_last_repeats(tmp_path, images,
     assert [config.layer_augment(k).crop_scale for k in (1, 2, 3)] == [(0.5, 1.0), (0.2, 1.0), (0.2, 1.0)]
     assert config.layer_augment(2).jitter == config.augment.jitter
     assert PretrainConfig(crop_scales=()).layer_augment(3) == AugmentConfig()
-    with pytest.raises(ConfigError, match="crop_scale"):
+    with pytest.raises(ConfigError, match="crop_scales: layer 2"):
         PretrainConfig(crop_scales=((0.6, 1.0), (0.0, 1.0)))
     built = []
     build = pretrain.build_augmentation
