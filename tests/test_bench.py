@@ -94,7 +94,8 @@ def test_a_resnet18_races_greedy_against_end2end(tmp_path, capsys):
     greedy_step, end2end_step = race["work"]["step_gflop"]["layerwise"], race["work"]["step_gflop"]["end2end"]
     assert len(greedy_step) == 3 and 0 < greedy_step[0] < 0.1 < greedy_step[1] < greedy_step[2] < end2end_step
     assert 12 < end2end_step < 24
-    assert math.isclose(race["work"]["layerwise_gflop"], sum(s * g for s, g in zip([2, 1, 1], greedy_step)))
+    chosen = next(run for run in race["layerwise_runs"] if run["seconds"] == race["layerwise_s"])  # the run that counts
+    assert math.isclose(race["work"]["layerwise_gflop"], sum(s * g for s, g in zip(chosen["steps_per_layer"], greedy_step)))
     printed = capsys.readouterr().out
     assert "backbone: resnet18, CIFAR stem; race batch 8" in printed and "matmul" not in printed
 
