@@ -81,7 +81,8 @@ def select_weight_decay(train_x: torch.Tensor, train_y: torch.Tensor, candidates
     if not candidates or not 0 < held_out < 1:
         raise ValueError("select_weight_decay needs candidates and 0 < held_out < 1")
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed))
-    held, fit = order[: max(1, int(held_out * len(train_x)))], order[max(1, int(held_out * len(train_x))):]
+    cut = max(1, int(held_out * len(train_x)))
+    held, fit = order[:cut], order[cut:]
     scores = [linear_probe_accuracy(train_x[fit], train_y[fit], train_x[held], train_y[held], wd, max_iter)
               for wd in candidates]
     return candidates[scores.index(max(scores))]
