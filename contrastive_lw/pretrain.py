@@ -121,10 +121,11 @@ class PretrainConfig:
             raise ConfigError("steps_per_layer, save_every and weight_decay must be >= 0, warmup_fraction in [0, 1)")
         if any(p < 1 for p in self.patch_sizes):
             raise ConfigError(f"patch_sizes must be positive, got {list(self.patch_sizes)}")
-        for k, scale in enumerate(self.crop_scales, start=1):
-            if scale and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
-                raise ConfigError(f"crop_scales: layer {k}'s entry must be empty or two numbers 0 < lo <= hi <= 1, "
-                                  f"got {list(scale)}")
+        for k in range(1, len(self.crop_scales) + 1):
+            try:
+                self.layer_augment(k)  # AugmentConfig checks the crop
+            except ConfigError as error:
+                raise ConfigError(f"crop_scales: layer {k}'s entry (empty keeps augment.crop_scale): {error}") from None
 
     @classmethod
     def from_dict(cls, values: dict) -> PretrainConfig:
