@@ -176,7 +176,8 @@ class Study:
                 f"{setup['target_test']} test images. {shape}; pretraining "
                 f"{cfg.pretrain.loss.name} loss, {steps_text} steps per layer of "
                 f"batch {cfg.pretrain.batch_size}; supervised baseline {cfg.supervised.epochs} epochs; transfer "
-                f"{cfg.transfer.epochs} epochs, Adam lr {cfg.transfer.lr} ({cfg.transfer.lr_schedule}), new blocks {list(cfg.transfer.new_widths)}, "
+                f"{cfg.transfer.epochs} epochs, Adam lr {cfg.transfer.lr} ({cfg.transfer.lr_schedule}), "
+                f"new blocks {list(cfg.transfer.new_widths)}, "
                 f"fc {cfg.transfer.hidden}; seeds {list(cfg.seeds)}.")
 
 
