@@ -39,9 +39,12 @@ def test_read_out_chooses_the_probe_weight_decay_per_feature_set_only_among_cand
     accs, chosen = ablate.read_out(net, train, test, pool=2, weight_decays=(1e3, 1e-2))
     assert list(accs) == list(chosen) == ["block_1", "block_2", "blocks_1..2"]
     assert set(chosen.values()) <= {1e3, 1e-2}
-    asked = []
+    asked, fitted = [], []
     monkeypatch.setattr(ablate, "select_weight_decay", lambda x, y, candidates: asked.append(x.shape[1]) or candidates[-1])
+    probe = ablate.linear_probe_accuracy
+    monkeypatch.setattr(ablate, "linear_probe_accuracy", lambda *a: fitted.append(a[-1]) or probe(*a))
     assert ablate.read_out(net, train, test, pool=2, weight_decays=(1e-1, 1e-3))[1] == dict.fromkeys(accs, 1e-3)
+    assert fitted == [1e-3] * 3  # the refit on all probe images uses the chosen value
     assert asked == [4 * 4, 6 * 4, 4 * 4 + 6 * 4]  # the features of each set, block by block, pooled to 2x2
     assert ablate.read_out(net, train, test, pool=2, weight_decays=(1e-2,))[1] == dict.fromkeys(accs, 1e-2)
     assert len(asked) == 3  # one value: nothing to choose

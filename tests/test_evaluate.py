@@ -1,6 +1,5 @@
-import torch
-
 import pytest
+import torch
 
 from contrastive_lw.evaluate import block_features, knn_accuracy, linear_probe_accuracy, select_weight_decay
 from contrastive_lw.model import ArchConfig, LayerwiseNet
@@ -26,6 +25,20 @@ def test_select_weight_decay_picks_on_held_out_training_features():
     assert select_weight_decay(x, y, (1e-4, 1e-3, 1e-2), seed=3) == select_weight_decay(x, y, (1e-4, 1e-3, 1e-2), seed=3)
     with pytest.raises(ValueError, match="held_out"):
         select_weight_decay(x, y, (1e-2,), held_out=1.0)
+
+
+def test_select_weight_decay_scores_on_rows_it_did_not_fit(monkeypatch):
+    from contrastive_lw import evaluate
+
+    x, y = torch.arange(50.0)[:, None], torch.arange(50) % 2  # each row names itself
+    calls = []
+    monkeypatch.setattr(evaluate, "linear_probe_accuracy",
+                        lambda fit_x, fit_y, held_x, held_y, wd, max_iter: calls.append((fit_x, held_x)) or -wd)
+    assert select_weight_decay(x, y, (1e-1, 1e-3, 1e-2)) == 1e-3  # the best held-out score wins
+    for fit_x, held_x in calls:
+        assert len(held_x) == 10 and len(fit_x) == 40
+        assert sorted(torch.cat([fit_x, held_x]).flatten().tolist()) == x.flatten().tolist()  # disjoint, all rows
+    assert all(torch.equal(held_x, calls[0][1]) for _, held_x in calls)  # the same held-out rows for every candidate
 
 
 def test_block_features_pool_and_concatenate():
