@@ -52,6 +52,7 @@ class PretrainConfig:
     ``patch_sizes`` per layer; empty means the receptive field of blocks 1..k.
     ``crop_scales`` per layer: the random resized crop's area range of that layer's views, in place of
     ``augment.crop_scale`` (an empty entry, or none: that one).
+    ``batch_size`` per layer: anchors per step (one int: every layer's).
     The state of the layer in progress is saved to ``state.pt`` every ``save_every`` steps (0: once
     per epoch of ``images * patches_per_image`` patches) and on SIGINT / SIGTERM; it is removed once the
     layer is saved as ``layerK.pt``.
@@ -61,14 +62,15 @@ class PretrainConfig:
     paper's method is ``loss: {name: triplet}`` (cosine distance, margin 0.5, random negatives from
     other images, adjacent positives for block 1) at ``lr: 0.001`` (``experiments/configs/paper.yaml``
     pins the paper's schedule too). The default lengths, ``epochs_per_layer`` (4, 1) with
-    ``steps_per_layer`` (0, 0, 200), give block 1 four epochs (its 7x7 patches are cheap, and its
-    read-out rose ~1.5 points over one epoch), block 2 one, and block 3 200 steps: its 25x25 patches
-    re-run the frozen blocks 1-2, ~30x the cost of a block-1 step. Block 3 crops harder,
-    ``crop_scales`` ((), (), (0.2, 1.0)): with the longer run it lifted the frozen read-out of three
-    blocks by ~4 points at about the supervised baseline's training time (docs/STUDY.md).
+    ``steps_per_layer`` (0, 0, 800) and ``batch_size`` (512, 512, 128), give block 1 four epochs (its
+    7x7 patches are cheap, and its read-out rose ~1.5 points over one epoch), block 2 one, and block 3
+    800 steps of 128 anchors: its 25x25 patches re-run the frozen blocks 1-2, ~30x the cost of a
+    block-1 patch, and four times the steps of a quarter of the batch read out better than 200 of 512
+    in less time. Block 3 crops harder, ``crop_scales`` ((), (), (0.2, 1.0)): its views cover most of a
+    32x32 image, and the default crop barely changed them (docs/STUDY.md).
     Layer k trains the k-th entry of ``steps_per_layer`` (last repeats; one int is every layer's),
     or where that is empty or 0, ``epochs_per_layer`` (its k-th entry, last repeats) ``* images *
-    patches_per_image / batch_size`` steps.
+    patches_per_image / batch_size`` (layer k's) steps.
     End-to-end trains its one stage for the first entry.
     """
 
@@ -85,13 +87,13 @@ class PretrainConfig:
     init_scale: float = INIT_SCALE
     embed_dim: int = 128
     head_hidden: int = 0
-    batch_size: int = 512
+    batch_size: tuple[int, ...] | int = (512, 512, 128)
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup_fraction: float = 0.05
     epochs_per_layer: tuple[float, ...] | float = (4.0, 1.0)
     patches_per_image: int = 16
-    steps_per_layer: tuple[int, ...] | int = (0, 0, 200)
+    steps_per_layer: tuple[int, ...] | int = (0, 0, 800)
     log_every: int = 50
     save_every: int = 0
     seed: int = 0
@@ -101,6 +103,8 @@ class PretrainConfig:
             object.__setattr__(self, "steps_per_layer", (self.steps_per_layer,))
         if isinstance(self.epochs_per_layer, (int, float)):
             object.__setattr__(self, "epochs_per_layer", (float(self.epochs_per_layer),))
+        if isinstance(self.batch_size, int):
+            object.__setattr__(self, "batch_size", (self.batch_size,))
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
         if self.negative not in NEGATIVES:
@@ -108,9 +112,11 @@ class PretrainConfig:
         bad = [p for p in self.positives if p not in POSITIVES]
         if bad or not self.positives:
             raise ConfigError(f"positives must be among {list(POSITIVES)}, got {list(self.positives)}")
-        for name in ("batch_size", "embed_dim", "patches_per_image", "log_every", "max_shift"):
+        for name in ("embed_dim", "patches_per_image", "log_every", "max_shift"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.batch_size or min(self.batch_size) < 1:
+            raise ConfigError(f"batch_size must be positive integers (per layer), got {list(self.batch_size)}")
         for name in ("lr", "init_scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -131,14 +137,18 @@ class PretrainConfig:
     def from_dict(cls, values: dict) -> PretrainConfig:
         return from_dict(cls, values, "pretrain config")
 
-    def epoch_steps(self, num_images: int) -> int:
-        """Steps that sample ``patches_per_image`` anchors per image once."""
-        return max(1, math.ceil(num_images * self.patches_per_image / self.batch_size))
+    def layer_batch_size(self, k: int) -> int:
+        """Anchors per step of layer ``k`` (1-based; end-to-end's one stage is layer 1)."""
+        return per_layer(self.batch_size, k)
+
+    def epoch_steps(self, num_images: int, k: int = 1) -> int:
+        """Steps of layer ``k`` that sample ``patches_per_image`` anchors per image once."""
+        return max(1, math.ceil(num_images * self.patches_per_image / self.layer_batch_size(k)))
 
     def steps(self, num_images: int, k: int = 1) -> int:
         """Steps of layer ``k`` (1-based; end-to-end's one stage is layer 1)."""
         given = per_layer(self.steps_per_layer, k) if self.steps_per_layer else 0
-        return given or max(1, math.ceil(per_layer(self.epochs_per_layer, k) * self.epoch_steps(num_images)))
+        return given or max(1, math.ceil(per_layer(self.epochs_per_layer, k) * self.epoch_steps(num_images, k)))
 
     def layer_augment(self, k: int) -> AugmentConfig:
         """Layer ``k``'s augmentation: ``augment`` with the k-th entry of ``crop_scales`` (last repeats), if not empty."""
@@ -279,8 +289,8 @@ class LayerwisePretrainer:
                  progress: bool | None = None, tensorboard: bool = True) -> None:
         self.config, self.out_dir = config, Path(out_dir)
         self.device = distributed.init_distributed(resolve_device(device))
-        if config.batch_size % distributed.world_size():
-            raise ConfigError(f"batch_size {config.batch_size} must divide evenly over "
+        if any(batch % distributed.world_size() for batch in config.batch_size):
+            raise ConfigError(f"batch_size {list(config.batch_size)} must divide evenly over "
                               f"{distributed.world_size()} processes")
         self.progress, self.tensorboard = progress, tensorboard
         self.loss_fn = build_loss(config.loss, gather_distributed=distributed.world_size() > 1).to(self.device)
@@ -340,7 +350,8 @@ class LayerwisePretrainer:
         stage = Stage(net, prefix + 1, k, side, cfg.embed_dim, cfg.head_hidden).to(device)
         set_trainable(stage, True)
         optimizer = adamw(stage.parameters(), cfg.lr, cfg.weight_decay, device)
-        steps = cfg.steps(len(images), k if greedy else 1)
+        stage_k = k if greedy else 1
+        steps, batch = cfg.steps(len(images), stage_k), cfg.layer_batch_size(stage_k)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup_fraction))
         sampler = PatchSampler(patch, positive, cfg.max_shift,
                                seed=cfg.seed * 1000 + k, device=device, negative=cfg.negative)
@@ -348,21 +359,21 @@ class LayerwisePretrainer:
         first, final_loss = self._load_state(k, net, stage, optimizer, scheduler, sampler)
         model = nn.parallel.DistributedDataParallel(stage) if distributed.world_size() > 1 else stage
         views = 3 if self.loss_fn.uses_negatives else 2
-        save_every = cfg.save_every or cfg.epoch_steps(len(images))
+        save_every = cfg.save_every or cfg.epoch_steps(len(images), stage_k)
         bar = tqdm(range(first, steps), desc=f"layer {k}", initial=first, total=steps,
                    disable=not distributed.is_main_process() or (None if self.progress is None else not self.progress))
         start = time.perf_counter()
         frames = on_huge_pages(images.flatten(0, -4).contiguous(memory_format=torch.channels_last))  # fast crops
         draw = sampler.sample_video_indices if images.dim() == 5 else sampler.sample_indices
-        columns = rank_columns(views, cfg.batch_size)
+        columns = rank_columns(views, batch)
         for step in bar:
-            where = [PatchIndex(*map(distributed.shard, w)) for w in draw(images.shape, cfg.batch_size, device)[:views]]
+            where = [PatchIndex(*map(distributed.shard, w)) for w in draw(images.shape, batch, device)[:views]]
             x = frozen_features(net, augmented_views(frames, where, patch, augment, columns), prefix)
             loss, embeddings = train_step(model, self.loss_fn, optimizer, x, views, stage.head)
             scheduler.step()
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
                 self._log(logger, k, step, loss, embeddings, scheduler.get_last_lr()[0],
-                          (step + 1 - first) * views * cfg.batch_size / (time.perf_counter() - start), bar)
+                          (step + 1 - first) * views * batch / (time.perf_counter() - start), bar)
             if step + 1 < steps and (self._stop_signal is not None or (step + 1) % save_every == 0):
                 self._save_state(k, step + 1, net, stage, optimizer, scheduler, sampler, loss.item())
                 self._stop_if_asked(f"in layer {k} at step {step + 1}")

@@ -169,13 +169,14 @@ class Study:
                  f"Backbone {backbone.name}{' (CIFAR stem)' if backbone.cifar_stem else ''}, weights "
                  f"{backbone.weights}, {blocks} blocks")
         steps = [cfg.pretrain.steps(setup["source_train"], k) for k in range(1, blocks + 1)]
-        steps_text = str(steps[0]) if len(set(steps)) == 1 else " / ".join(map(str, steps))
+        batches = [cfg.pretrain.layer_batch_size(k) for k in range(1, blocks + 1)]
+        steps_text, batch_text = (str(v[0]) if len(set(v)) == 1 else " / ".join(map(str, v)) for v in (steps, batches))
         return (f"source (pretraining, supervised baseline): `{cfg.source.dataset}` classes {cfg.source.classes or 'all'}, "
                 f"{setup['source_train']} train images; target: `{cfg.target.dataset}` classes "
                 f"{cfg.target.classes or 'all'} ({', '.join(setup['classes'])}), {setup['target_train']} train / "
                 f"{setup['target_test']} test images. {shape}; pretraining "
                 f"{cfg.pretrain.loss.name} loss, {steps_text} steps per layer of "
-                f"batch {cfg.pretrain.batch_size}; supervised baseline {cfg.supervised.epochs} epochs; transfer "
+                f"batch {batch_text}; supervised baseline {cfg.supervised.epochs} epochs; transfer "
                 f"{cfg.transfer.epochs} epochs, Adam lr {cfg.transfer.lr} ({cfg.transfer.lr_schedule}), "
                 f"new blocks {list(cfg.transfer.new_widths)}, "
                 f"fc {cfg.transfer.hidden}; seeds {list(cfg.seeds)}.")

@@ -53,13 +53,16 @@ def test_plain_pretrain_defaults_are_the_ablations_winner_and_the_paper_stays_re
         return PretrainConfig.from_dict(pretrain_settings(parser.parse_args(["--out", "x", *flags]), None))
     plain = config("--layers", "3")
     assert (plain.loss.name, plain.lr, plain.positives) == ("infonce", 0.003, ("adjacent", "exemplar"))
-    assert [plain.steps(25_000, k) for k in (1, 2, 3)] == [3128, 782, 200]
+    assert [plain.steps(25_000, k) for k in (1, 2, 3)] == [3128, 782, 800]
+    assert [plain.layer_batch_size(k) for k in (1, 2, 3)] == [512, 512, 128]
     assert [plain.layer_augment(k).crop_scale for k in (1, 2, 3)] == [(0.6, 1.0), (0.6, 1.0), (0.2, 1.0)]
     paper = config("--layers", "3", "--loss", "triplet", "--lr", "0.001")
     assert (paper.loss.name, paper.loss.distance, paper.loss.margin, paper.loss.mining, paper.negative) == (
         "triplet", "cosine", 0.5, "none", "other_image")
-    assert [config("--epochs-per-layer", "2").steps(25_000, k) for k in (1, 3)] == [1564, 1564]
-    assert [config("--epochs-per-layer", "4,0.5").steps(25_000, k) for k in (1, 2, 3)] == [3128, 391, 391]
+    assert [config("--epochs-per-layer", "2").steps(25_000, k) for k in (1, 3)] == [1564, 6250]  # block 3: batch 128
+    assert [config("--epochs-per-layer", "4,0.5").steps(25_000, k) for k in (1, 2, 3)] == [3128, 391, 1563]
+    assert config("--batch-size", "256").batch_size == (256,)
+    assert config("--batch-size", "512,64").batch_size == (512, 64)
 
 
 def test_module_entry_point_help():

@@ -165,6 +165,21 @@ def test_crop_scales_set_each_layers_crop_and_the_last_repeats(tmp_path, images,
     assert built == [(0.9, 1.0), (0.5, 1.0), (0.5, 1.0)]  # one augmentation per layer, the last entry repeats
 
 
+def test_batch_size_is_per_layer_and_sets_each_layers_batch_and_epoch(tmp_path, images, monkeypatch):
+    from contrastive_lw import pretrain
+
+    config = PretrainConfig.from_dict({"batch_size": [8, 4], "steps_per_layer": [], "epochs_per_layer": 1})
+    assert [config.layer_batch_size(k) for k in (1, 2, 3)] == [8, 4, 4]
+    assert [config.steps(10, k) for k in (1, 2, 3)] == [10 * 16 // 8, 10 * 16 // 4, 10 * 16 // 4]
+    assert PretrainConfig(batch_size=64).batch_size == (64,)
+    batches = []
+    step = pretrain.train_step
+    monkeypatch.setattr(pretrain, "train_step", lambda model, loss_fn, optimizer, x, views, head:
+                        batches.append(len(x) // views) or step(model, loss_fn, optimizer, x, views, head))
+    _fit(tmp_path, images, batch_size=(16, 8), steps_per_layer=1)
+    assert batches == [16, 8, 8]
+
+
 def test_first_blocks_cuts_lw_and_torchvision_backbones_alike():
     lw = PretrainConfig(arch=ArchConfig(widths=(8, 16, 32)), lr=0.01).first_blocks(2)
     assert lw.arch.widths == (8, 16) and lw.lr == 0.01
@@ -174,14 +189,15 @@ def test_first_blocks_cuts_lw_and_torchvision_backbones_alike():
 
 def test_epochs_per_layer_reads_one_number_as_every_layers():
     config = PretrainConfig.from_dict({"epochs_per_layer": 2, "steps_per_layer": []})
-    assert config.epochs_per_layer == (2.0,) and [config.steps(100, k) for k in (1, 3)] == [2 * config.epoch_steps(100)] * 2
+    assert config.epochs_per_layer == (2.0,)
+    assert [config.steps(100, k) for k in (1, 3)] == [2 * config.epoch_steps(100, k) for k in (1, 3)]
     with pytest.raises(ConfigError, match="epochs_per_layer"):
         _config(epochs_per_layer=(1.0, 0.0))
 
 
 @pytest.mark.parametrize("bad", [dict(batch_size=0), dict(lr=0.0), dict(mode="joint"),
                                  dict(positives=("near",)), dict(steps_per_layer=-1), dict(negative="near"),
-                                 dict(steps_per_layer=(10, -1))])
+                                 dict(steps_per_layer=(10, -1)), dict(batch_size=(16, 0)), dict(batch_size=())])
 def test_bad_config_values(bad):
     with pytest.raises(ConfigError):
         _config(**bad)
