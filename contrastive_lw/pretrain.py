@@ -100,12 +100,10 @@ class PretrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps_per_layer, int):
-            object.__setattr__(self, "steps_per_layer", (self.steps_per_layer,))
-        if isinstance(self.epochs_per_layer, (int, float)):
-            object.__setattr__(self, "epochs_per_layer", (float(self.epochs_per_layer),))
-        if isinstance(self.batch_size, int):
-            object.__setattr__(self, "batch_size", (self.batch_size,))
+        for name, scalar, cast in (("steps_per_layer", int, int), ("batch_size", int, int),
+                                   ("epochs_per_layer", (int, float), float)):
+            if isinstance(getattr(self, name), scalar):  # one number: every layer's
+                object.__setattr__(self, name, (cast(getattr(self, name)),))
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {list(MODES)}, got {self.mode!r}")
         if self.negative not in NEGATIVES:

@@ -13,7 +13,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 TINY = """
 source: {dataset: sample, classes: "0-1", limit: 24}
 target: {dataset: sample, classes: "2-3", limit: 24}
-pretrain: {arch: {widths: [4, 6]}, steps_per_layer: 2, batch_size: 16}
+pretrain: {arch: {widths: [4, 6]}, steps_per_layer: 2, batch_size: [16, 8]}
 supervised: {epochs: 1, new_widths: [], hidden: 0, batch_size: 16}
 transfer: {epochs: 2, new_widths: [8], hidden: 16, batch_size: 16}
 inits: [layerwise, supervised, random]
@@ -34,6 +34,7 @@ def test_compare_writes_results_report_and_figures(tmp_path):
     assert {r["layers"] for r in records if r["mode"] == "knn"} == {1, 2}
     report = (out / "report.md").read_text()
     assert "| layerwise | finetune | 2 |" in report and "± " in report and "Adam lr 0.001 (constant)" in report
+    assert "2 steps per layer of batch 16 / 8;" in report
     for figure in ("filters.png", "units_block2.png", "finetune_curves.png", "comparison.png", "class_images.png"):
         assert (out / "figures" / figure).stat().st_size > 1000 and f"figures/{figure}" in report
     assert any((out / "seed0" / "transfer" / "layerwise-frozen-k1" / "tb").iterdir())

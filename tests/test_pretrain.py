@@ -178,6 +178,9 @@ def test_batch_size_is_per_layer_and_sets_each_layers_batch_and_epoch(tmp_path, 
                         batches.append(len(x) // views) or step(model, loss_fn, optimizer, x, views, head))
     _fit(tmp_path, images, batch_size=(16, 8), steps_per_layer=1)
     assert batches == [16, 8, 8]
+    monkeypatch.setattr(pretrain.distributed, "world_size", lambda: 2)
+    with pytest.raises(ConfigError, match=r"batch_size \[16, 7\] must divide evenly over 2"):
+        LayerwisePretrainer(_config(batch_size=(16, 7)), tmp_path / "ddp", device="cpu")
 
 
 def test_first_blocks_cuts_lw_and_torchvision_backbones_alike():
