@@ -11,7 +11,7 @@ from .accel import kernels
 from .errors import ConfigError
 
 DISTANCES = ("cosine", "sqeuclidean")
-MINING = ("none", "hardest", "semihard")
+MINING = ("none", "hardest", "semihard", "all")
 LOSSES = ("triplet", "infonce")
 
 
@@ -61,7 +61,9 @@ class TripletLoss(nn.Module):
         distance: ``cosine`` (1 - cosine similarity, the default) or ``sqeuclidean``.
         mining: ``none`` uses the given negative of each triplet; ``hardest`` / ``semihard`` pick
             each anchor's negative among all negatives and the other anchors' positives of the batch
-            (semi-hard: the closest one farther than the positive, else the farthest).
+            (semi-hard: the closest one farther than the positive, else the farthest); ``all``
+            (batch-all, Hermans et al. 2017) takes the hinge against every one of those candidates
+            and averages it over the triplets that still violate the margin.
         gather_distributed: mine among the candidates of every process of a distributed run.
 
     Example:
@@ -90,12 +92,17 @@ class TripletLoss(nn.Module):
         d_pos = paired_distance(anchor, positive, self.distance)
         if self.mining == "none":
             d_neg = paired_distance(anchor, negative, self.distance)
+        elif self.mining == "all":
+            hinges = F.relu(d_pos.unsqueeze(1) - self._candidate_distances(anchor, positive, negative) + self.margin)
+            return hinges.sum() / (hinges > 0).sum().clamp(min=1)
         else:
             d_neg = self._mine(anchor, positive, negative, d_pos)
         return F.relu(d_pos - d_neg + self.margin).mean()
 
-    def _mine(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
-              d_pos: torch.Tensor) -> torch.Tensor:
+    def _candidate_distances(self, anchor: torch.Tensor, positive: torch.Tensor,
+                             negative: torch.Tensor) -> torch.Tensor:
+        """B x C distances from each anchor to every negative and positive of the batch (of every
+        process when gathering), its own positive at infinity."""
         batch, offset = anchor.shape[0], 0
         if self.gather_distributed and torch.distributed.is_initialized():
             from lightly.utils.dist import gather, rank
@@ -106,6 +113,11 @@ class TripletLoss(nn.Module):
         d_all = pairwise_distance(anchor, candidates, self.distance)
         rows = torch.arange(batch, device=anchor.device)
         d_all[rows, len(negative) + offset + rows] = float("inf")  # each anchor's own positive
+        return d_all
+
+    def _mine(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+              d_pos: torch.Tensor) -> torch.Tensor:
+        d_all = self._candidate_distances(anchor, positive, negative)
         if self.mining == "hardest":
             return d_all.min(dim=1).values
         farther = d_all > d_pos.detach().unsqueeze(1)

@@ -43,6 +43,17 @@ def test_semihard_prefers_negatives_farther_than_the_positive():
     assert loss.item() == pytest.approx(1 - math.cos(0.5) + 0.5, rel=1e-5)
 
 
+def test_batch_all_mining_averages_the_violating_triplets_of_every_candidate():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = a.clone()                                   # d(a, p) = 0
+    n = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    # anchor 0's candidates: n0 (d 1), n1 (d 2), p1 (d 1); anchor 1's: n0 (d 0), n1 (d 1), p0 (d 1).
+    # Hinges relu(0 - d + 1.5): 0.5, 0, 0.5 and 1.5, 0.5, 0.5 -> five violate, sum 3.5
+    loss = TripletLoss(margin=1.5, mining="all")(a, p, n)
+    assert loss.item() == pytest.approx(3.5 / 5)
+    assert TripletLoss(margin=0.1, mining="all")(a, p, n).item() == pytest.approx(0.1)   # only (a1, n0)
+
+
 def test_paired_cosine_distance_matches_torch_in_value_and_gradient():
     torch.manual_seed(0)
     x, y = torch.randn(32, 16, dtype=torch.float64), torch.randn(32, 16, dtype=torch.float64)
@@ -170,7 +181,7 @@ def test_infonce_is_lightly_ntxent_and_ignores_negatives():
     assert loss(a, a).item() < loss(a, p).item()
 
 
-@pytest.mark.parametrize("bad", [dict(name="x"), dict(distance="l1"), dict(mining="all"), dict(margin=-1)])
+@pytest.mark.parametrize("bad", [dict(name="x"), dict(distance="l1"), dict(mining="batch"), dict(margin=-1)])
 def test_bad_loss_config(bad):
     with pytest.raises(ConfigError):
         LossConfig(**bad)

@@ -268,7 +268,7 @@ class _Recording(torch.nn.Module):
         return self.loss(*embeddings)
 
 
-@pytest.mark.parametrize("loss", [InfoNCELoss(0.1), TripletLoss(mining="semihard"),
+@pytest.mark.parametrize("loss", [InfoNCELoss(0.1), TripletLoss(mining="semihard"), TripletLoss(mining="all"),
                                   TripletLoss(distance="sqeuclidean")])
 def test_all_pairs_losses_run_in_the_heads_output_space_with_the_same_loss_and_gradient(loss):
     torch.manual_seed(0)

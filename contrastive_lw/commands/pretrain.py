@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--loss", choices=("triplet", "infonce"),
                        help="infonce (default: in-batch softmax) or triplet (the paper's cosine triplet loss)")
     group.add_argument("--margin", type=float)
-    group.add_argument("--mining", choices=("none", "hardest", "semihard"))
+    group.add_argument("--mining", choices=("none", "hardest", "semihard", "all"),
+                       help="triplet negatives mined in the batch: hardest, semihard or all (batch-all)")
     group.add_argument("--distance", choices=("cosine", "sqeuclidean"))
     group.add_argument("--positive", type=parse_str_list,
                        help="per layer, last repeats: adjacent, shift or exemplar (default adjacent,exemplar)")
