@@ -66,9 +66,11 @@ class PretrainConfig:
     7x7 patches are cheap, and its read-out rose ~1.5 points over one epoch), block 2 one, and block 3
     800 steps of 128 anchors: its 25x25 patches re-run the frozen blocks 1-2, ~30x the cost of a
     block-1 patch, and four times the steps of a quarter of the batch read out better than 200 of 512
-    in less time. Blocks 2 and up crop harder, ``crop_scales`` ((), (0.2, 1.0)): their 13x13 and 25x25
-    views cover much of a 32x32 image, the default crop barely changed them, and the harder one lifted
-    the frozen read-out of two and three blocks by ~1 and ~2 points (docs/STUDY.md).
+    in less time. ``crop_scales`` ((1.0, 1.0), (0.2, 1.0)): block 1 does not crop (its 7x7 patches
+    lose detail the later layers of a frozen transfer need: the frozen read-out of one block rose ~1
+    point), blocks 2 and up crop hard (their 13x13 and 25x25 views cover much of a 32x32 image, the
+    default crop barely changed them, and the harder one lifted the frozen read-out of two and three
+    blocks by ~1 and ~2 points; docs/STUDY.md).
     Layer k trains the k-th entry of ``steps_per_layer`` (last repeats; one int is every layer's),
     or where that is empty or 0, ``epochs_per_layer`` (its k-th entry, last repeats) ``* images *
     patches_per_image / batch_size`` (layer k's) steps.
@@ -84,7 +86,7 @@ class PretrainConfig:
     negative: str = "other_image"
     max_shift: int = 2
     patch_sizes: tuple[int, ...] = ()
-    crop_scales: tuple[tuple[float, ...], ...] = ((), (0.2, 1.0))
+    crop_scales: tuple[tuple[float, ...], ...] = ((1.0, 1.0), (0.2, 1.0))
     init_scale: float = INIT_SCALE
     embed_dim: int = 128
     head_hidden: int = 0
