@@ -66,6 +66,25 @@ def test_plain_pretrain_defaults_are_the_ablations_winner_and_the_paper_stays_re
     assert config("--batch-size", "512,64").batch_size == (512, 64)
 
 
+def test_flag_choices_are_the_librarys_options():
+    """The commands spell their choices out (importing the library would import torch for --help):
+    they must stay the options the configs accept."""
+    import argparse
+
+    from contrastive_lw import losses, patches, pretrain, transfer
+    from contrastive_lw.commands import pretrain as pretrain_command, transfer as transfer_command
+
+    def choices(command):
+        parser = argparse.ArgumentParser()
+        command.add_arguments(parser)
+        return {a.option_strings[0]: tuple(a.choices) for a in parser._actions if a.choices and a.option_strings}
+    ours = choices(pretrain_command)
+    assert (ours["--mode"], ours["--loss"], ours["--mining"], ours["--distance"], ours["--negative"]) == (
+        pretrain.MODES, losses.LOSSES, losses.MINING, losses.DISTANCES, patches.NEGATIVES)
+    ours = choices(transfer_command)
+    assert (ours["--mode"], ours["--lr-schedule"]) == (transfer.MODES, transfer.LR_SCHEDULES)
+
+
 def test_module_entry_point_help():
     result = subprocess.run([sys.executable, "-m", "contrastive_lw", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "pretrain" in result.stdout
