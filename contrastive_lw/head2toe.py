@@ -140,7 +140,7 @@ def layer_features(net: nn.Module, images: torch.Tensor, target_size: int = 8192
         >>> from contrastive_lw.model import LayerwiseNet
         >>> x, sizes = layer_features(LayerwiseNet(), torch.zeros(2, 3, 32, 32, dtype=torch.uint8), 1024)
         >>> x.shape, sizes
-        (torch.Size([2, 1792]), {'block1': 1024, 'block2': 512, 'block3': 256})
+        (torch.Size([2, 3840]), {'block1': 1024, 'block2': 512, 'block3': 2304})
     """
     extractor, names = layer_extractor(net.blocks, units)
     device = next(net.parameters()).device

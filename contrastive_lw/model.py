@@ -21,18 +21,21 @@ class ArchConfig:
     """Shape of a :class:`LayerwiseNet`. ``widths`` sets the number of blocks; the other
     per-block tuples repeat their last entry for deeper blocks.
 
-    The default is the seed network: block 1 = conv 6x6 -> ReLU -> max-pool 2x2 (7x7 receptive
-    field), blocks 2-3 = conv 3x3 -> BatchNorm -> ReLU -> max-pool 2x2 (13x13 and 25x25).
+    The default is the seed network with block 3 unpooled: block 1 = conv 6x6 -> ReLU -> max-pool 2x2
+    (7x7 receptive field), block 2 = conv 3x3 -> BatchNorm -> ReLU -> max-pool 2x2 (13x13), block 3 =
+    conv 3x3 -> BatchNorm -> ReLU (21x21). Block 3's map on 32x32 images is then 3x3 (the seed's pooled
+    block 3, ``pools: [2]``, leaves 1x1 of it, for the same MACs); unpooled, its features read out
+    ~8 points better alone and its frozen transfer far better (docs/STUDY.md, seventh round).
     ``pools`` entry 1 means no pooling (the paper's pooling ablation is ``pools: [1, 2]``).
     ``paddings``: zero padding on each side of a block's convolution (default 0, the seed's
     "valid" convolutions); padding keeps a larger map on whole images (``paddings: [0, 1]`` gives
-    block 3 a 3x3 map on 32x32 images instead of 1x1) and leaves the receptive field unchanged.
+    block 3 a 6x6 map on 32x32 images instead of 3x3) and leaves the receptive field unchanged.
     """
 
     in_channels: int = 3
     widths: tuple[int, ...] = (64, 128, 256)
     kernel_sizes: tuple[int, ...] = (6, 3)
-    pools: tuple[int, ...] = (2,)
+    pools: tuple[int, ...] = (2, 2, 1)
     batch_norm: tuple[bool, ...] = (False, True)
     paddings: tuple[int, ...] = (0,)
 
@@ -118,9 +121,9 @@ class LayerwiseNet(BlockNet):
     Example:
         >>> net = LayerwiseNet(ArchConfig())
         >>> [net.receptive_field(k) for k in (1, 2, 3)]
-        [7, 13, 25]
+        [7, 13, 21]
         >>> net(torch.rand(2, 3, 32, 32)).shape
-        torch.Size([2, 256, 1, 1])
+        torch.Size([2, 256, 3, 3])
     """
 
     def __init__(self, arch: ArchConfig | None = None) -> None:

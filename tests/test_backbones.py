@@ -153,7 +153,7 @@ def test_whole_image_views_once_the_receptive_field_covers_the_image():
     net = build_backbone(config.backbone)
     assert [layer_patch(net, k, config, 32) for k in (1, 2, 3, 4)] == [
         (3, "adjacent"), (11, "exemplar"), (25, "exemplar"), (32, "exemplar")]
-    lw = build_backbone(arch=ArchConfig(widths=(8, 8, 8, 8)))
+    lw = build_backbone(arch=ArchConfig(widths=(8, 8, 8, 8), pools=(2,)))
     with pytest.raises(ConfigError, match="larger than the 32x32 images and its output on them is empty"):
         layer_patch(lw, 4, PretrainConfig(arch=lw.arch), 32)
 

@@ -20,7 +20,7 @@ def test_round_trip_and_format_version(tmp_path):
     payload = load_checkpoint(tmp_path / "layer3.pt", BACKBONE)
     assert payload["format_version"] == FORMAT_VERSION
     loaded = load_backbone(tmp_path)
-    assert loaded.receptive_field(3) == 25
+    assert loaded.receptive_field(3) == 21
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(loaded(x), net(x))
 

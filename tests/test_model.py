@@ -9,10 +9,13 @@ from contrastive_lw.heads import Classifier, ProjectionHead
 from contrastive_lw.model import ArchConfig, ConvBlock, LayerwiseNet
 
 
-def test_default_receptive_fields_are_the_seeds_patch_sizes():
+def test_default_receptive_fields_and_block_3_unpooled():
     net = LayerwiseNet()
-    assert [net.receptive_field(k) for k in (1, 2, 3)] == [7, 13, 25]
+    assert [net.receptive_field(k) for k in (1, 2, 3)] == [7, 13, 21]
     assert [net.output_size(net.receptive_field(k), k) for k in (1, 2, 3)] == [1, 1, 1]
+    assert net.output_size(32) == 3  # block 3 keeps a 3x3 map of a 32x32 image
+    seed = LayerwiseNet(ArchConfig(pools=(2,)))  # the seed's pooled block 3 leaves 1x1 of it
+    assert seed.receptive_field(3) == 25 and seed.output_size(32) == 1
 
 
 def test_ten_pixel_variant_and_pooling_ablation():
@@ -26,7 +29,7 @@ def test_ten_pixel_variant_and_pooling_ablation():
 def test_forward_shapes_and_prefix_shares_weights():
     net = LayerwiseNet()
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    assert net(x).shape == (2, 256, 1, 1)
+    assert net(x).shape == (2, 256, 3, 3)  # block 3 unpooled
     assert net(x, 1).shape == (2, 64, 13, 13)
     prefix = net.prefix(2)
     assert prefix.num_blocks == 2 and prefix.blocks[0] is net.blocks[0]
@@ -116,8 +119,8 @@ def test_padding_keeps_a_larger_map_and_the_receptive_fields():
     for side in (13, 25, 32):  # output_size matches the forward pass, block by block
         x = torch.rand(2, 3, side, side)
         assert [padded(x, k).shape[-1] for k in (1, 2, 3)] == [padded.output_size(side, k) for k in (1, 2, 3)]
-    assert [padded.output_size(32, k) for k in (1, 2, 3)] == [13, 6, 3]
-    assert [plain.output_size(32, k) for k in (1, 2, 3)] == [13, 5, 1]
+    assert [padded.output_size(32, k) for k in (1, 2, 3)] == [13, 6, 6]
+    assert [plain.output_size(32, k) for k in (1, 2, 3)] == [13, 5, 3]
     # a unit of block 2 away from the border sees exactly its receptive field: change a pixel outside
     # the 13x13 window of output (1, 1) of a 32x32 image and that unit does not move
     padded.eval()

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mode", choices=("greedy", "end2end"), help="layer by layer (default) or all at once")
     group.add_argument("--epochs-per-layer", type=parse_float_list,
                        help="per layer, last repeats, e.g. 4,1: each layer's length in epochs "
-                            "(default: block 1 four epochs, block 2 one, deeper blocks 800 steps)")
+                            "(default: block 1 four epochs, block 2 one, deeper blocks 1600 steps)")
     group.add_argument("--steps-per-layer", type=parse_int_list,
                        help="per layer, last repeats, e.g. 1200,300; overrides --epochs-per-layer")
     group.add_argument("--batch-size", type=parse_int_list,
