@@ -5,6 +5,7 @@ process needs no set-up and every helper here is then a no-op.
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -23,7 +24,16 @@ def init_distributed(device: torch.device) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(leave_process_group)
     return device
+
+
+def leave_process_group() -> None:
+    """Destroy the process group (registered at exit by :func:`init_distributed`). Left to the
+    interpreter's teardown, gloo's worker threads can abort a rank at exit ("terminate called without
+    an active exception", pytorch/pytorch#190489)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_size() -> int:

@@ -64,3 +64,22 @@ def test_transfer_under_torchrun_matches_one_process(tmp_path, images):
     for name in one["model"]:
         torch.testing.assert_close(two["model"][name], one["model"][name], atol=1e-5, rtol=1e-4)
     assert (tmp_path / "two" / "results.json").is_file()
+
+
+def test_the_process_group_is_destroyed_at_exit(monkeypatch):
+    """A rank that exits with its gloo group alive can abort in the interpreter's teardown."""
+    import atexit
+
+    from contrastive_lw import distributed
+
+    registered, destroyed = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: bool(registered) and not destroyed)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: None)
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: destroyed.append(True))
+    monkeypatch.setattr(atexit, "register", registered.append)
+    assert distributed.init_distributed(torch.device("cpu")) == torch.device("cpu")
+    assert registered == [distributed.leave_process_group]
+    registered[0]()
+    registered[0]()  # once destroyed, a second call is a no-op
+    assert destroyed == [True]
