@@ -66,11 +66,11 @@ class PretrainConfig:
     7x7 patches are cheap, and its read-out rose ~1.5 points over one epoch), block 2 one, and block 3
     1600 steps of 128 anchors: its 21x21 patches re-run the frozen blocks 1-2, many times the cost of a
     block-1 patch; small batches read out better than 512 for the same time, and the unpooled block 3
-    gained ~0.3 in the all-block read-out from 1600 steps over 800. ``crop_scales`` ((1.0, 1.0), (0.2, 1.0)): block 1 does not crop (its 7x7 patches
-    lose detail the later layers of a frozen transfer need: the frozen read-out of one block rose ~1
-    point), blocks 2 and up crop hard (their 13x13 and 21x21 views cover much of a 32x32 image, the
-    default crop barely changed them, and the harder one lifted the frozen read-out of two and three
-    blocks by ~1 and ~2 points; docs/STUDY.md).
+    gained ~0.3 in the all-block read-out from 1600 steps over 800. ``crop_scales`` ((1.0, 1.0),
+    (0.2, 1.0)): block 1 does not crop (its 7x7 patches lose detail the later layers of a frozen
+    transfer need: the frozen read-out of one block rose ~1 point), blocks 2 and up crop hard (their
+    13x13 and 21x21 views cover much of a 32x32 image, the default crop barely changed them, and the
+    harder one lifted the frozen read-out of two and three blocks by ~1 and ~2 points; docs/STUDY.md).
     Layer k trains the k-th entry of ``steps_per_layer`` (last repeats; one int is every layer's),
     or where that is empty or 0, ``epochs_per_layer`` (its k-th entry, last repeats) ``* images *
     patches_per_image / batch_size`` (layer k's) steps.

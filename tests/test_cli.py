@@ -55,6 +55,7 @@ def test_plain_pretrain_defaults_are_the_ablations_winner_and_the_paper_stays_re
     assert (plain.loss.name, plain.lr, plain.positives) == ("infonce", 0.003, ("adjacent", "exemplar"))
     assert [plain.steps(25_000, k) for k in (1, 2, 3)] == [3128, 782, 1600]
     assert plain.arch.pools == (2, 2, 1)  # block 3 unpooled
+    assert config("--layers", "3", "--no-pool1").arch.pools == (1, 2, 1)  # the paper's ablation: block 1 alone
     assert [plain.layer_batch_size(k) for k in (1, 2, 3)] == [512, 512, 128]
     assert [plain.layer_augment(k).crop_scale for k in (1, 2, 3)] == [(1.0, 1.0), (0.2, 1.0), (0.2, 1.0)]
     paper = config("--layers", "3", "--loss", "triplet", "--lr", "0.001")
