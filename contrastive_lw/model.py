@@ -67,6 +67,11 @@ class ArchConfig:
         """The same architecture with only its first ``k`` blocks."""
         return dataclasses.replace(self, widths=self.widths[:k])
 
+    def without_first_pool(self) -> ArchConfig:
+        """The same architecture with block 1 unpooled (the paper's pooling ablation), the other
+        blocks' pools kept (a single entry, which every block repeats, stays theirs)."""
+        return dataclasses.replace(self, pools=(1, *(self.pools[1:] or self.pools)))
+
 
 class ConvBlock(nn.Sequential):
     """conv (stride 1, ``padding`` zeros each side) -> [BatchNorm] -> ReLU -> [max-pool]. The forward pass pools

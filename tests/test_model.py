@@ -24,6 +24,8 @@ def test_ten_pixel_variant_and_pooling_ablation():
     no_pool = LayerwiseNet(ArchConfig(widths=(8, 8), pools=(1, 2)))
     assert no_pool.receptive_field(1) == 6
     assert no_pool.receptive_field(2) == 6 + 2 + 1
+    assert ArchConfig().without_first_pool().pools == (1, 2, 1)
+    assert ArchConfig(widths=(8, 8), pools=(2,)).without_first_pool().pools == (1, 2)  # block 2 keeps the pool
 
 
 def test_forward_shapes_and_prefix_shares_weights():

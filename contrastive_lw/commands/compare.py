@@ -42,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, data_root=args.data_root)
     config = with_backbone(config, args)
     if args.no_pool1:
-        arch = config.pretrain.arch
-        arch = dataclasses.replace(arch, pools=(1, *(arch.pools[1:] or arch.pools)))
+        arch = config.pretrain.arch.without_first_pool()
         config = dataclasses.replace(config, pretrain=dataclasses.replace(config.pretrain, arch=arch))
     if args.ensemble < 1:
         raise ConfigError(f"--ensemble must be a positive integer, got {args.ensemble}")

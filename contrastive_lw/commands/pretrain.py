@@ -73,8 +73,7 @@ def pretrain_settings(args: argparse.Namespace, saved: dict[str, Any] | None) ->
                               "--widths); pass more --widths for a deeper network")
         arch["widths"] = list(arch["widths"])[: args.layers]
     if args.no_pool1:
-        pools = list(arch["pools"])
-        arch["pools"] = [1, *(pools[1:] or pools)]
+        arch["pools"] = list(ArchConfig(pools=tuple(arch["pools"])).without_first_pool().pools)
     if args.no_augment:
         augment["enabled"] = False
     return {**values, "arch": arch, "backbone": backbone, "loss": loss, "augment": augment}
