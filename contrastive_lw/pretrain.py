@@ -187,11 +187,20 @@ def augmented_views(frames: torch.Tensor, where: list[PatchIndex], patch: int, a
     """The ``patch``-sized crops of uint8 ``frames`` at each view's positions, stacked view after
     view, as augmented floats in [0, 1]: the input of one training step. ``columns`` (the global
     batch's size, and which of its samples these are): a data-parallel rank's share of the global
-    batch's augmentation draws, so ranks together draw what one process would."""
+    batch's augmentation draws, so ranks together draw what one process would. Another module
+    (kornia's) draws for its own samples only: there each rank draws from a generator seeded by
+    the global one and its rank, so that ranks do not repeat each other's draws (nor match one process)."""
     where = PatchIndex(*map(torch.cat, zip(*where)))
     if isinstance(augment, Augmentation):
         return augment.cut(frames, where, patch, columns)  # one pass of a C kernel on the CPU
-    return augment(to_float(crop(frames, where, patch)))
+    patches = to_float(crop(frames, where, patch))
+    if columns is None:
+        return augment(patches)
+    seed = int(torch.randint(0, 2 ** 62, ()))  # the same on every rank: their global generators stay in step
+    cuda = [patches.device.index or 0] if patches.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed + distributed.rank())
+        return augment(patches)
 
 
 def rank_columns(views: int, batch_size: int) -> tuple[int, torch.Tensor] | None:

@@ -83,3 +83,26 @@ def test_the_process_group_is_destroyed_at_exit(monkeypatch):
     registered[0]()
     registered[0]()  # once destroyed, a second call is a no-op
     assert destroyed == [True]
+
+
+def test_kornia_augmentation_draws_differ_between_ranks_and_keep_the_generator_in_step(monkeypatch, images):
+    """kornia draws for a rank's own samples only: seeded by rank, rank 1 must not repeat rank 0's
+    draws, and every rank's global generator must advance alike (the patch positions come from it)."""
+    from contrastive_lw.augment import AugmentConfig, build_augmentation
+    from contrastive_lw.patches import PatchSampler
+    from contrastive_lw.pretrain import augmented_views
+
+    augment = build_augmentation(AugmentConfig(backend="kornia"))
+    frames = images[:8]
+    where = list(PatchSampler(7, "adjacent", seed=3).sample_indices(frames.shape, 4, torch.device("cpu")))[:2]
+    columns = (16, torch.tensor([0, 1, 2, 3, 8, 9, 10, 11]))  # rank 0's half of 2 views x 8 samples
+    draws = {}
+    for rank in ("0", "1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        torch.manual_seed(0)
+        patches = augmented_views(frames, where, 7, augment, columns)
+        draws.setdefault(rank, []).append((patches, torch.rand(1)))
+    (zero, after_zero), (again, _), (one, after_one) = draws["0"][0], draws["0"][1], draws["1"][0]
+    torch.testing.assert_close(zero, again)  # a seed still decides a run
+    assert not torch.allclose(zero, one)
+    assert torch.equal(after_zero, after_one)
