@@ -19,7 +19,11 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-INITS = ("layer-wise (unsupervised)", "supervised (classes 0-4)", "random init")
+# table row -> (flag prefix, default ablate.py name, default transfer run names)
+RUNS = {"layer-wise (unsupervised)": ("layerwise", "np3-b3s1600", "np3-b3s1600,b1c10"),
+        "supervised (classes 0-4)": ("supervised", "supervised-e5-nopool3", "supervised_nopool3"),
+        "random init": ("random", "random-nopool3", "random_nopool3,random")}
+INITS = tuple(RUNS)
 READOUTS = {"linear": None, "frozen": "frozen-cos", "finetune": "ft-cos"}
 DEPTHS = (1, 2, 3)
 
@@ -72,15 +76,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ablate", type=Path, required=True, help="ablate.py's results.jsonl")
     parser.add_argument("--transfers", type=Path, required=True, help="folder of frozen-cos/ and ft-cos/")
-    for key, linear, runs in (("layerwise", "np3-b3s1600", "np3-b3s1600,b1c10"),
-                              ("supervised", "supervised-e5-nopool3", "supervised_nopool3"),
-                              ("random", "random-nopool3", "random_nopool3,random")):
+    for key, linear, runs in RUNS.values():
         parser.add_argument(f"--{key}-linear", default=linear)
         parser.add_argument(f"--{key}-runs", default=runs, help="comma-separated, first found wins")
     args = parser.parse_args()
     cells: dict[tuple[str, str, int], list[float]] = {}
     seeds: dict[str, set[int]] = defaultdict(set)
-    for init, key in zip(INITS, ("layerwise", "supervised", "random")):
+    for init, (key, _, _) in RUNS.items():
         for readout, folder in READOUTS.items():
             found = (linear_accuracies(args.ablate, getattr(args, f"{key}_linear")) if folder is None else
                      transfer_accuracies(args.transfers / folder, getattr(args, f"{key}_runs").split(",")))
