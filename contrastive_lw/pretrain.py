@@ -197,7 +197,8 @@ def augmented_views(frames: torch.Tensor, where: list[PatchIndex], patch: int, a
     if columns is None:
         return augment(patches)
     seed = int(torch.randint(0, 2 ** 62, ()))  # the same on every rank: their global generators stay in step
-    cuda = [patches.device.index or 0] if patches.device.type == "cuda" else []
+    device = patches.device
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed + distributed.rank())
         return augment(patches)

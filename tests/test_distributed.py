@@ -106,3 +106,4 @@ def test_kornia_augmentation_draws_differ_between_ranks_and_keep_the_generator_i
     torch.testing.assert_close(zero, again)  # a seed still decides a run
     assert not torch.allclose(zero, one)
     assert torch.equal(after_zero, after_one)
+    assert not torch.allclose(augmented_views(frames, where, 7, augment, columns), zero)  # the next step draws anew

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def pretrain_settings(args: argparse.Namespace, saved: dict[str, Any] | None) -> dict[str, Any]:
     """The ``pretrain`` config section: the config file's values with the given flags on top."""
-    from ..config import to_dict
+    from ..config import from_dict, to_dict
     from ..errors import ConfigError
     from ..model import ArchConfig
 
@@ -73,7 +73,7 @@ def pretrain_settings(args: argparse.Namespace, saved: dict[str, Any] | None) ->
                               "--widths); pass more --widths for a deeper network")
         arch["widths"] = list(arch["widths"])[: args.layers]
     if args.no_pool1:
-        arch["pools"] = list(ArchConfig(pools=tuple(arch["pools"])).without_first_pool().pools)
+        arch = to_dict(from_dict(ArchConfig, arch, "pretrain.arch").without_first_pool())
     if args.no_augment:
         augment["enabled"] = False
     return {**values, "arch": arch, "backbone": backbone, "loss": loss, "augment": augment}
