@@ -34,6 +34,7 @@ from .patches import NEGATIVES, POSITIVES, PatchIndex, PatchSampler, crop
 from .runs import RunLogger
 
 MODES = ("greedy", "end2end")
+JOINT_SEED_OFFSET = 500  # the joint pass draws its patches apart from layer k's
 TRAIN_STATE = "contrastive-lw/train-state"
 HEAD_MAX_SIDE = 4  # a block's map wider than this is average-pooled to 4 x 4 before its projection head
 
@@ -75,6 +76,10 @@ class PretrainConfig:
     or where that is empty or 0, ``epochs_per_layer`` (its k-th entry, last repeats) ``* images *
     patches_per_image / batch_size`` (layer k's) steps.
     End-to-end trains its one stage for the first entry.
+    ``joint_steps`` (greedy mode; 0: none): after the last greedy block, blocks 1..K and block K's
+    projection head train together for that many steps of layer K's patches and batch at
+    ``joint_lr`` (warm-up and cosine decay, as a layer), and the result replaces ``layerK.pt``: the
+    lower blocks learn what the blocks above them use (docs/STUDY.md, ninth round).
     """
 
     arch: ArchConfig = field(default_factory=ArchConfig)
@@ -97,6 +102,8 @@ class PretrainConfig:
     epochs_per_layer: tuple[float, ...] | float = (4.0, 1.0)
     patches_per_image: int = 16
     steps_per_layer: tuple[int, ...] | int = (0, 0, 1600)
+    joint_steps: int = 0
+    joint_lr: float = 1e-3
     log_every: int = 50
     save_every: int = 0
     seed: int = 0
@@ -118,14 +125,17 @@ class PretrainConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not self.batch_size or min(self.batch_size) < 1:
             raise ConfigError(f"batch_size must be positive integers (per layer), got {list(self.batch_size)}")
-        for name in ("lr", "init_scale"):
+        for name in ("lr", "init_scale", "joint_lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.epochs_per_layer or not min(self.epochs_per_layer) > 0:
             raise ConfigError(f"epochs_per_layer must be > 0, got {list(self.epochs_per_layer)}")
         if (self.save_every < 0 or min(self.steps_per_layer, default=0) < 0 or self.weight_decay < 0
-                or not 0 <= self.warmup_fraction < 1):
-            raise ConfigError("steps_per_layer, save_every and weight_decay must be >= 0, warmup_fraction in [0, 1)")
+                or self.joint_steps < 0 or not 0 <= self.warmup_fraction < 1):
+            raise ConfigError("steps_per_layer, joint_steps, save_every and weight_decay must be >= 0, "
+                              "warmup_fraction in [0, 1)")
+        if self.joint_steps and self.mode != "greedy":
+            raise ConfigError("joint_steps follows greedy layers: set mode greedy or joint_steps 0")
         if any(p < 1 for p in self.patch_sizes):
             raise ConfigError(f"patch_sizes must be positive, got {list(self.patch_sizes)}")
         for k in range(1, len(self.crop_scales) + 1):
@@ -286,6 +296,7 @@ class LayerwisePretrainer:
     Greedy mode: for k = 1..K, blocks < k are frozen (eval mode, no gradients), block k and a new
     projection head k train on patches of block k's receptive field, then ``layerK.pt`` is saved.
     End-to-end mode: the same loop once, all K blocks trainable on the full receptive field.
+    With ``joint_steps`` a joint pass over blocks 1..K follows the greedy ones (:class:`PretrainConfig`).
     Running again into the same directory continues after the last finished layer, and inside the
     layer in progress from its last saved step (``state.pt``), bit for bit as if never stopped.
     Under ``torchrun`` the run is data-parallel (DDP): every rank draws the same global batch of
@@ -318,7 +329,7 @@ class LayerwisePretrainer:
         if images.shape[-3] != net.in_channels:
             raise ConfigError(f"images have {images.shape[-3]} channels but the backbone takes {net.in_channels}: "
                               f"{'set arch.in_channels to match' if cfg.backbone.name == 'lw' else 'convert them to RGB'}")
-        done = self._resume(net)
+        done, joined = self._resume(net)
         net = net.to(self.device, memory_format=torch.channels_last)
         images = images.to(self.device)
         stages = range(done + 1, net.num_blocks + 1) if cfg.mode == "greedy" else (
@@ -327,6 +338,8 @@ class LayerwisePretrainer:
         with logger, _catch_signals(self):
             for k in stages:
                 self._train_layer(net, k, images, logger)
+            if cfg.joint_steps and not joined:
+                self._train_layer(net, net.num_blocks, images, logger, joint=True)
         return net.cpu()
 
     def initial_network(self, images: torch.Tensor) -> BlockNet:
@@ -336,42 +349,50 @@ class LayerwisePretrainer:
         cfg = self.config
         return initial_backbone(cfg.backbone, cfg.arch, images.flatten(0, -4), cfg.seed, cfg.init_scale)
 
-    def _resume(self, net: BlockNet) -> int:
-        """Load the deepest finished layer of the run directory; returns how many blocks it holds."""
+    def _resume(self, net: BlockNet) -> tuple[int, bool]:
+        """Load the deepest finished layer of the run directory; returns how many blocks it holds
+        and whether the joint pass trained them."""
         path = deepest_layer(self.out_dir)
         if path is None:
-            return 0
+            return 0, False
         payload = load_checkpoint(path, BACKBONE)
         if canonical_spec(saved_spec(payload)) != canonical_spec(net.spec):
             raise CheckpointError(f"{path} was written for another architecture: use a new --out")
         net.load_state_dict(payload["backbone"])
-        return payload["trained_blocks"]
+        return payload["trained_blocks"], "joint_steps" in payload.get("metrics", {})
 
-    def _train_layer(self, net: BlockNet, k: int, images: torch.Tensor, logger: RunLogger) -> None:
+    def _train_layer(self, net: BlockNet, k: int, images: torch.Tensor, logger: RunLogger,
+                     joint: bool = False) -> None:
+        """Train layer ``k`` (greedy: block k; end-to-end: blocks 1..k), or with ``joint`` blocks
+        1..k from the greedy ones and layer k's head, then save ``layerK.pt``."""
         cfg, device = self.config, self.device
         patch, positive = layer_patch(net, k, cfg, min(images.shape[-2:]))
         side = net.output_size(patch, k)
         if side < 1:
             raise ConfigError(f"{patch}x{patch} patches are smaller than block {k}'s receptive field "
                               f"{net.receptive_field(k)}: raise patch_sizes")
-        greedy = cfg.mode == "greedy"
+        greedy = cfg.mode == "greedy" and not joint
         prefix = k - 1 if greedy else 0
+        name = "joint" if joint else f"layer {k}"
         set_trainable(net.blocks[:prefix], False)
-        torch.manual_seed(cfg.seed * 1000 + k)  # before the head is drawn: a run resumed between layers draws the same
+        seed = cfg.seed * 1000 + k + (JOINT_SEED_OFFSET if joint else 0)
+        torch.manual_seed(seed)  # before the head is drawn: a run resumed between layers draws the same
         stage = Stage(net, prefix + 1, k, side, cfg.embed_dim, cfg.head_hidden).to(device)
+        if joint:  # layer k's head, as its greedy stage left it
+            stage.head.load_state_dict(load_checkpoint(self.out_dir / f"layer{k}.pt", BACKBONE)["head"])
         set_trainable(stage, True)
-        optimizer = adamw(stage.parameters(), cfg.lr, cfg.weight_decay, device)
-        stage_k = k if greedy else 1
-        steps, batch = cfg.steps(len(images), stage_k), cfg.layer_batch_size(stage_k)
+        optimizer = adamw(stage.parameters(), cfg.joint_lr if joint else cfg.lr, cfg.weight_decay, device)
+        stage_k = 1 if cfg.mode == "end2end" else k
+        steps = cfg.joint_steps if joint else cfg.steps(len(images), stage_k)
+        batch = cfg.layer_batch_size(stage_k)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup_fraction))
-        sampler = PatchSampler(patch, positive, cfg.max_shift,
-                               seed=cfg.seed * 1000 + k, device=device, negative=cfg.negative)
+        sampler = PatchSampler(patch, positive, cfg.max_shift, seed=seed, device=device, negative=cfg.negative)
         augment = build_augmentation(cfg.layer_augment(k), net.in_channels).to(device)
-        first, final_loss = self._load_state(k, net, stage, optimizer, scheduler, sampler)
+        first, final_loss = self._load_state(k, joint, net, stage, optimizer, scheduler, sampler)
         model = nn.parallel.DistributedDataParallel(stage) if distributed.world_size() > 1 else stage
         views = 3 if self.loss_fn.uses_negatives else 2
         save_every = cfg.save_every or cfg.epoch_steps(len(images), stage_k)
-        bar = tqdm(range(first, steps), desc=f"layer {k}", initial=first, total=steps,
+        bar = tqdm(range(first, steps), desc=name, initial=first, total=steps,
                    disable=not distributed.is_main_process() or (None if self.progress is None else not self.progress))
         start = time.perf_counter()
         frames = on_huge_pages(images.flatten(0, -4).contiguous(memory_format=torch.channels_last))  # fast crops
@@ -383,31 +404,32 @@ class LayerwisePretrainer:
             loss, embeddings = train_step(model, self.loss_fn, optimizer, x, views, stage.head)
             scheduler.step()
             if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-                self._log(logger, k, step, loss, embeddings, scheduler.get_last_lr()[0],
+                self._log(logger, k, joint, step, loss, embeddings, scheduler.get_last_lr()[0],
                           (step + 1 - first) * views * batch / (time.perf_counter() - start), bar)
             if step + 1 < steps and (self._stop_signal is not None or (step + 1) % save_every == 0):
-                self._save_state(k, step + 1, net, stage, optimizer, scheduler, sampler, loss.item())
-                self._stop_if_asked(f"in layer {k} at step {step + 1}")
+                self._save_state(k, joint, step + 1, net, stage, optimizer, scheduler, sampler, loss.item())
+                self._stop_if_asked(f"in {name} at step {step + 1}")
         final_loss = loss.item() if first < steps else final_loss  # else resumed at the layer's end
-        self._save_layer(net, stage.head, k, steps, time.perf_counter() - start, final_loss)
+        self._save_layer(net, stage.head, k, joint, steps, time.perf_counter() - start, final_loss)
         if prefix == 0 and distributed.is_main_process():  # this stage trained block 1
             self._save_filters(net, logger)
-        self._stop_if_asked(f"after layer {k}")  # a signal in the layer's last step: the layer is saved whole
+        self._stop_if_asked(f"after {name}")  # a signal in the stage's last step: the layer is saved whole
 
     def _stop_if_asked(self, where: str) -> None:
         if self._stop_signal is not None:
             raise Interrupted(f"stopped by signal {self._stop_signal} {where}; run the same command again to continue")
 
-    def _load_state(self, k: int, net: BlockNet, stage: Stage, optimizer: torch.optim.Optimizer,
+    def _load_state(self, k: int, joint: bool, net: BlockNet, stage: Stage, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler) -> tuple[int, float]:
-        """Restore the layer in progress from ``state.pt``; returns the step to continue from and
-        the loss of the step before it (NaN when there is none)."""
+        """Restore the layer (or joint pass) in progress from ``state.pt``; returns the step to
+        continue from and the loss of the step before it (NaN when there is none)."""
         path = self.out_dir / "state.pt"
         if not path.exists():
             return 0, math.nan
         state = load_checkpoint(path, TRAIN_STATE)
-        if state["layer"] != k or not _same_config(state["config"], self.config):
-            raise CheckpointError(f"{path} belongs to another layer or config: delete it to restart layer {k}")
+        if (state["layer"], state.get("joint", False)) != (k, joint) or not _same_config(state["config"], self.config):
+            raise CheckpointError(f"{path} belongs to another layer or config: delete it to restart "
+                                  f"{'the joint pass' if joint else f'layer {k}'}")
         net.load_state_dict(state["backbone"])
         stage.head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
@@ -416,11 +438,12 @@ class LayerwisePretrainer:
         restore_rng_state(state, self.device)
         return state["step"], state.get("loss", math.nan)
 
-    def _save_state(self, k: int, step: int, net: BlockNet, stage: Stage, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler, loss: float) -> None:
+    def _save_state(self, k: int, joint: bool, step: int, net: BlockNet, stage: Stage,
+                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    sampler: PatchSampler, loss: float) -> None:
         if distributed.is_main_process():
             state = {
-                "kind": TRAIN_STATE, "layer": k, "step": step, "loss": loss, "config": to_dict(self.config),
+                "kind": TRAIN_STATE, "layer": k, "joint": joint, "step": step, "loss": loss, "config": to_dict(self.config),
                 "backbone": _cpu(net.state_dict()), "head": _cpu(stage.head.state_dict()),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "sampler_rng": sampler.generator.get_state(), **rng_state(self.device),
@@ -428,11 +451,12 @@ class LayerwisePretrainer:
             save_checkpoint(state, self.out_dir / "state.pt")
         distributed.barrier()
 
-    def _log(self, logger: RunLogger, k: int, step: int, loss: torch.Tensor,
+    def _log(self, logger: RunLogger, k: int, joint: bool, step: int, loss: torch.Tensor,
              embeddings: tuple[torch.Tensor, ...], lr: float, patches_per_s: float, bar: tqdm) -> None:
+        """Log a step of layer ``k`` (or of the joint pass that follows it)."""
         value = loss.item()
         if not math.isfinite(value):
-            raise TrainingDiverged(f"layer {k}: loss became {value} at step {step + 1}; finished layers are "
+            raise TrainingDiverged(f"{'joint pass' if joint else f'layer {k}'}: loss became {value} at step {step + 1}; finished layers are "
                                    f"kept in {self.out_dir}: lower --lr and run the same command again")
         anchor, positive = embeddings[0].detach(), embeddings[1].detach()
         row = {
@@ -443,15 +467,21 @@ class LayerwisePretrainer:
         }
         if len(embeddings) == 3:
             row["neg_cos"] = float(F.cosine_similarity(anchor, embeddings[2].detach()).mean())
-        logger.log((k - 1) * 1_000_000 + step + 1, row, prefix=f"layer{k}/")
+        if joint:
+            row["joint"] = True
+        logger.log((k - 1 + joint) * 1_000_000 + step + 1, row, prefix="joint/" if joint else f"layer{k}/")
         bar.set_postfix(loss=f"{value:.4f}")
 
-    def _save_layer(self, net: BlockNet, head: nn.Module, k: int, steps: int,
+    def _save_layer(self, net: BlockNet, head: nn.Module, k: int, joint: bool, steps: int,
                     seconds: float, loss: float) -> None:
+        """Write ``layerK.pt``; after the joint pass its metrics keep the greedy layer's and add
+        ``joint_steps`` / ``joint_seconds`` / ``joint_final_loss``."""
         if distributed.is_main_process():
-            save_backbone(self.out_dir / f"layer{k}.pt", net, self.config.mode, trained_blocks=k,
-                          config=to_dict(self.config), head=_cpu(head.state_dict()),
-                          metrics={"steps": steps, "seconds": seconds, "final_loss": loss})
+            path = self.out_dir / f"layer{k}.pt"
+            metrics = ({**load_checkpoint(path, BACKBONE)["metrics"], "joint_steps": steps, "joint_seconds": seconds,
+                        "joint_final_loss": loss} if joint else {"steps": steps, "seconds": seconds, "final_loss": loss})
+            save_backbone(path, net, self.config.mode, trained_blocks=k,
+                          config=to_dict(self.config), head=_cpu(head.state_dict()), metrics=metrics)
             (self.out_dir / "state.pt").unlink(missing_ok=True)
         distributed.barrier()
 

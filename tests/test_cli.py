@@ -34,6 +34,15 @@ def test_pretrain_steps_per_layer_per_layer(tmp_path, npz):
     assert [torch.load(out / f"layer{k}.pt", weights_only=True)["metrics"]["steps"] for k in (1, 2)] == [3, 1]
 
 
+def test_pretrain_joint_steps_flag_runs_the_joint_pass(tmp_path, npz):
+    import torch
+
+    out = tmp_path / "run"
+    assert _pretrain(npz, out, "--joint-steps", "3") == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["pretrain"]["joint_steps"] == 3
+    assert torch.load(out / "layer2.pt", weights_only=True)["metrics"]["joint_steps"] == 3
+
+
 def test_pretrain_negative_flag_reaches_the_config(tmp_path, npz):
     out = tmp_path / "run"
     assert _pretrain(npz, out, "--layers", "1", "--negative", "same_image") == 0

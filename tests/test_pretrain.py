@@ -85,6 +85,33 @@ def test_resume_skips_finished_layers(tmp_path, images):
     assert {r["layer"] for r in new_rows} == {2, 3}
 
 
+def test_joint_pass_trains_every_block_from_the_greedy_ones_and_replaces_the_last_layer(tmp_path, images):
+    greedy = _fit(tmp_path / "greedy", images, arch=ArchConfig(widths=(4, 6)))
+    joint = _fit(tmp_path / "joint", images, arch=ArchConfig(widths=(4, 6)), joint_steps=4, joint_lr=0.01)
+    layer1 = load_backbone(tmp_path / "joint" / "layer1.pt")
+    assert torch.equal(layer1.blocks[0].conv.weight, greedy.blocks[0].conv.weight)  # the same greedy layers ...
+    for k in (0, 1):  # ... then every block moved
+        assert not torch.equal(joint.blocks[k].conv.weight, greedy.blocks[k].conv.weight)
+    assert torch.equal(load_backbone(tmp_path / "joint").blocks[0].conv.weight, joint.blocks[0].conv.weight)
+    metrics = torch.load(tmp_path / "joint" / "layer2.pt", weights_only=False)["metrics"]
+    assert metrics["steps"] == 3 and metrics["joint_steps"] == 4 and metrics["joint_seconds"] > 0
+    rows = _rows(tmp_path / "joint")
+    assert [(r["layer"], r["layer_step"]) for r in rows if r.get("joint")] == [(2, s) for s in range(1, 5)]
+    assert len(rows) == 3 + 3 + 4
+
+
+def test_joint_pass_runs_once_and_follows_a_finished_greedy_run(tmp_path, images):
+    _fit(tmp_path, images, arch=ArchConfig(widths=(4, 6)))
+    before = load_backbone(tmp_path)
+    _fit(tmp_path, images, arch=ArchConfig(widths=(4, 6)), joint_steps=2)  # the greedy layers are done: joint only
+    assert [r.get("joint", False) for r in _rows(tmp_path)] == [False] * 6 + [True] * 2
+    after = load_backbone(tmp_path)
+    assert not torch.equal(after.blocks[0].conv.weight, before.blocks[0].conv.weight)
+    _fit(tmp_path, images, arch=ArchConfig(widths=(4, 6)), joint_steps=2)  # done: nothing more
+    assert len(_rows(tmp_path)) == 8
+    assert torch.equal(load_backbone(tmp_path).blocks[0].conv.weight, after.blocks[0].conv.weight)
+
+
 def test_resume_refuses_another_architecture(tmp_path, images):
     _fit(tmp_path, images, arch=ArchConfig(widths=(4,)))
     with pytest.raises(CheckpointError, match="another architecture"):
@@ -200,7 +227,8 @@ def test_epochs_per_layer_reads_one_number_as_every_layers():
 
 @pytest.mark.parametrize("bad", [dict(batch_size=0), dict(lr=0.0), dict(mode="joint"),
                                  dict(positives=("near",)), dict(steps_per_layer=-1), dict(negative="near"),
-                                 dict(steps_per_layer=(10, -1)), dict(batch_size=(16, 0)), dict(batch_size=())])
+                                 dict(steps_per_layer=(10, -1)), dict(batch_size=(16, 0)), dict(batch_size=()),
+                                 dict(joint_steps=-1), dict(joint_lr=0.0), dict(joint_steps=5, mode="end2end")])
 def test_bad_config_values(bad):
     with pytest.raises(ConfigError):
         _config(**bad)

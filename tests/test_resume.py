@@ -97,6 +97,24 @@ def test_a_signal_at_any_step_resumes_to_the_uninterrupted_result(tmp_path, imag
     assert continued == expected  # the rerun trained exactly the steps the stop had left
 
 
+@pytest.mark.parametrize("stop_at", [12, 14, 17])  # the last greedy step, inside the joint pass, its last step
+def test_a_signal_in_the_joint_pass_resumes_to_the_uninterrupted_result(tmp_path, images, stop_at):
+    from contrastive_lw.pretrain import Interrupted
+
+    config = _config(joint_steps=5)
+    LayerwisePretrainer(config, tmp_path / "straight", "cpu", progress=False).fit(images)
+    stopping = LayerwisePretrainer(config, tmp_path / "resumed", "cpu", progress=False)
+    stopping.loss_fn = _SignalAt(stopping, stop_at)
+    with pytest.raises(Interrupted):
+        stopping.fit(images)
+    assert (tmp_path / "resumed" / "state.pt").exists() == (stop_at == 14)
+    LayerwisePretrainer(config, tmp_path / "resumed", "cpu", progress=False).fit(images)
+    for layer in (1, 2):
+        assert _same_weights(tmp_path / "straight", tmp_path / "resumed", layer)
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["layer_step"] for r in rows if r.get("joint")] == [1, 2, 3, 4, 5]
+
+
 def test_state_of_another_config_is_refused(tmp_path, images):
     trainer = LayerwisePretrainer(_config(), tmp_path, "cpu", progress=False)
     trainer.loss_fn = _CrashAt(trainer.loss_fn, 4)

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: block 1 four epochs, block 2 one, deeper blocks 1600 steps)")
     group.add_argument("--steps-per-layer", type=parse_int_list,
                        help="per layer, last repeats, e.g. 1200,300; overrides --epochs-per-layer")
+    group.add_argument("--joint-steps", type=int,
+                       help="after the greedy layers, train all of them together this many steps (0: none)")
     group.add_argument("--batch-size", type=parse_int_list,
                        help="anchors per step, per layer, last repeats (default 512,512,128; one value: every layer)")
     group.add_argument("--lr", type=float, help="default 0.003 (the paper's triplet setting was run at 0.001)")
@@ -56,6 +58,7 @@ def pretrain_settings(args: argparse.Namespace, saved: dict[str, Any] | None) ->
     loss, augment = dict(values.get("loss", {})), dict(values.get("augment", {}))
     flags = {"mode": args.mode, "epochs_per_layer": args.epochs_per_layer, "steps_per_layer": args.steps_per_layer,
              "batch_size": args.batch_size, "lr": args.lr, "positives": args.positive,
+             "joint_steps": args.joint_steps,
              "patch_sizes": args.patch_size, "seed": args.seed,
              "negative": getattr(args, "negative", None)}
     values.update({k: v for k, v in flags.items() if v is not None})
