@@ -62,12 +62,13 @@ class PretrainConfig:
     The defaults (in-batch softmax, lr 0.003) were chosen by the ablations in docs/STUDY.md; the
     paper's method is ``loss: {name: triplet}`` (cosine distance, margin 0.5, random negatives from
     other images, adjacent positives for block 1) at ``lr: 0.001`` (``experiments/configs/paper.yaml``
-    pins the paper's schedule too). The default lengths, ``epochs_per_layer`` (4, 1) with
-    ``steps_per_layer`` (0, 0, 1600) and ``batch_size`` (512, 512, 128), give block 1 four epochs (its
+    pins the paper's schedule too, and no joint pass). The default lengths, ``epochs_per_layer`` (4, 1) with
+    ``steps_per_layer`` (0, 0, 800) and ``batch_size`` (512, 512, 128), give block 1 four epochs (its
     7x7 patches are cheap, and its read-out rose ~1.5 points over one epoch), block 2 one, and block 3
-    1600 steps of 128 anchors: its 21x21 patches re-run the frozen blocks 1-2, many times the cost of a
-    block-1 patch; small batches read out better than 512 for the same time, and the unpooled block 3
-    gained ~0.3 in the all-block read-out from 1600 steps over 800. ``crop_scales`` ((1.0, 1.0),
+    800 steps of 128 anchors (its 21x21 patches re-run the frozen blocks 1-2, many times the cost of a
+    block-1 patch; small batches read out better than 512 for the same time), then a joint pass of
+    blocks 1-3 (``joint_fraction`` 0.75: 600 steps) in place of block 3's next 800 steps: the frozen transfer of blocks 1 and
+    1-2 rose ~0.4 points, the all-block read-out did not fall. ``crop_scales`` ((1.0, 1.0),
     (0.2, 1.0)): block 1 does not crop (its 7x7 patches lose detail the later layers of a frozen
     transfer need: the frozen read-out of one block rose ~1 point), blocks 2 and up crop hard (their
     13x13 and 21x21 views cover much of a 32x32 image, the default crop barely changed them, and the
@@ -76,8 +77,9 @@ class PretrainConfig:
     or where that is empty or 0, ``epochs_per_layer`` (its k-th entry, last repeats) ``* images *
     patches_per_image / batch_size`` (layer k's) steps.
     End-to-end trains its one stage for the first entry.
-    ``joint_steps`` (greedy mode; 0: none): after the last greedy block, blocks 1..K and block K's
-    projection head train together for that many steps of layer K's patches and batch at
+    ``joint_fraction`` (greedy mode, two blocks or more; 0: none): after the last greedy block, blocks
+    1..K and block K's projection head train together for that fraction of layer K's steps (at least
+    one), on layer K's patches and batch, at
     ``joint_lr`` (warm-up and cosine decay, as a layer), and the result replaces ``layerK.pt``: the
     lower blocks learn what the blocks above them use (docs/STUDY.md, ninth round).
     """
@@ -101,8 +103,8 @@ class PretrainConfig:
     warmup_fraction: float = 0.05
     epochs_per_layer: tuple[float, ...] | float = (4.0, 1.0)
     patches_per_image: int = 16
-    steps_per_layer: tuple[int, ...] | int = (0, 0, 1600)
-    joint_steps: int = 0
+    steps_per_layer: tuple[int, ...] | int = (0, 0, 800)
+    joint_fraction: float = 0.75
     joint_lr: float = 1e-3
     log_every: int = 50
     save_every: int = 0
@@ -131,11 +133,9 @@ class PretrainConfig:
         if not self.epochs_per_layer or not min(self.epochs_per_layer) > 0:
             raise ConfigError(f"epochs_per_layer must be > 0, got {list(self.epochs_per_layer)}")
         if (self.save_every < 0 or min(self.steps_per_layer, default=0) < 0 or self.weight_decay < 0
-                or self.joint_steps < 0 or not 0 <= self.warmup_fraction < 1):
-            raise ConfigError("steps_per_layer, joint_steps, save_every and weight_decay must be >= 0, "
+                or self.joint_fraction < 0 or not 0 <= self.warmup_fraction < 1):
+            raise ConfigError("steps_per_layer, joint_fraction, save_every and weight_decay must be >= 0, "
                               "warmup_fraction in [0, 1)")
-        if self.joint_steps and self.mode != "greedy":
-            raise ConfigError("joint_steps follows greedy layers: set mode greedy or joint_steps 0")
         if any(p < 1 for p in self.patch_sizes):
             raise ConfigError(f"patch_sizes must be positive, got {list(self.patch_sizes)}")
         for k in range(1, len(self.crop_scales) + 1):
@@ -296,7 +296,7 @@ class LayerwisePretrainer:
     Greedy mode: for k = 1..K, blocks < k are frozen (eval mode, no gradients), block k and a new
     projection head k train on patches of block k's receptive field, then ``layerK.pt`` is saved.
     End-to-end mode: the same loop once, all K blocks trainable on the full receptive field.
-    With ``joint_steps`` a joint pass over blocks 1..K follows the greedy ones (:class:`PretrainConfig`).
+    With ``joint_fraction`` a joint pass over blocks 1..K follows the greedy ones (:class:`PretrainConfig`).
     Running again into the same directory continues after the last finished layer, and inside the
     layer in progress from its last saved step (``state.pt``), bit for bit as if never stopped.
     Under ``torchrun`` the run is data-parallel (DDP): every rank draws the same global batch of
@@ -338,7 +338,7 @@ class LayerwisePretrainer:
         with logger, _catch_signals(self):
             for k in stages:
                 self._train_layer(net, k, images, logger)
-            if cfg.joint_steps and not joined:
+            if cfg.mode == "greedy" and cfg.joint_fraction and net.num_blocks > 1 and not joined:
                 self._train_layer(net, net.num_blocks, images, logger, joint=True)
         return net.cpu()
 
@@ -383,7 +383,8 @@ class LayerwisePretrainer:
         set_trainable(stage, True)
         optimizer = adamw(stage.parameters(), cfg.joint_lr if joint else cfg.lr, cfg.weight_decay, device)
         stage_k = 1 if cfg.mode == "end2end" else k
-        steps = cfg.joint_steps if joint else cfg.steps(len(images), stage_k)
+        steps = cfg.steps(len(images), stage_k)
+        steps = max(1, round(cfg.joint_fraction * steps)) if joint else steps
         batch = cfg.layer_batch_size(stage_k)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup_fraction))
         sampler = PatchSampler(patch, positive, cfg.max_shift, seed=seed, device=device, negative=cfg.negative)

@@ -289,6 +289,13 @@ def test_the_two_runs_compared_are_re_timed_back_to_back_so_drift_cancels(monkey
         bench.BenchConfig(paired_rounds=-1)
 
 
+def test_the_race_trains_the_greedy_layers_without_the_joint_pass():
+    from contrastive_lw.bench import BenchConfig, race_config
+    from contrastive_lw.pretrain import PretrainConfig
+
+    assert PretrainConfig().joint_fraction > 0 and race_config(BenchConfig()).joint_fraction == 0
+
+
 def test_race_step_flops_count_what_each_side_trains():
     config = bench.BenchConfig(arch=ArchConfig(widths=(8, 16)), race_batch=32)
     (block1, block2), end2end = bench.race_step_gflop(config, torch.device("cpu"), 32)

@@ -34,13 +34,15 @@ def test_pretrain_steps_per_layer_per_layer(tmp_path, npz):
     assert [torch.load(out / f"layer{k}.pt", weights_only=True)["metrics"]["steps"] for k in (1, 2)] == [3, 1]
 
 
-def test_pretrain_joint_steps_flag_runs_the_joint_pass(tmp_path, npz):
+def test_pretrain_joint_fraction_flag_sets_the_joint_pass(tmp_path, npz):
     import torch
 
     out = tmp_path / "run"
-    assert _pretrain(npz, out, "--joint-steps", "3") == 0
-    assert yaml.safe_load((out / "config.yaml").read_text())["pretrain"]["joint_steps"] == 3
-    assert torch.load(out / "layer2.pt", weights_only=True)["metrics"]["joint_steps"] == 3
+    assert _pretrain(npz, out, "--steps-per-layer", "2,4", "--joint-fraction", "1.5") == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["pretrain"]["joint_fraction"] == 1.5
+    assert torch.load(out / "layer2.pt", weights_only=True)["metrics"]["joint_steps"] == 6  # 1.5 x layer 2's 4
+    assert _pretrain(npz, tmp_path / "greedy", "--joint-fraction", "0") == 0
+    assert "joint_steps" not in torch.load(tmp_path / "greedy" / "layer2.pt", weights_only=True)["metrics"]
 
 
 def test_pretrain_negative_flag_reaches_the_config(tmp_path, npz):
@@ -62,7 +64,8 @@ def test_plain_pretrain_defaults_are_the_ablations_winner_and_the_paper_stays_re
         return PretrainConfig.from_dict(pretrain_settings(parser.parse_args(["--out", "x", *flags]), None))
     plain = config("--layers", "3")
     assert (plain.loss.name, plain.lr, plain.positives) == ("infonce", 0.003, ("adjacent", "exemplar"))
-    assert [plain.steps(25_000, k) for k in (1, 2, 3)] == [3128, 782, 1600]
+    assert [plain.steps(25_000, k) for k in (1, 2, 3)] == [3128, 782, 800]
+    assert (plain.joint_fraction, plain.joint_lr) == (0.75, 0.001)  # then blocks 1-3 together, 600 steps
     assert plain.arch.pools == (2, 2, 1)  # block 3 unpooled
     assert config("--layers", "3", "--no-pool1").arch.pools == (1, 2, 1)  # the paper's ablation: block 1 alone
     assert [plain.layer_batch_size(k) for k in (1, 2, 3)] == [512, 512, 128]

@@ -74,6 +74,7 @@ def test_study_configs_pretrain_with_the_measured_winner():
     assert full.pretrain == dataclasses.replace(PretrainConfig(), arch=ArchConfig(widths=(64, 128)))
     quick = StudyConfig.from_dict(load_yaml(CONFIGS / "quick.yaml"))
     assert quick.pretrain.loss.name == "infonce" and quick.pretrain.steps_per_layer == (1600, 400)
+    assert quick.pretrain.joint_fraction == 0.25  # 100 steps after block 2's 400
     assert full.transfer.lr_schedule == quick.transfer.lr_schedule == "cosine"
 
 
@@ -82,6 +83,7 @@ def test_paper_config_follows_the_paper():
     assert paper.pretrain.arch.widths[0] == 256 and paper.pretrain.arch.kernel_sizes[0] == 6
     assert paper.transfer.new_widths == (512,) and paper.transfer.hidden == 512
     assert paper.transfer.epochs == 100 and len(paper.seeds) == 3 and paper.source.dataset == "cifar100"
+    assert paper.pretrain.joint_fraction == 0 and paper.pretrain.mode == "greedy"  # block by block, nothing after
 
 
 def test_bad_study_configs():

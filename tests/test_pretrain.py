@@ -14,7 +14,8 @@ from contrastive_lw.pretrain import LayerwisePretrainer, PretrainConfig, train_s
 
 
 def _config(**kw):
-    values = dict(arch=ArchConfig(widths=(4, 6, 8)), steps_per_layer=3, batch_size=16, log_every=1)
+    values = dict(arch=ArchConfig(widths=(4, 6, 8)), steps_per_layer=3, batch_size=16, log_every=1,
+                  joint_fraction=0.0)  # greedy alone unless a test asks for the joint pass
     values.update(kw)
     return PretrainConfig(**values)
 
@@ -87,7 +88,7 @@ def test_resume_skips_finished_layers(tmp_path, images):
 
 def test_joint_pass_trains_every_block_from_the_greedy_ones_and_replaces_the_last_layer(tmp_path, images):
     greedy = _fit(tmp_path / "greedy", images, arch=ArchConfig(widths=(4, 6)))
-    joint = _fit(tmp_path / "joint", images, arch=ArchConfig(widths=(4, 6)), joint_steps=4, joint_lr=0.01)
+    joint = _fit(tmp_path / "joint", images, arch=ArchConfig(widths=(4, 6)), joint_fraction=4 / 3, joint_lr=0.01)
     layer1 = load_backbone(tmp_path / "joint" / "layer1.pt")
     assert torch.equal(layer1.blocks[0].conv.weight, greedy.blocks[0].conv.weight)  # the same greedy layers ...
     for k in (0, 1):  # ... then every block moved
@@ -100,14 +101,19 @@ def test_joint_pass_trains_every_block_from_the_greedy_ones_and_replaces_the_las
     assert len(rows) == 3 + 3 + 4
 
 
+def test_one_block_has_no_joint_pass(tmp_path, images):
+    _fit(tmp_path, images, arch=ArchConfig(widths=(4,)), joint_fraction=1.0)
+    assert not any(r.get("joint") for r in _rows(tmp_path))
+
+
 def test_joint_pass_runs_once_and_follows_a_finished_greedy_run(tmp_path, images):
     _fit(tmp_path, images, arch=ArchConfig(widths=(4, 6)))
     before = load_backbone(tmp_path)
-    _fit(tmp_path, images, arch=ArchConfig(widths=(4, 6)), joint_steps=2)  # the greedy layers are done: joint only
+    _fit(tmp_path, images, arch=ArchConfig(widths=(4, 6)), joint_fraction=0.6)  # the greedy layers are done: joint only
     assert [r.get("joint", False) for r in _rows(tmp_path)] == [False] * 6 + [True] * 2
     after = load_backbone(tmp_path)
     assert not torch.equal(after.blocks[0].conv.weight, before.blocks[0].conv.weight)
-    _fit(tmp_path, images, arch=ArchConfig(widths=(4, 6)), joint_steps=2)  # done: nothing more
+    _fit(tmp_path, images, arch=ArchConfig(widths=(4, 6)), joint_fraction=0.6)  # done: nothing more
     assert len(_rows(tmp_path)) == 8
     assert torch.equal(load_backbone(tmp_path).blocks[0].conv.weight, after.blocks[0].conv.weight)
 
@@ -119,8 +125,10 @@ def test_resume_refuses_another_architecture(tmp_path, images):
 
 
 def test_end_to_end_mode_trains_all_blocks_at_once(tmp_path, images):
-    net = _fit(tmp_path, images, mode="end2end", arch=ArchConfig(widths=(4, 6)))
+    net = _fit(tmp_path, images, mode="end2end", arch=ArchConfig(widths=(4, 6)), joint_fraction=0.6)  # no joint pass
     assert sorted(p.name for p in tmp_path.glob("layer*.pt")) == ["layer2.pt"]
+    assert "joint_steps" not in torch.load(tmp_path / "layer2.pt", weights_only=False)["metrics"]
+    assert not any(r.get("joint") for r in _rows(tmp_path))
     assert net.num_blocks == 2
     assert (tmp_path / "filters_layer1.png").stat().st_size > 0  # as a greedy run draws them (and the race times)
 
@@ -228,7 +236,7 @@ def test_epochs_per_layer_reads_one_number_as_every_layers():
 @pytest.mark.parametrize("bad", [dict(batch_size=0), dict(lr=0.0), dict(mode="joint"),
                                  dict(positives=("near",)), dict(steps_per_layer=-1), dict(negative="near"),
                                  dict(steps_per_layer=(10, -1)), dict(batch_size=(16, 0)), dict(batch_size=()),
-                                 dict(joint_steps=-1), dict(joint_lr=0.0), dict(joint_steps=5, mode="end2end")])
+                                 dict(joint_fraction=-0.5), dict(joint_lr=0.0)])
 def test_bad_config_values(bad):
     with pytest.raises(ConfigError):
         _config(**bad)

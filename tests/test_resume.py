@@ -15,9 +15,9 @@ from contrastive_lw.model import ArchConfig
 from contrastive_lw.pretrain import LayerwisePretrainer, PretrainConfig
 
 
-def _config(widths=(4, 6), **kw):
+def _config(widths=(4, 6), joint_fraction=0.0, **kw):
     return PretrainConfig(arch=ArchConfig(widths=widths), steps_per_layer=6, save_every=2, batch_size=16,
-                          log_every=1, **kw)
+                          log_every=1, joint_fraction=joint_fraction, **kw)
 
 
 def _weights(run, layer=2):
@@ -101,7 +101,7 @@ def test_a_signal_at_any_step_resumes_to_the_uninterrupted_result(tmp_path, imag
 def test_a_signal_in_the_joint_pass_resumes_to_the_uninterrupted_result(tmp_path, images, stop_at):
     from contrastive_lw.pretrain import Interrupted
 
-    config = _config(joint_steps=5)
+    config = _config(joint_fraction=5 / 6)  # 5 steps after layer 2's 6
     LayerwisePretrainer(config, tmp_path / "straight", "cpu", progress=False).fit(images)
     stopping = LayerwisePretrainer(config, tmp_path / "resumed", "cpu", progress=False)
     stopping.loss_fn = _SignalAt(stopping, stop_at)

@@ -21,11 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mode", choices=("greedy", "end2end"), help="layer by layer (default) or all at once")
     group.add_argument("--epochs-per-layer", type=parse_float_list,
                        help="per layer, last repeats, e.g. 4,1: each layer's length in epochs "
-                            "(default: block 1 four epochs, block 2 one, deeper blocks 1600 steps)")
+                            "(default: block 1 four epochs, block 2 one, deeper blocks 800 steps)")
     group.add_argument("--steps-per-layer", type=parse_int_list,
                        help="per layer, last repeats, e.g. 1200,300; overrides --epochs-per-layer")
-    group.add_argument("--joint-steps", type=int,
-                       help="after the greedy layers, train all of them together this many steps (0: none)")
+    group.add_argument("--joint-fraction", type=float,
+                       help="after the greedy layers, train all of them together for this fraction of the "
+                            "last layer's steps (default 0.75; 0: none, the paper's purely greedy training)")
     group.add_argument("--batch-size", type=parse_int_list,
                        help="anchors per step, per layer, last repeats (default 512,512,128; one value: every layer)")
     group.add_argument("--lr", type=float, help="default 0.003 (the paper's triplet setting was run at 0.001)")
@@ -58,7 +59,7 @@ def pretrain_settings(args: argparse.Namespace, saved: dict[str, Any] | None) ->
     loss, augment = dict(values.get("loss", {})), dict(values.get("augment", {}))
     flags = {"mode": args.mode, "epochs_per_layer": args.epochs_per_layer, "steps_per_layer": args.steps_per_layer,
              "batch_size": args.batch_size, "lr": args.lr, "positives": args.positive,
-             "joint_steps": args.joint_steps,
+             "joint_fraction": args.joint_fraction,
              "patch_sizes": args.patch_size, "seed": args.seed,
              "negative": getattr(args, "negative", None)}
     values.update({k: v for k, v in flags.items() if v is not None})
