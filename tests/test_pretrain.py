@@ -101,6 +101,13 @@ def test_joint_pass_trains_every_block_from_the_greedy_ones_and_replaces_the_las
     assert len(rows) == 3 + 3 + 4
 
 
+def test_joint_pass_starts_from_the_last_layers_head(tmp_path, images):
+    _fit(tmp_path / "greedy", images, arch=ArchConfig(widths=(4, 6)))
+    _fit(tmp_path / "joint", images, arch=ArchConfig(widths=(4, 6)), joint_fraction=1.0, joint_lr=1e-12)
+    greedy, joint = (torch.load(tmp_path / run / "layer2.pt", weights_only=False)["head"] for run in ("greedy", "joint"))
+    assert greedy.keys() == joint.keys() and all(torch.allclose(greedy[n], joint[n], atol=1e-6) for n in greedy)
+
+
 def test_one_block_has_no_joint_pass(tmp_path, images):
     _fit(tmp_path, images, arch=ArchConfig(widths=(4,)), joint_fraction=1.0)
     assert not any(r.get("joint") for r in _rows(tmp_path))
