@@ -67,8 +67,8 @@ class PretrainConfig:
     7x7 patches are cheap, and its read-out rose ~1.5 points over one epoch), block 2 one, and block 3
     800 steps of 128 anchors (its 21x21 patches re-run the frozen blocks 1-2, many times the cost of a
     block-1 patch; small batches read out better than 512 for the same time), then a joint pass of
-    blocks 1-3 (``joint_fraction`` 0.75: 600 steps) in place of block 3's next 800 steps: the frozen transfer of blocks 1 and
-    1-2 rose ~0.4 points, the all-block read-out did not fall. ``crop_scales`` ((1.0, 1.0),
+    blocks 1-3 (``joint_fraction`` 0.75: 600 steps) in place of block 3's next 800 steps: the frozen
+    transfer of blocks 1 and 1-2 rose ~0.5 points, the all-block read-out did not fall. ``crop_scales`` ((1.0, 1.0),
     (0.2, 1.0)): block 1 does not crop (its 7x7 patches lose detail the later layers of a frozen
     transfer need: the frozen read-out of one block rose ~1 point), blocks 2 and up crop hard (their
     13x13 and 21x21 views cover much of a 32x32 image, the default crop barely changed them, and the
@@ -444,7 +444,8 @@ class LayerwisePretrainer:
                     sampler: PatchSampler, loss: float) -> None:
         if distributed.is_main_process():
             state = {
-                "kind": TRAIN_STATE, "layer": k, "joint": joint, "step": step, "loss": loss, "config": to_dict(self.config),
+                "kind": TRAIN_STATE, "layer": k, "joint": joint, "step": step, "loss": loss,
+                "config": to_dict(self.config),
                 "backbone": _cpu(net.state_dict()), "head": _cpu(stage.head.state_dict()),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "sampler_rng": sampler.generator.get_state(), **rng_state(self.device),
@@ -457,7 +458,8 @@ class LayerwisePretrainer:
         """Log a step of layer ``k`` (or of the joint pass that follows it)."""
         value = loss.item()
         if not math.isfinite(value):
-            raise TrainingDiverged(f"{'joint pass' if joint else f'layer {k}'}: loss became {value} at step {step + 1}; finished layers are "
+            stage = "joint pass" if joint else f"layer {k}"
+            raise TrainingDiverged(f"{stage}: loss became {value} at step {step + 1}; finished layers are "
                                    f"kept in {self.out_dir}: lower --lr and run the same command again")
         anchor, positive = embeddings[0].detach(), embeddings[1].detach()
         row = {
@@ -479,8 +481,10 @@ class LayerwisePretrainer:
         ``joint_steps`` / ``joint_seconds`` / ``joint_final_loss``."""
         if distributed.is_main_process():
             path = self.out_dir / f"layer{k}.pt"
-            metrics = ({**load_checkpoint(path, BACKBONE)["metrics"], "joint_steps": steps, "joint_seconds": seconds,
-                        "joint_final_loss": loss} if joint else {"steps": steps, "seconds": seconds, "final_loss": loss})
+            metrics = {"steps": steps, "seconds": seconds, "final_loss": loss}
+            if joint:
+                metrics = {**load_checkpoint(path, BACKBONE)["metrics"],
+                           **{f"joint_{name}": value for name, value in metrics.items()}}
             save_backbone(path, net, self.config.mode, trained_blocks=k,
                           config=to_dict(self.config), head=_cpu(head.state_dict()), metrics=metrics)
             (self.out_dir / "state.pt").unlink(missing_ok=True)
