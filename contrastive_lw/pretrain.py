@@ -68,8 +68,8 @@ class PretrainConfig:
     800 steps of 128 anchors (its 21x21 patches re-run the frozen blocks 1-2, many times the cost of a
     block-1 patch; small batches read out better than 512 for the same time), then a joint pass of
     blocks 1-3 (``joint_fraction`` 0.75: 600 steps) in place of block 3's next 800 steps: the frozen
-    transfer of blocks 1 and 1-2 rose ~0.5 points, the all-block read-out did not fall. ``crop_scales`` ((1.0, 1.0),
-    (0.2, 1.0)): block 1 does not crop (its 7x7 patches lose detail the later layers of a frozen
+    transfer of blocks 1 and 1-2 rose ~0.5 points, the all-block read-out did not fall.
+    ``crop_scales`` ((1.0, 1.0), (0.2, 1.0)): block 1 does not crop (its 7x7 patches lose detail the later layers of a frozen
     transfer need: the frozen read-out of one block rose ~1 point), blocks 2 and up crop hard (their
     13x13 and 21x21 views cover much of a 32x32 image, the default crop barely changed them, and the
     harder one lifted the frozen read-out of two and three blocks by ~1 and ~2 points; docs/STUDY.md).
@@ -79,9 +79,9 @@ class PretrainConfig:
     End-to-end trains its one stage for the first entry.
     ``joint_fraction`` (greedy mode, two blocks or more; 0: none): after the last greedy block, blocks
     1..K and block K's projection head train together for that fraction of layer K's steps (at least
-    one), on layer K's patches and batch, at
-    ``joint_lr`` (warm-up and cosine decay, as a layer), and the result replaces ``layerK.pt``: the
-    lower blocks learn what the blocks above them use (docs/STUDY.md, ninth round).
+    one), on layer K's patches and batch, at ``joint_lr`` (warm-up and cosine decay, as a layer), and
+    the result replaces ``layerK.pt``: the lower blocks learn what the blocks above them use
+    (docs/STUDY.md, ninth round).
     """
 
     arch: ArchConfig = field(default_factory=ArchConfig)
@@ -389,7 +389,7 @@ class LayerwisePretrainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup_fraction))
         sampler = PatchSampler(patch, positive, cfg.max_shift, seed=seed, device=device, negative=cfg.negative)
         augment = build_augmentation(cfg.layer_augment(k), net.in_channels).to(device)
-        first, final_loss = self._load_state(k, joint, net, stage, optimizer, scheduler, sampler)
+        first, final_loss = self._load_state(k, net, stage, optimizer, scheduler, sampler)
         model = nn.parallel.DistributedDataParallel(stage) if distributed.world_size() > 1 else stage
         views = 3 if self.loss_fn.uses_negatives else 2
         save_every = cfg.save_every or cfg.epoch_steps(len(images), stage_k)
@@ -408,7 +408,7 @@ class LayerwisePretrainer:
                 self._log(logger, k, joint, step, loss, embeddings, scheduler.get_last_lr()[0],
                           (step + 1 - first) * views * batch / (time.perf_counter() - start), bar)
             if step + 1 < steps and (self._stop_signal is not None or (step + 1) % save_every == 0):
-                self._save_state(k, joint, step + 1, net, stage, optimizer, scheduler, sampler, loss.item())
+                self._save_state(k, step + 1, net, stage, optimizer, scheduler, sampler, loss.item())
                 self._stop_if_asked(f"in {name} at step {step + 1}")
         final_loss = loss.item() if first < steps else final_loss  # else resumed at the layer's end
         self._save_layer(net, stage.head, k, joint, steps, time.perf_counter() - start, final_loss)
@@ -420,7 +420,7 @@ class LayerwisePretrainer:
         if self._stop_signal is not None:
             raise Interrupted(f"stopped by signal {self._stop_signal} {where}; run the same command again to continue")
 
-    def _load_state(self, k: int, joint: bool, net: BlockNet, stage: Stage, optimizer: torch.optim.Optimizer,
+    def _load_state(self, k: int, net: BlockNet, stage: Stage, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler) -> tuple[int, float]:
         """Restore the layer (or joint pass) in progress from ``state.pt``; returns the step to
         continue from and the loss of the step before it (NaN when there is none)."""
@@ -428,9 +428,8 @@ class LayerwisePretrainer:
         if not path.exists():
             return 0, math.nan
         state = load_checkpoint(path, TRAIN_STATE)
-        if (state["layer"], state.get("joint", False)) != (k, joint) or not _same_config(state["config"], self.config):
-            raise CheckpointError(f"{path} belongs to another layer or config: delete it to restart "
-                                  f"{'the joint pass' if joint else f'layer {k}'}")
+        if state["layer"] != k or not _same_config(state["config"], self.config):
+            raise CheckpointError(f"{path} belongs to another layer or config: delete it to restart layer {k}")
         net.load_state_dict(state["backbone"])
         stage.head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
@@ -439,13 +438,13 @@ class LayerwisePretrainer:
         restore_rng_state(state, self.device)
         return state["step"], state.get("loss", math.nan)
 
-    def _save_state(self, k: int, joint: bool, step: int, net: BlockNet, stage: Stage,
-                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    sampler: PatchSampler, loss: float) -> None:
+    def _save_state(self, k: int, step: int, net: BlockNet, stage: Stage, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, sampler: PatchSampler, loss: float) -> None:
+        """Save the stage in progress (layer ``k``'s, or the joint pass once ``layerK.pt`` exists:
+        each stage removes ``state.pt`` when it saves its layer)."""
         if distributed.is_main_process():
             state = {
-                "kind": TRAIN_STATE, "layer": k, "joint": joint, "step": step, "loss": loss,
-                "config": to_dict(self.config),
+                "kind": TRAIN_STATE, "layer": k, "step": step, "loss": loss, "config": to_dict(self.config),
                 "backbone": _cpu(net.state_dict()), "head": _cpu(stage.head.state_dict()),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "sampler_rng": sampler.generator.get_state(), **rng_state(self.device),

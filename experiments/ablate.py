@@ -17,8 +17,8 @@ trains it with labels on the source classes as ``contrastive-lw supervised --epo
 --supervised-epochs`` does (the baseline's wall time is its training time), from the same initial
 network as layer-wise pretraining (:func:`contrastive_lw.model.initial_network`: seed, ``init_scale``). The row, appended to
 ``OUT/results.jsonl``: name, init, seed, the full pretrain config and the overrides, accuracies,
-pretraining (or supervised training) wall time, per-layer seconds (the joint pass's last, if any), probe seconds, MACs per 32x32
-image of the network.
+pretraining (or supervised training) wall time, per-layer seconds (the joint pass's last, if any),
+probe seconds, MACs per 32x32 image of the network.
 
 Command lines::
 
@@ -149,8 +149,9 @@ def run(args: argparse.Namespace) -> dict:
             if args.keep and run_dir.exists() and not args.resume:
                 raise SystemExit(f"{run_dir} exists: pick another --name, remove it or --resume it")
             net = trainer.fit(source.images)
-            metrics = [load_checkpoint(p, BACKBONE)["metrics"] for _, p in sorted(layer_checkpoints(trainer.out_dir).items())]
-            per_layer = [m["seconds"] for m in metrics] + [m["joint_seconds"] for m in metrics[-1:] if "joint_seconds" in m]
+            metrics = [load_checkpoint(p, BACKBONE)["metrics"] for p in layer_checkpoints(trainer.out_dir).values()]
+            per_layer = [m["seconds"] for m in metrics] + [m["joint_seconds"] for m in metrics[-1:]
+                                                           if "joint_seconds" in m]
     elif args.init == "supervised":
         source_test = load_dataset(args.dataset, "test", args.data_root, args.source)
         sup = TransferConfig(epochs=args.supervised_epochs, new_widths=(), hidden=0, seed=args.seed)

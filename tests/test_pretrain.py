@@ -104,8 +104,22 @@ def test_joint_pass_trains_every_block_from_the_greedy_ones_and_replaces_the_las
 def test_joint_pass_starts_from_the_last_layers_head(tmp_path, images):
     _fit(tmp_path / "greedy", images, arch=ArchConfig(widths=(4, 6)))
     _fit(tmp_path / "joint", images, arch=ArchConfig(widths=(4, 6)), joint_fraction=1.0, joint_lr=1e-12)
-    greedy, joint = (torch.load(tmp_path / run / "layer2.pt", weights_only=False)["head"] for run in ("greedy", "joint"))
+    greedy, joint = (torch.load(tmp_path / run / "layer2.pt", weights_only=False)["head"]
+                     for run in ("greedy", "joint"))
     assert greedy.keys() == joint.keys() and all(torch.allclose(greedy[n], joint[n], atol=1e-6) for n in greedy)
+
+
+def test_joint_pass_draws_other_patches_than_the_last_layer(tmp_path, images, monkeypatch):
+    from contrastive_lw import pretrain
+
+    seeds, sampler = [], pretrain.PatchSampler
+
+    def recording(*args, seed, **kwargs):
+        seeds.append(seed)
+        return sampler(*args, seed=seed, **kwargs)
+    monkeypatch.setattr(pretrain, "PatchSampler", recording)
+    _fit(tmp_path, images, arch=ArchConfig(widths=(4, 6)), joint_fraction=1.0)
+    assert len(seeds) == 3 and seeds[2] not in seeds[:2]  # layer 1, layer 2, then the joint pass's own
 
 
 def test_one_block_has_no_joint_pass(tmp_path, images):
