@@ -20,12 +20,13 @@ class LossConfig:
     """``name``: ``infonce`` (the default: in-batch softmax over patches: each anchor's positive is
     its class, every other patch of the batch a negative; :func:`nt_xent`, lightly's ``NTXentLoss``
     across processes) or ``triplet`` (the paper's margin loss on a distance, optional in-batch
-    negative mining; ``margin``, ``distance`` and ``mining`` apply to it alone)."""
+    negative mining; ``margin``, ``distance``, ``mining`` and ``soft_margin`` apply to it alone)."""
 
     name: str = "infonce"
     margin: float = 0.5
     distance: str = "cosine"
     mining: str = "none"
+    soft_margin: float = 0.0
     temperature: float = 0.1
 
     def __post_init__(self) -> None:
@@ -33,8 +34,8 @@ class LossConfig:
                                       ("mining", self.mining, MINING)):
             if value not in options:
                 raise ConfigError(f"loss.{field} must be one of {list(options)}, got {value!r}")
-        if self.margin < 0 or self.temperature <= 0:
-            raise ConfigError("loss.margin must be >= 0 and loss.temperature > 0")
+        if self.margin < 0 or self.soft_margin < 0 or self.temperature <= 0:
+            raise ConfigError("loss.margin and loss.soft_margin must be >= 0 and loss.temperature > 0")
 
 
 def pairwise_distance(x: torch.Tensor, y: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
@@ -64,6 +65,9 @@ class TripletLoss(nn.Module):
             (semi-hard: the closest one farther than the positive, else the farthest); ``all``
             (batch-all, Hermans et al. 2017) takes the hinge against every one of those candidates
             and averages it over the triplets that still violate the margin.
+        soft_margin: 0 takes the hinge ``relu(x)``; ``s > 0`` the smooth hinge ``softplus(s * x) / s``
+            (Hermans et al. 2017's soft margin at ``s = 1``), whose gradient never vanishes, so satisfied
+            triplets keep pulling (with ``all``, the mean is over every candidate).
         gather_distributed: mine among the candidates of every process of a distributed run.
 
     Example:
@@ -76,9 +80,9 @@ class TripletLoss(nn.Module):
     uses_negatives = True
 
     def __init__(self, margin: float = 0.5, distance: str = "cosine", mining: str = "none",
-                 gather_distributed: bool = False) -> None:
+                 soft_margin: float = 0.0, gather_distributed: bool = False) -> None:
         super().__init__()
-        self.margin, self.distance, self.mining = margin, distance, mining
+        self.margin, self.distance, self.mining, self.soft_margin = margin, distance, mining, soft_margin
         self.gather_distributed = gather_distributed
 
     @property
@@ -87,17 +91,21 @@ class TripletLoss(nn.Module):
         return self.mining != "none"
 
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
-        if self.mining == "none" and self.distance == "cosine" and kernels.CosineTriplet.applies(anchor, positive, negative):
+        if (self.mining == "none" and self.distance == "cosine" and not self.soft_margin
+                and kernels.CosineTriplet.applies(anchor, positive, negative)):
             return kernels.CosineTriplet.apply(anchor, positive, negative, self.margin)
         d_pos = paired_distance(anchor, positive, self.distance)
         if self.mining == "none":
             d_neg = paired_distance(anchor, negative, self.distance)
         elif self.mining == "all":
-            hinges = F.relu(d_pos.unsqueeze(1) - self._candidate_distances(anchor, positive, negative) + self.margin)
-            return hinges.sum() / (hinges > 0).sum().clamp(min=1)
+            hinges = self._hinge(d_pos.unsqueeze(1) - self._candidate_distances(anchor, positive, negative) + self.margin)
+            return hinges.sum() / (hinges > 0).sum().clamp(min=1)  # the soft hinge is > 0 at every candidate
         else:
             d_neg = self._mine(anchor, positive, negative, d_pos)
-        return F.relu(d_pos - d_neg + self.margin).mean()
+        return self._hinge(d_pos - d_neg + self.margin).mean()
+
+    def _hinge(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softplus(x, beta=self.soft_margin) if self.soft_margin else F.relu(x)
 
     def _candidate_distances(self, anchor: torch.Tensor, positive: torch.Tensor,
                              negative: torch.Tensor) -> torch.Tensor:
@@ -203,4 +211,4 @@ def build_loss(config: LossConfig, gather_distributed: bool = False) -> nn.Modul
     """The loss module a :class:`LossConfig` describes."""
     if config.name == "infonce":
         return InfoNCELoss(config.temperature, gather_distributed)
-    return TripletLoss(config.margin, config.distance, config.mining, gather_distributed)
+    return TripletLoss(config.margin, config.distance, config.mining, config.soft_margin, gather_distributed)

@@ -74,6 +74,7 @@ def test_plain_pretrain_defaults_are_the_ablations_winner_and_the_paper_stays_re
     assert (paper.loss.name, paper.loss.distance, paper.loss.margin, paper.loss.mining, paper.negative) == (
         "triplet", "cosine", 0.5, "none", "other_image")
     assert config("--loss", "triplet", "--mining", "all").loss.mining == "all"
+    assert (paper.loss.soft_margin, config("--loss", "triplet", "--soft-margin", "8").loss.soft_margin) == (0.0, 8.0)
     assert [config("--epochs-per-layer", "2").steps(25_000, k) for k in (1, 3)] == [1564, 6250]  # block 3: batch 128
     assert [config("--epochs-per-layer", "4,0.5").steps(25_000, k) for k in (1, 2, 3)] == [3128, 391, 1563]
     assert config("--batch-size", "256").batch_size == (256,)

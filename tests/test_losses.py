@@ -54,6 +54,28 @@ def test_batch_all_mining_averages_the_violating_triplets_of_every_candidate():
     assert TripletLoss(margin=0.1, mining="all")(a, p, n).item() == pytest.approx(0.1)   # only (a1, n0)
 
 
+def test_soft_margin_is_a_scaled_softplus_that_keeps_satisfied_triplets_pulling():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    p = torch.tensor([[2.0, 0.0], [0.0, 1.0]])                        # distances 0 and 1
+    n = torch.tensor([[0.0, 3.0], [1.0, 0.0]], requires_grad=True)   # distances 1 and 0
+    # x = d_ap - d_an + 0.5 = -0.5 and 1.5; softplus(4 x) / 4 per triplet
+    expected = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(6.0))) / 8
+    loss = TripletLoss(margin=0.5, soft_margin=4.0)(a, p, n)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert n.grad[0].abs().sum() > 0   # the satisfied triplet (x = -0.5) still has a gradient; the hinge's is 0
+    assert TripletLoss(margin=0.5, soft_margin=1e4)(a, p, n).item() == pytest.approx(0.75, abs=1e-3)  # -> hinge
+
+
+def test_soft_batch_all_averages_over_every_candidate_but_the_own_positive():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p, n = a.clone(), torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    # the batch-all test's six candidate distances: x = 0 - d + 1.5
+    xs = [0.5, -0.5, 0.5, 1.5, 0.5, 0.5]
+    expected = sum(math.log1p(math.exp(2 * x)) / 2 for x in xs) / 6
+    assert TripletLoss(margin=1.5, mining="all", soft_margin=2.0)(a, p, n).item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_paired_cosine_distance_matches_torch_in_value_and_gradient():
     torch.manual_seed(0)
     x, y = torch.randn(32, 16, dtype=torch.float64), torch.randn(32, 16, dtype=torch.float64)
@@ -181,7 +203,8 @@ def test_infonce_is_lightly_ntxent_and_ignores_negatives():
     assert loss(a, a).item() < loss(a, p).item()
 
 
-@pytest.mark.parametrize("bad", [dict(name="x"), dict(distance="l1"), dict(mining="batch"), dict(margin=-1)])
+@pytest.mark.parametrize("bad", [dict(name="x"), dict(distance="l1"), dict(mining="batch"), dict(margin=-1),
+                                 dict(soft_margin=-1)])
 def test_bad_loss_config(bad):
     with pytest.raises(ConfigError):
         LossConfig(**bad)

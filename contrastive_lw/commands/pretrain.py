@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--margin", type=float)
     group.add_argument("--mining", choices=("none", "hardest", "semihard", "all"),
                        help="triplet negatives mined in the batch: hardest, semihard or all (batch-all)")
+    group.add_argument("--soft-margin", type=float,
+                       help="triplet: softplus(s * x) / s in place of the hinge relu(x) (default 0: the hinge)")
     group.add_argument("--distance", choices=("cosine", "sqeuclidean"))
     group.add_argument("--positive", type=parse_str_list,
                        help="per layer, last repeats: adjacent, shift or exemplar (default adjacent,exemplar)")
@@ -66,7 +68,8 @@ def pretrain_settings(args: argparse.Namespace, saved: dict[str, Any] | None) ->
     if args.epochs_per_layer is not None and args.steps_per_layer is None:
         values["steps_per_layer"] = []  # --epochs-per-layer alone sets every layer's length
     loss.update({k: v for k, v in {"name": args.loss, "margin": args.margin, "mining": args.mining,
-                                   "distance": args.distance}.items() if v is not None})
+                                   "soft_margin": args.soft_margin, "distance": args.distance}.items()
+                 if v is not None})
     if args.widths:
         arch["widths"] = args.widths
     if args.layers is not None and backbone.get("name", "lw") != "lw":
