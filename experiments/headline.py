@@ -3,7 +3,7 @@ baselines, read out linearly (``experiments/ablate.py`` rows) and frozen / fine-
 (``contrastive-lw transfer`` runs), mean ± std over every seed found, the best init of each column
 in bold, and the seeds of each read-out.
 
-    python experiments/headline.py --ablate runs/ablate/results.jsonl --transfers runs
+    python experiments/headline.py --ablate runs/ablate/results.jsonl --transfers runs [--readouts linear,frozen]
 
 An init's linear rows are the ``ablate.py`` rows of its ``--NAME-linear`` (a ``blocks_1..k``
 accuracy each); its transfers are ``TRANSFERS/{frozen-cos,ft-cos}/RUN-kK-seedS/results.json`` for
@@ -53,10 +53,10 @@ def transfer_accuracies(folder: Path, names: list[str]) -> dict[int, dict[int, f
     return found
 
 
-def table(cells: dict[tuple[str, str, int], list[float]]) -> str:
-    """Markdown rows of INITS x (read-out, k) cells, mean ± std, the best mean of each column in
-    bold; a cell of fewer seeds than its column's most says how many it has."""
-    columns = [(readout, k) for readout in READOUTS for k in DEPTHS]
+def table(cells: dict[tuple[str, str, int], list[float]], readouts: tuple[str, ...] = tuple(READOUTS)) -> str:
+    """Markdown rows of INITS x (read-out, k) cells for ``readouts``, mean ± std, the best mean of each
+    column in bold; a cell of fewer seeds than its column's most says how many it has."""
+    columns = [(readout, k) for readout in readouts for k in DEPTHS]
     lines = ["| init | " + " | ".join(f"{readout} k={k}" for readout, k in columns) + " |",
              "|---|" + "---|" * len(columns)]
     means = {key: statistics.mean(xs) for key, xs in cells.items() if xs}
@@ -76,21 +76,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ablate", type=Path, required=True, help="ablate.py's results.jsonl")
     parser.add_argument("--transfers", type=Path, required=True, help="folder of frozen-cos/ and ft-cos/")
+    parser.add_argument("--readouts", default=",".join(READOUTS), help="comma-separated columns, of "
+                        + ", ".join(READOUTS))
     for key, linear, runs in RUNS.values():
         parser.add_argument(f"--{key}-linear", default=linear)
         parser.add_argument(f"--{key}-runs", default=runs, help="comma-separated, first found wins")
     args = parser.parse_args()
+    readouts = tuple(args.readouts.split(","))
+    if not set(readouts) <= set(READOUTS):
+        parser.error(f"--readouts takes {', '.join(READOUTS)}")
     cells: dict[tuple[str, str, int], list[float]] = {}
     seeds: dict[str, set[int]] = defaultdict(set)
     for init, (key, _, _) in RUNS.items():
-        for readout, folder in READOUTS.items():
+        for readout in readouts:
+            folder = READOUTS[readout]
             found = (linear_accuracies(args.ablate, getattr(args, f"{key}_linear")) if folder is None else
                      transfer_accuracies(args.transfers / folder, getattr(args, f"{key}_runs").split(",")))
             for k in DEPTHS:
                 cells[(init, readout, k)] = [found[k][seed] for seed in sorted(found[k])]
                 seeds[readout] |= set(found[k])
-    print(table(cells))
-    print("\nseeds: " + "; ".join(f"{readout} {', '.join(map(str, sorted(seeds[readout])))}" for readout in READOUTS))
+    print(table(cells, readouts))
+    print("\nseeds: " + "; ".join(f"{readout} {', '.join(map(str, sorted(seeds[readout])))}" for readout in readouts))
 
 
 if __name__ == "__main__":

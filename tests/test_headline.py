@@ -49,3 +49,19 @@ def test_a_cell_of_fewer_seeds_says_how_many():
     lines = headline.table(cells).splitlines()
     assert lines[4].split(" | ")[1] == "70.5 ± 0.7 (2 seeds)"
     assert lines[2].split(" | ")[1] == lines[3].split(" | ")[1] == "**81.0 ± 1.0**"  # a tie: both in bold
+
+
+def test_readouts_picks_the_columns(tmp_path):
+    rows = [{"name": name, "seed": seed, "accs": {"block_1": 80.0 + seed}} for name in ("lw", "sup", "rand")
+            for seed in (0, 1)]
+    (tmp_path / "results.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    for seed in (0, 1):
+        write_transfer(tmp_path / "frozen-cos", f"sup-k1-seed{seed}", 0.8)
+    run = [sys.executable, str(SCRIPT), "--ablate", str(tmp_path / "results.jsonl"), "--transfers", str(tmp_path),
+           "--layerwise-linear", "lw", "--supervised-linear", "sup", "--supervised-runs", "sup",
+           "--random-linear", "rand"]
+    out = subprocess.run(run + ["--readouts", "linear,frozen"], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[0].count("k=") == 6 and "finetune" not in out
+    assert out.splitlines()[-1] == "seeds: linear 0, 1; frozen 0, 1"
+    bad = subprocess.run(run + ["--readouts", "linear,probe"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--readouts takes" in bad.stderr
