@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 # table row -> (flag prefix, default ablate.py name, default transfer run names)
-RUNS = {"layer-wise (unsupervised)": ("layerwise", "jF", "jF"),
+RUNS = {"layer-wise (unsupervised)": ("layerwise", "j200", "j200"),
         "supervised (classes 0-4)": ("supervised", "supervised-e5-nopool3", "supervised_nopool3"),
         "random init": ("random", "random-nopool3", "random_nopool3,random")}
 INITS = tuple(RUNS)

@@ -65,7 +65,7 @@ def test_plain_pretrain_defaults_are_the_ablations_winner_and_the_paper_stays_re
     plain = config("--layers", "3")
     assert (plain.loss.name, plain.lr, plain.positives) == ("infonce", 0.003, ("adjacent", "exemplar"))
     assert [plain.steps(25_000, k) for k in (1, 2, 3)] == [3128, 782, 800]
-    assert (plain.joint_fraction, plain.joint_lr) == (0.75, 0.001)  # then blocks 1-3 together, 600 steps
+    assert (plain.joint_fraction, plain.joint_lr) == (0.25, 0.001)  # then blocks 1-3 together, 200 steps
     assert plain.arch.pools == (2, 2, 1)  # block 3 unpooled
     assert config("--layers", "3", "--no-pool1").arch.pools == (1, 2, 1)  # the paper's ablation: block 1 alone
     assert [plain.layer_batch_size(k) for k in (1, 2, 3)] == [512, 512, 128]

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="per layer, last repeats, e.g. 1200,300; overrides --epochs-per-layer")
     group.add_argument("--joint-fraction", type=float,
                        help="after the greedy layers, train all of them together for this fraction of the "
-                            "last layer's steps (default 0.75; 0: none, the paper's purely greedy training)")
+                            "last layer's steps (default 0.25; 0: none, the paper's purely greedy training)")
     group.add_argument("--batch-size", type=parse_int_list,
                        help="anchors per step, per layer, last repeats (default 512,512,128; one value: every layer)")
     group.add_argument("--lr", type=float, help="default 0.003 (the paper's triplet setting was run at 0.001)")
