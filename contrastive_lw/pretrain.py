@@ -80,7 +80,8 @@ class PretrainConfig:
     End-to-end trains its one stage for the first entry.
     ``joint_fraction`` (greedy mode, two blocks or more; 0: none): after the last greedy block, blocks
     1..K and block K's projection head train together for that fraction of layer K's steps (at least
-    one), on layer K's patches and batch, at ``joint_lr`` (warm-up and cosine decay, as a layer), and
+    one), on layer K's patches and batch (``joint_batch_size`` anchors per step instead, if > 0), at
+    ``joint_lr`` (warm-up and cosine decay, as a layer), and
     the result replaces ``layerK.pt``: the lower blocks learn what the blocks above them use
     (docs/STUDY.md, ninth round).
     """
@@ -107,6 +108,7 @@ class PretrainConfig:
     steps_per_layer: tuple[int, ...] | int = (0, 0, 800)
     joint_fraction: float = 0.25
     joint_lr: float = 1e-3
+    joint_batch_size: int = 0
     log_every: int = 50
     save_every: int = 0
     seed: int = 0
@@ -126,6 +128,8 @@ class PretrainConfig:
         for name in ("embed_dim", "patches_per_image", "log_every", "max_shift"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.joint_batch_size < 0:
+            raise ConfigError(f"joint_batch_size must be >= 0 (0: layer K's batch), got {self.joint_batch_size}")
         if not self.batch_size or min(self.batch_size) < 1:
             raise ConfigError(f"batch_size must be positive integers (per layer), got {list(self.batch_size)}")
         for name in ("lr", "init_scale", "joint_lr"):
@@ -386,7 +390,7 @@ class LayerwisePretrainer:
         stage_k = 1 if cfg.mode == "end2end" else k
         steps = cfg.steps(len(images), stage_k)
         steps = max(1, round(cfg.joint_fraction * steps)) if joint else steps
-        batch = cfg.layer_batch_size(stage_k)
+        batch = (cfg.joint_batch_size if joint else 0) or cfg.layer_batch_size(stage_k)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, cfg.warmup_fraction))
         sampler = PatchSampler(patch, positive, cfg.max_shift, seed=seed, device=device, negative=cfg.negative)
         augment = build_augmentation(cfg.layer_augment(k), net.in_channels).to(device)

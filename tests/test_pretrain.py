@@ -122,6 +122,22 @@ def test_joint_pass_draws_other_patches_than_the_last_layer(tmp_path, images, mo
     assert len(seeds) == 3 and seeds[2] not in seeds[:2]  # layer 1, layer 2, then the joint pass's own
 
 
+def test_joint_pass_takes_its_own_batch_size(tmp_path, images, monkeypatch):
+    from contrastive_lw import pretrain
+
+    batches = []
+
+    class Recording(pretrain.PatchSampler):
+        def sample_indices(self, shape, batch_size, *args, **kwargs):
+            batches.append(batch_size)
+            return super().sample_indices(shape, batch_size, *args, **kwargs)
+    monkeypatch.setattr(pretrain, "PatchSampler", Recording)
+    _fit(tmp_path, images, arch=ArchConfig(widths=(4, 6)), joint_fraction=1.0, joint_batch_size=8)
+    assert batches == [16] * 6 + [8] * 3  # layers 1 and 2 at batch_size, then the joint pass's 3 steps
+    with pytest.raises(ConfigError, match="joint_batch_size"):
+        _config(joint_batch_size=-1)
+
+
 def test_one_block_has_no_joint_pass(tmp_path, images):
     _fit(tmp_path, images, arch=ArchConfig(widths=(4,)), joint_fraction=1.0)
     assert not any(r.get("joint") for r in _rows(tmp_path))
