@@ -71,7 +71,7 @@ def test_study_configs_pretrain_with_the_measured_winner():
     from contrastive_lw.pretrain import PretrainConfig
 
     full = StudyConfig.from_dict(load_yaml(CONFIGS / "cpu-full.yaml"))
-    assert full.pretrain == dataclasses.replace(PretrainConfig(), arch=ArchConfig(widths=(64, 128)))
+    assert full.pretrain == dataclasses.replace(PretrainConfig(), arch=ArchConfig(widths=(64, 128)), joint_fraction=0)
     quick = StudyConfig.from_dict(load_yaml(CONFIGS / "quick.yaml"))
     assert quick.pretrain.loss.name == "infonce" and quick.pretrain.steps_per_layer == (1600, 400)
     assert quick.pretrain.joint_fraction == 0.25  # 100 steps after block 2's 400
