@@ -81,9 +81,8 @@ class PretrainConfig:
     ``joint_fraction`` (greedy mode, two blocks or more; 0: none): after the last greedy block, blocks
     1..K and block K's projection head train together for that fraction of layer K's steps (at least
     one), on layer K's patches and batch (``joint_batch_size`` anchors per step instead, if > 0), at
-    ``joint_lr`` (warm-up and cosine decay, as a layer), and
-    the result replaces ``layerK.pt``: the lower blocks learn what the blocks above them use
-    (docs/STUDY.md, ninth round).
+    ``joint_lr`` (warm-up and cosine decay, as a layer), and the result replaces ``layerK.pt``: the
+    lower blocks learn what the blocks above them use (docs/STUDY.md, ninth round).
     """
 
     arch: ArchConfig = field(default_factory=ArchConfig)
